@@ -1,0 +1,642 @@
+"""Configuration: TOML (or a plain dict) in, frozen typed objects out.
+
+Rule of this module: nothing here touches a socket. Every mistake raises ConfigError naming the
+key path, the bad value and what was expected, in one line; unknown keys are mistakes too.
+Values left out come from `[defaults]`, then from the built-in defaults below (which follow
+HAProxy's documented defaults where it has them, and are stated in the README).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .units import DURATION_EXPECTED, SIZE_EXPECTED, parse_duration, parse_size
+
+__all__ = [
+    "Address",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "ForwardFor",
+    "FrontendConfig",
+    "GlobalConfig",
+    "HeaderRules",
+    "Limits",
+    "Rule",
+    "ServerConfig",
+    "Timeouts",
+    "load_config",
+    "parse_address",
+    "parse_config",
+    "quick_config",
+]
+
+MODES = ("http", "tcp")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WEIGHT = 256
+
+
+class ConfigError(ValueError):
+    """A configuration mistake: `path` is the key path, the message says what was expected."""
+
+    def __init__(self, path: str, message: str, source: str | None = None):
+        self.path = path
+        self.message = message
+        self.source = source
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.path}{self.message}" if self.path else f"{where}{self.message}"
+
+
+def _bad(path: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(path, f" = {_show(value)}: expected {expected}")
+
+
+def _show(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed objects
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str  # "" means every interface (bind only)
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "*")
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; 0 disables a timeout."""
+
+    connect: float = 5.0
+    client: float = 30.0
+    server: float = 30.0
+    http_request: float = 10.0
+    http_keep_alive: float = 10.0
+    queue: float = 5.0
+    tunnel: float = 3600.0
+
+
+FRONTEND_TIMEOUTS = ("client", "http_request", "http_keep_alive")
+BACKEND_TIMEOUTS = ("connect", "server", "queue", "tunnel")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_body: int = 0  # 0: no limit
+    max_uri: int = 8192
+    max_header_size: int = 16384  # request line and headers together
+    max_headers: int = 101
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Applied in the order delete, set, add (names compared case-insensitively)."""
+
+    delete: tuple[str, ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.delete or self.set or self.add)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardFor:
+    enabled: bool = True
+    header: str = "X-Forwarded-For"
+    except_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    backend: str
+    host: str | None = None  # lower case; may start with "*." for any subdomain
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    address: Address
+    weight: int = 1
+    backup: bool = False
+    maxconn: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    name: str
+    bind: tuple[Address, ...]
+    mode: str = "http"
+    default_backend: str | None = None
+    rules: tuple[Rule, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    forwardfor: ForwardFor = field(default_factory=ForwardFor)
+    forwarded_proto: bool = True
+    request_headers: HeaderRules = field(default_factory=HeaderRules)
+    response_headers: HeaderRules = field(default_factory=HeaderRules)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    mode: str = "http"
+    balance: str = "roundrobin"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: int = 3
+    redispatch: bool = True
+    request_headers: HeaderRules = field(default_factory=HeaderRules)
+    response_headers: HeaderRules = field(default_factory=HeaderRules)
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalConfig:
+    grace: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    frontends: Mapping[str, FrontendConfig]
+    backends: Mapping[str, BackendConfig]
+    settings: GlobalConfig = field(default_factory=GlobalConfig)
+    source: str | None = None  # the file it came from, for messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: one small checked view per TOML table
+
+
+class _Table:
+    """A TOML table being read: knows its key path and refuses keys it was not told about."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, data: Any, path: str, allowed: tuple[str, ...], what: str = "a table"):
+        if not isinstance(data, dict):
+            raise _bad(path, data, what)
+        for key in data:
+            if key not in allowed:
+                raise ConfigError(
+                    self._join(path, key), f": unknown key; expected one of {', '.join(allowed)}"
+                )
+        self.data = data
+        self.path = path
+
+    @staticmethod
+    def _join(path: str, key: str) -> str:
+        shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+        return f"{path}.{shown}" if path else shown
+
+    def key(self, key: str) -> str:
+        return self._join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, conv: Callable[[Any, str], Any], default: Any) -> Any:
+        if key not in self.data:
+            return default
+        return conv(self.data[key], self.key(key))
+
+    def need(self, key: str, conv: Callable[[Any, str], Any], expected: str) -> Any:
+        if key not in self.data:
+            raise ConfigError(self.key(key), f": missing; expected {expected}")
+        return conv(self.data[key], self.key(key))
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad(path, value, "a non-empty string")
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(path, value, "true or false")
+    return value
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any, str], int]:
+    def conv(value: Any, path: str) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and value >= lo and (hi is None or value <= hi):
+            return value
+        span = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise _bad(path, value, f"an integer {span}")
+
+    return conv
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def conv(value: Any, path: str) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise _bad(path, value, "one of " + ", ".join(f'"{c}"' for c in choices))
+
+    return conv
+
+
+def _duration(value: Any, path: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise _bad(path, value, DURATION_EXPECTED) from None
+
+
+def _size(value: Any, path: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise _bad(path, value, SIZE_EXPECTED) from None
+
+
+def _name(value: Any, path: str) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", value):
+        return value
+    raise _bad(path, value, "a name of letters, digits, '-', '_', '.' or ':' (at most 64)")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _header_name(value: Any, path: str) -> str:
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    raise _bad(path, value, "an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+
+
+def _header_value(value: Any, path: str) -> str:
+    if isinstance(value, str) and _FIELD_VALUE.fullmatch(value) and value == value.strip():
+        return value
+    raise _bad(path, value, "a header value without control characters or edge spaces")
+
+
+_ADDR = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]*)):(?P<port>\d{1,5})$")
+
+
+def parse_address(text: str, *, allow_any_host: bool, allow_port_zero: bool) -> Address:
+    """Parse "host:port", "[v6]:port" and, for binds, "*:port" / ":port" (every interface)."""
+    m = _ADDR.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError("not host:port")
+    port = int(m.group("port"))
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError("bad port")
+    if m.group("v6") is not None:
+        host = str(ipaddress.IPv6Address(m.group("v6")))
+    else:
+        host = m.group("host")
+        if host == "*":
+            host = ""
+        if not host and not allow_any_host:
+            raise ValueError("no host")
+    return Address(host, port)
+
+
+def _bind_address(value: Any, path: str) -> Address:
+    try:
+        return parse_address(value, allow_any_host=True, allow_port_zero=True)
+    except ValueError:
+        raise _bad(
+            path, value, 'an address "host:port" ("127.0.0.1:8080", "[::1]:8080", "*:8080")'
+        ) from None
+
+
+def _server_address(value: Any, path: str) -> Address:
+    try:
+        return parse_address(value, allow_any_host=False, allow_port_zero=False)
+    except ValueError:
+        raise _bad(path, value, 'a server address "host:port" with a port from 1 to 65535') from None
+
+
+def _list_of(conv: Callable[[Any, str], Any], what: str, *, single_ok: bool = False):
+    def read(value: Any, path: str) -> tuple:
+        if single_ok and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise _bad(path, value, f"a non-empty list of {what}")
+        return tuple(conv(item, f"{path}[{i}]") for i, item in enumerate(value))
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+_TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
+_LIMIT_KEYS = ("max_request_body", "max_uri", "max_header_size", "max_headers")
+
+
+def _timeouts(value: Any, path: str, base: Timeouts, allowed: tuple[str, ...]) -> Timeouts:
+    t = _Table(value, path, allowed, "a table of durations")
+    return replace(base, **{k: _duration(v, t.key(k)) for k, v in t.data.items()})
+
+
+def _limits(value: Any, path: str, base: Limits) -> Limits:
+    t = _Table(value, path, _LIMIT_KEYS)
+    out = {}
+    for key, raw in t.data.items():
+        if key == "max_headers":
+            out[key] = _int(1, 10000)(raw, t.key(key))
+        else:
+            n = _size(raw, t.key(key))
+            if key != "max_request_body" and n < 64:
+                raise _bad(t.key(key), raw, "a size of at least 64 bytes")
+            out[key] = n
+    return replace(base, **out)
+
+
+def _header_rules(value: Any, path: str) -> HeaderRules:
+    t = _Table(value, path, ("delete", "set", "add"))
+
+    def pairs(raw: Any, p: str) -> tuple[tuple[str, str], ...]:
+        tt = _Table(raw, p, tuple(raw) if isinstance(raw, dict) else (), "a table of name = value")
+        out = []
+        for name, v in tt.data.items():
+            _header_name(name, tt.key(name))
+            values = v if isinstance(v, list) else [v]
+            for i, one in enumerate(values):
+                out.append((name, _header_value(one, tt.key(name) + (f"[{i}]" if v is values else ""))))
+        return tuple(out)
+
+    return HeaderRules(
+        delete=t.get("delete", _list_of(_header_name, "header names"), ()),
+        set=t.get("set", pairs, ()),
+        add=t.get("add", pairs, ()),
+    )
+
+
+def _forwardfor(value: Any, path: str) -> ForwardFor:
+    if isinstance(value, bool):
+        return ForwardFor(enabled=value)
+    t = _Table(value, path, ("enabled", "header", "except"), "true, false or a table")
+
+    def network(raw: Any, p: str):
+        try:
+            return ipaddress.ip_network(raw, strict=False)
+        except (TypeError, ValueError):
+            raise _bad(p, raw, 'a network like "10.0.0.0/8" or "::1"') from None
+
+    return ForwardFor(
+        enabled=t.get("enabled", _bool, True),
+        header=t.get("header", _header_name, "X-Forwarded-For"),
+        except_networks=t.get("except", _list_of(network, "networks"), ()),
+    )
+
+
+def _rule(value: Any, path: str) -> Rule:
+    t = _Table(value, path, ("host", "path_prefix", "backend"), "a table {host, path_prefix, backend}")
+
+    def host(raw: Any, p: str) -> str:
+        ok = isinstance(raw, str) and re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", raw)
+        if not ok:
+            raise _bad(p, raw, 'a host name like "api.foobar.test" or "*.foobar.test"')
+        return raw.lower()
+
+    def prefix(raw: Any, p: str) -> str:
+        if isinstance(raw, str) and raw.startswith("/") and raw.isprintable() and " " not in raw:
+            return raw
+        raise _bad(p, raw, 'a path prefix starting with "/"')
+
+    rule = Rule(
+        backend=t.need("backend", _str, "the name of a backend"),
+        host=t.get("host", host, None),
+        path_prefix=t.get("path_prefix", prefix, None),
+    )
+    if rule.host is None and rule.path_prefix is None:
+        raise ConfigError(path, ": a rule needs host, path_prefix or both")
+    return rule
+
+
+def _server(value: Any, path: str, index: int) -> ServerConfig:
+    t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn"),
+               "a table {name, address, weight, backup, maxconn}")
+    return ServerConfig(
+        name=t.get("name", _name, f"server-{index + 1}"),
+        address=t.need("address", _server_address, 'a server address "host:port"'),
+        weight=t.get("weight", _int(0, MAX_WEIGHT), 1),
+        backup=t.get("backup", _bool, False),
+        maxconn=t.get("maxconn", _int(0), 0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Defaults:
+    mode: str = "http"
+    balance: str = "roundrobin"
+    retries: int = 3
+    redispatch: bool = True
+    forwardfor: ForwardFor = field(default_factory=ForwardFor)
+    forwarded_proto: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+
+
+def _balance(value: Any, path: str) -> str:
+    from .balancing import algorithm_names
+
+    names = algorithm_names()
+    if isinstance(value, str) and value in names:
+        return value
+    raise _bad(path, value, "one of " + ", ".join(f'"{n}"' for n in names))
+
+
+def _defaults(value: Any, path: str) -> _Defaults:
+    t = _Table(value, path, ("mode", "balance", "retries", "redispatch", "forwardfor",
+                             "forwarded_proto", "timeout", "limits"))
+    base = _Defaults()
+    return _Defaults(
+        mode=t.get("mode", _choice(MODES), base.mode),
+        balance=t.get("balance", _balance, base.balance),
+        retries=t.get("retries", _int(0, 100), base.retries),
+        redispatch=t.get("redispatch", _bool, base.redispatch),
+        forwardfor=t.get("forwardfor", _forwardfor, base.forwardfor),
+        forwarded_proto=t.get("forwarded_proto", _bool, base.forwarded_proto),
+        timeouts=t.get("timeout", lambda v, p: _timeouts(v, p, base.timeouts, _TIMEOUT_KEYS),
+                       base.timeouts),
+        limits=t.get("limits", lambda v, p: _limits(v, p, base.limits), base.limits),
+    )
+
+
+def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
+    t = _Table(value, path, ("bind", "mode", "default_backend", "rules", "timeout", "limits",
+                             "forwardfor", "forwarded_proto", "request_headers", "response_headers"))
+    return FrontendConfig(
+        name=name,
+        bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),
+                    'a list of addresses like ["127.0.0.1:8080"]'),
+        mode=t.get("mode", _choice(MODES), d.mode),
+        default_backend=t.get("default_backend", _str, None),
+        rules=t.get("rules", _list_of(_rule, "rules"), ()),
+        timeouts=t.get("timeout", lambda v, p: _timeouts(v, p, d.timeouts, FRONTEND_TIMEOUTS),
+                       d.timeouts),
+        limits=t.get("limits", lambda v, p: _limits(v, p, d.limits), d.limits),
+        forwardfor=t.get("forwardfor", _forwardfor, d.forwardfor),
+        forwarded_proto=t.get("forwarded_proto", _bool, d.forwarded_proto),
+        request_headers=t.get("request_headers", _header_rules, HeaderRules()),
+        response_headers=t.get("response_headers", _header_rules, HeaderRules()),
+    )
+
+
+def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
+    t = _Table(value, path, ("servers", "mode", "balance", "timeout", "retries", "redispatch",
+                             "request_headers", "response_headers"))
+
+    def servers(raw: Any, p: str) -> tuple[ServerConfig, ...]:
+        if not isinstance(raw, list) or not raw:
+            raise _bad(p, raw, 'a non-empty list of servers like [{ address = "127.0.0.1:8081" }]')
+        out = tuple(_server(item, f"{p}[{i}]", i) for i, item in enumerate(raw))
+        seen: set[str] = set()
+        for i, s in enumerate(out):
+            if s.name in seen:
+                raise _bad(f"{p}[{i}].name", s.name, "a server name not used twice in a backend")
+            seen.add(s.name)
+        return out
+
+    return BackendConfig(
+        name=name,
+        servers=t.need("servers", servers, 'a list of servers like [{ address = "127.0.0.1:8081" }]'),
+        mode=t.get("mode", _choice(MODES), d.mode),
+        balance=t.get("balance", _balance, d.balance),
+        timeouts=t.get("timeout", lambda v, p: _timeouts(v, p, d.timeouts, BACKEND_TIMEOUTS),
+                       d.timeouts),
+        retries=t.get("retries", _int(0, 100), d.retries),
+        redispatch=t.get("redispatch", _bool, d.redispatch),
+        request_headers=t.get("request_headers", _header_rules, HeaderRules()),
+        response_headers=t.get("response_headers", _header_rules, HeaderRules()),
+    )
+
+
+def _global(value: Any, path: str) -> GlobalConfig:
+    t = _Table(value, path, ("grace", "log_level"))
+    return GlobalConfig(
+        grace=t.get("grace", _duration, GlobalConfig.grace),
+        log_level=t.get("log_level", _choice(LOG_LEVELS), GlobalConfig.log_level),
+    )
+
+
+def _named_tables(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(path, value, "a table of named sections")
+    for key in value:
+        _name(key, _Table._join(path, key))
+    return value
+
+
+def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
+    """Build a Config from a dict shaped like the TOML file."""
+    try:
+        top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends"))
+        d = top.get("defaults", _defaults, _Defaults())
+        settings = top.get("global", _global, GlobalConfig())
+        backends = {
+            name: _backend(name, raw, f"backends.{name}", d)
+            for name, raw in top.need("backends", _named_tables, "a [backends.NAME] section").items()
+        }
+        frontends = {
+            name: _frontend(name, raw, f"frontends.{name}", d)
+            for name, raw in top.need("frontends", _named_tables,
+                                      "a [frontends.NAME] section").items()
+        }
+        if not frontends:
+            raise ConfigError("frontends", ": empty; expected at least one [frontends.NAME]")
+        for fe in frontends.values():
+            _check_references(fe, backends)
+        return Config(
+            frontends=MappingProxyType(frontends),
+            backends=MappingProxyType(backends),
+            settings=settings,
+            source=source,
+        )
+    except ConfigError as e:
+        e.source = source
+        e.args = (e.line(),)
+        raise
+
+
+def _check_references(fe: FrontendConfig, backends: dict[str, BackendConfig]) -> None:
+    base = f"frontends.{fe.name}"
+    if fe.default_backend is None and not fe.rules:
+        raise ConfigError(f"{base}.default_backend",
+                          ": missing; expected the name of a backend (or some rules)")
+    refs = [(f"{base}.default_backend", fe.default_backend)] if fe.default_backend else []
+    refs += [(f"{base}.rules[{i}].backend", r.backend) for i, r in enumerate(fe.rules)]
+    for path, name in refs:
+        be = backends.get(name)
+        if be is None:
+            known = ", ".join(f'"{n}"' for n in backends) or "none defined"
+            raise _bad(path, name, f"the name of a backend ({known})")
+        if be.mode != fe.mode:
+            raise _bad(path, name, f"a backend in {fe.mode} mode like its frontend "
+                                   f"(backends.{name}.mode is \"{be.mode}\")")
+    if fe.mode == "tcp" and fe.rules:
+        raise ConfigError(f"{base}.rules", ": host and path rules need mode \"http\"")
+
+
+def parse_config(text: str, source: str | None = None) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"invalid TOML: {e}", source) from None
+    return config_from_dict(data, source)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", "no such file", str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"cannot read: {getattr(e, 'strerror', None) or e}", str(p)) from None
+    return parse_config(text, str(p))
+
+
+def quick_config(bind: list[str], backends: list[str], mode: str = "http",
+                 algorithm: str = "roundrobin") -> Config:
+    """The configuration behind `serve --bind A --backend B ...`; mistakes name the option."""
+    data = {
+        "frontends": {"main": {"bind": bind, "mode": mode, "default_backend": "main"}},
+        "backends": {"main": {
+            "mode": mode,
+            "balance": algorithm,
+            "servers": [{"name": f"server-{i + 1}", "address": a} for i, a in enumerate(backends)],
+        }},
+    }
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        option = e.path
+        for prefix, opt in (("frontends.main.bind", "--bind"), ("backends.main.servers", "--backend"),
+                            ("backends.main.balance", "--algorithm"), ("frontends.main.mode", "--mode")):
+            if option.startswith(prefix):
+                option = opt
+                break
+        message = e.message.replace(" = ", "", 1) if e.message.startswith(" = ") else e.message
+        raise ConfigError(option, " " + message if not message.startswith(":") else message,
+                          "command line") from None
