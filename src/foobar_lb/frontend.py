@@ -1,0 +1,125 @@
+"""Frontends at run time: routing rules and header plans, prepared once.
+
+Rule of this module: everything a request needs from the configuration is computed here ahead
+of time (lower-case byte strings, ready-made header lines) so the hot path only looks things up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .backend import Backend
+from .config import FrontendConfig, HeaderRules
+
+__all__ = ["Frontend", "HeaderPlan"]
+
+# Hop-by-hop fields (RFC 9110 7.6.1), plus framing we redo ourselves; any Proxy-* goes too.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """For one frontend/backend pair: request and response fields to drop (lower case) and
+    lines to add (ready bytes, each ending in CRLF)."""
+
+    req_drop: frozenset[bytes]
+    req_add: bytes
+    resp_drop: frozenset[bytes]
+    resp_add: bytes
+
+
+def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
+    drop: set[bytes] = set()
+    lines: list[bytes] = []
+    for rules in rule_sets:
+        for name in rules.delete:
+            low = name.lower().encode("latin-1")
+            drop.add(low)
+            lines = [ln for ln in lines if not ln.lower().startswith(low + b":")]
+        for name, value in rules.set:
+            low = name.lower().encode("latin-1")
+            drop.add(low)
+            lines = [ln for ln in lines if not ln.lower().startswith(low + b":")]
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        for name, value in rules.add:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    return frozenset(drop), b"".join(lines)
+
+
+class Frontend:
+    __slots__ = (
+        "_plans",
+        "cfg",
+        "default",
+        "forwarded_proto",
+        "limits",
+        "mode",
+        "name",
+        "rules",
+        "timeouts",
+        "xff",
+        "xff_except",
+    )
+
+    def __init__(self, cfg: FrontendConfig, backends: dict[str, Backend]):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.mode = cfg.mode
+        self.timeouts = cfg.timeouts
+        self.limits = cfg.limits
+        self.default = backends[cfg.default_backend] if cfg.default_backend else None
+        self.rules: list[tuple[bytes | None, bool, bytes | None, Backend]] = []
+        for r in cfg.rules:
+            host = r.host.encode() if r.host else None
+            wildcard = bool(host and host.startswith(b"*."))
+            if wildcard:
+                host = host[1:]  # ".foobar.test": any subdomain
+            prefix = r.path_prefix.encode() if r.path_prefix else None
+            self.rules.append((host, wildcard, prefix, backends[r.backend]))
+        ff = cfg.forwardfor
+        self.xff = ff.header.encode("latin-1") if ff.enabled else None
+        self.xff_except = ff.except_networks
+        self.forwarded_proto = cfg.forwarded_proto
+        self._plans: dict[str, HeaderPlan] = {}
+        for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
+            self._plans[be.name] = self._plan(be)
+
+    def _plan(self, be: Backend) -> HeaderPlan:
+        req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)
+        resp_drop, resp_add = _rules(be.cfg.response_headers, self.cfg.response_headers)
+        return HeaderPlan(req_drop, req_add, resp_drop, resp_add)
+
+    def plan(self, be: Backend) -> HeaderPlan:
+        return self._plans[be.name]
+
+    def route(self, host: bytes | None, path: bytes) -> Backend | None:
+        """The first rule whose host and path prefix both match, else the default backend.
+        `host` is the lower-case host without its port."""
+        for rhost, wildcard, prefix, be in self.rules:
+            if rhost is not None:
+                if host is None:
+                    continue
+                if wildcard:
+                    if not host.endswith(rhost):
+                        continue
+                elif host != rhost:
+                    continue
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            return be
+        return self.default
+
+    def forward_for(self, ip: str) -> bool:
+        """Whether to add the forwarded-for header for a client at `ip`."""
+        if self.xff is None:
+            return False
+        if self.xff_except:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return True
+            return not any(addr in net for net in self.xff_except)
+        return True

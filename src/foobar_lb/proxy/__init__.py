@@ -1,0 +1,1 @@
+"""The hot path: client-facing and server-facing asyncio Protocols for HTTP and TCP."""

@@ -1,0 +1,1227 @@
+"""HTTP/1.x proxying: one Protocol per client connection, one per server connection.
+
+Rules of this module:
+- httptools does all the framing; we add strictness on top of its callbacks (one Host, only the
+  "chunked" transfer coding, bounded URI, head and body) and never hand-parse HTTP ourselves.
+- Requests are answered in order. Pipelined requests are parsed as they come but sent to a
+  server one at a time; a request is dispatched when the one before it has its full response.
+- Bodies stream both ways and are never held whole: a destination's `pause_writing` pauses the
+  source's reading; what waits for a connection is bounded and pauses the client when full.
+- Messages are re-framed per hop: hop-by-hop fields go, our own Connection and Transfer-Encoding
+  are written, chunked bodies are re-chunked (or de-chunked for HTTP/1.0 clients).
+- A request may be retried on another server while no byte of its response has arrived: an
+  idempotent one whose body fitted in one buffer, any other one only if none of its bytes left.
+- Nothing is formatted or logged per request on the hot path; timers are lazy deadlines checked
+  when they fire, not one timer per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ..frontend import HOP_BY_HOP, Frontend, HeaderPlan
+from .upstream import Pool
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..servers import Server
+
+__all__ = ["HttpSession", "UpstreamHttp", "error_response"]
+
+log = logging.getLogger("foobar_lb.http")
+
+BUFSIZE = 16384  # HAProxy's tune.bufsize: requests with bodies up to this can be replayed
+PENDING_LIMIT = 65536  # bytes held for a server not yet writable before the client is paused
+PIPELINE_LIMIT = 16  # parsed requests waiting their turn before the client is paused
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+_ERROR_TEXT = {
+    400: "Your browser sent an invalid request.",
+    408: "Your browser didn't send a complete request in time.",
+    413: "The request body is larger than this server accepts.",
+    414: "The request URI is too long.",
+    417: "The expectation given in the Expect header cannot be met.",
+    431: "The request header fields are too large.",
+    500: "An internal error occurred.",
+    501: "The request uses a method or transfer coding this server does not implement.",
+    502: "The server returned an invalid or incomplete response.",
+    503: "No server is available to handle this request.",
+    504: "The server didn't respond in time.",
+}
+
+
+def error_response(status: int, keep_alive: bool = False) -> bytes:
+    """The proxy's own short answer, HAProxy style."""
+    phrase = HTTPStatus(status).phrase
+    body = (f"<html><body><h1>{status} {phrase}</h1>\n{_ERROR_TEXT.get(status, phrase)}\n"
+            "</body></html>\n").encode()
+    conn = b"keep-alive" if keep_alive else b"close"
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncache-control: no-cache\r\n"
+        b"content-type: text/html\r\nconnection: %s\r\n\r\n%s"
+        % (status, phrase.encode(), len(body), conn, body)
+    )
+
+
+_ERR_CLOSE = {s: error_response(s) for s in _ERROR_TEXT}
+_ERR_KEEP = {s: error_response(s, True) for s in (502, 503, 504)}
+_STATUS_LINES = {
+    int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in HTTPStatus
+}
+_CHUNK_END = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+# what a request header means to us (looked up by lower-case name)
+_H_HOST, _H_CONNECTION, _H_TE, _H_EXPECT, _H_UPGRADE, _H_XFF, _H_XFP, _H_CL = range(8)
+_REQ_SPECIAL = {
+    b"host": _H_HOST,
+    b"connection": _H_CONNECTION,
+    b"transfer-encoding": _H_TE,
+    b"expect": _H_EXPECT,
+    b"upgrade": _H_UPGRADE,
+    b"content-length": _H_CL,
+}
+
+# client-side phases (for the lazy deadline)
+_MODE_HTTP, _MODE_TUNNEL = 0, 1
+
+# response framing towards the client
+_NO_BODY, _PASS, _CHUNK, _UNTIL_CLOSE = range(4)
+
+# client read-blocking reasons (bit mask)
+_BLOCK_UPSTREAM = 1  # the server connection's write buffer is full
+_BLOCK_PENDING = 2  # too much waiting for a server connection
+_BLOCK_PIPELINE = 4  # too many pipelined requests waiting
+_BLOCK_STOP = 8  # no more requests will be read on this connection
+
+
+class _Reject(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
+class _HeadDone(Exception):
+    pass
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class Req:
+    """One request on a client connection, from its first byte to the end of its response."""
+
+    __slots__ = (
+        "attempts",
+        "backend",
+        "body_size",
+        "chunked",
+        "complete",
+        "error",
+        "got_response",
+        "head",
+        "head_done",
+        "headers",
+        "http11",
+        "idempotent",
+        "is_head",
+        "keep_alive",
+        "method",
+        "needs_host",
+        "nhdr",
+        "pending",
+        "pending_size",
+        "plan",
+        "replay",
+        "replay_size",
+        "responded",
+        "server",
+        "t0",
+        "trailers",
+        "upgrade",
+        "url",
+    )
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[bytes] | None = None
+        self.nhdr = 0
+        self.head_done = False
+        self.complete = False
+        self.error = 0
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.is_head = False
+        self.idempotent = True
+        self.upgrade = False
+        self.chunked = False
+        self.needs_host = False
+        self.head = b""
+        self.backend: Backend | None = None
+        self.plan: HeaderPlan | None = None
+        self.server: Server | None = None
+        self.pending: list[bytes] = []  # framed body bytes not yet written to the current server
+        self.pending_size = 0
+        self.replay: list[bytes] | None = []  # every framed body byte so far, while small
+        self.replay_size = 0
+        self.body_size = 0
+        self.attempts = 0
+        self.got_response = False  # a byte of the response arrived from the server
+        self.responded = False  # a byte of the response went to the client
+
+
+class HttpSession(asyncio.Protocol):
+    """The client side of one connection in HTTP mode."""
+
+    __slots__ = (
+        "block",
+        "closing",
+        "eof_in",
+        "fe",
+        "head_bytes",
+        "idle_since",
+        "last_rx",
+        "lb",
+        "loop",
+        "mode",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "peer_key",
+        "q",
+        "served",
+        "th",
+        "th_when",
+        "transport",
+        "tunnel_buf",
+        "up",
+        "wblocked_at",
+        "wbuf",
+    )
+
+    def __init__(self, lb, fe: Frontend):
+        self.lb = lb
+        self.fe = fe
+        self.loop = lb.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Req | None = None
+        self.q: deque[Req] = deque()
+        self.up: UpstreamHttp | None = None
+        self.mode = _MODE_HTTP
+        self.block = 0
+        self.closing = False
+        self.eof_in = False
+        self.served = 0
+        self.head_bytes = 0
+        self.peer_ip = ""
+        self.peer_key = b""
+        self.wbuf: list[bytes] | None = None
+        self.tunnel_buf: list[bytes] | None = None
+        self.th: asyncio.TimerHandle | None = None
+        self.th_when = 0.0
+        self.last_rx = 0.0
+        self.idle_since = 0.0
+        self.wblocked_at = 0.0
+
+    # -- connection events ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0]
+            self.peer_key = peer[0].encode()
+        now = self.loop.time()
+        self.last_rx = self.idle_since = now
+        self.lb.sessions.add(self)
+        # the first request gets `http_request` from the accept on (HAProxy does the same)
+        self._arm(now + (self.fe.timeouts.http_request or 86400.0))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lb.sessions.discard(self)
+        self.closing = True
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.detach(reusable=False)
+        for r in self.q:
+            self._finish_server(r)
+        self.q.clear()
+        self.parsing = None
+        self.parser = None
+
+    def eof_received(self) -> bool:
+        # a client may half-close after its request and still read the response
+        if self.mode == _MODE_TUNNEL:
+            self.eof_in = True
+            up = self.up
+            if up is None or up.eof_in or up.transport is None:
+                return False  # both ways are done
+            if up.transport.can_write_eof():
+                up.transport.write_eof()
+                return True
+            return False
+        self.closing = True
+        self._block(_BLOCK_STOP)
+        return bool(self.q)  # keep the connection open while a response is owed
+
+    def pause_writing(self) -> None:
+        self.wblocked_at = self.loop.time()
+        self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.paused = True
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.wblocked_at = 0.0
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.paused = False
+            up.last_rx = self.loop.time()
+            up.transport.resume_reading()
+
+    # -- reading requests --------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        if self.mode == _MODE_TUNNEL:
+            self._tunnel_to_server(data)
+            return
+        parser = self.parser
+        if parser is None or self.block & _BLOCK_STOP:
+            return  # a request was refused or this is the last one: nothing more is read
+        before = self.parsing
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade_data(data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, _Reject):
+                self._reject(ctx.status)
+            elif isinstance(ctx, _Stop):
+                pass
+            else:
+                log.error("internal error while parsing a request", exc_info=ctx or e)
+                self._reject(500)
+        except httptools.HttpParserError:
+            r = self.parsing
+            status = 400
+            if r is not None and not r.head_done:
+                te = [v for n, v in r.headers if n.lower() == b"transfer-encoding"]
+                if te and _tokens(b",".join(te)) != [b"chunked"]:
+                    status = 501
+            self._reject(status)
+        else:
+            r = self.parsing
+            if r is not None and not r.head_done and r is before:
+                # a head still incomplete after a whole read: bound what httptools holds for it
+                self.head_bytes += len(data)
+                if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
+                    self._reject(431)
+
+    def on_message_begin(self) -> None:
+        if self.block & _BLOCK_STOP:
+            raise _Stop
+        now = self.loop.time()
+        r = Req(now)
+        self.parsing = r
+        self.head_bytes = 0
+        if not self.q:
+            self._arm(now + (self.fe.timeouts.http_request or 86400.0))
+
+    def on_url(self, url: bytes) -> None:
+        r = self.parsing
+        r.url += url
+        if len(r.url) > self.fe.limits.max_uri:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        r = self.parsing
+        if r.head_done:  # a trailer field of a chunked body
+            if r.trailers is None:
+                r.trailers = []
+            r.trailers += (name, b": ", value, _CRLF)
+            return
+        r.headers.append((name, value))
+        r.nhdr += len(name) + len(value) + 4
+        if len(r.headers) > self.fe.limits.max_headers or (
+            r.nhdr + len(r.url) > self.fe.limits.max_header_size
+        ):
+            raise _Reject(431)
+
+    def on_headers_complete(self) -> None:
+        r = self.parsing
+        r.head_done = True
+        parser = self.parser
+        fe = self.fe
+        method = parser.get_method()
+        r.method = method
+        r.http11 = parser.get_http_version() == "1.1"
+        r.keep_alive = parser.should_keep_alive()
+        r.upgrade = parser.should_upgrade()
+        r.is_head = method == b"HEAD"
+        r.idempotent = method in IDEMPOTENT
+        if method == b"CONNECT":
+            raise _Reject(501)
+
+        # one pass over the fields: keep what is end-to-end, note what matters to us
+        host = None
+        nhost = 0
+        conn_tokens: list[bytes] = []
+        te = None
+        expect = None
+        upgrade = None
+        xff = None
+        cl = None
+        keep: list[tuple[bytes, bytes, bytes]] = []
+        special = _REQ_SPECIAL
+        xff_name = fe.xff
+        for name, value in r.headers:
+            low = name.lower()
+            kind = special.get(low)
+            if kind is not None:
+                if kind == _H_HOST:
+                    nhost += 1
+                    host = value.strip()
+                    keep.append((low, name, value))
+                elif kind == _H_CONNECTION:
+                    conn_tokens += _tokens(value)
+                elif kind == _H_TE:
+                    te = value if te is None else te + b"," + value
+                elif kind == _H_EXPECT:
+                    expect = value.strip().lower()
+                elif kind == _H_UPGRADE:
+                    upgrade = value.strip()
+                else:  # content-length: llhttp refused duplicates and CL with TE already
+                    cl = value
+                    keep.append((low, name, value))
+                continue
+            if low.startswith(b"proxy-"):
+                continue
+            if xff_name is not None and low == xff_name.lower():
+                v = value.strip()
+                xff = v if xff is None else xff + b", " + v
+                continue
+            keep.append((low, name, value))
+
+        if nhost > 1 or (r.http11 and nhost == 0):
+            raise _Reject(400)
+        if te is not None:
+            if _tokens(te) != [b"chunked"]:
+                raise _Reject(501)
+            r.chunked = True
+        if cl is not None:
+            limit = fe.limits.max_request_body
+            if limit and int(cl) > limit:
+                raise _Reject(413)
+        if expect is not None and r.http11 and expect != b"100-continue":
+            raise _Reject(417)
+
+        # route on the authority (absolute-form) or the Host field, and the path
+        url = r.url
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            path = url if q < 0 else url[:q]
+        elif url == b"*":
+            path = url
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise _Reject(400) from None
+            path = parsed.path or b"/"
+            if parsed.host:
+                host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        host_key = None
+        if host is not None:
+            host_key = host.lower()
+            if host_key[:1] == b"[":
+                end = host_key.find(b"]")
+                host_key = host_key[: end + 1]
+            else:
+                colon = host_key.rfind(b":")
+                if colon >= 0:
+                    host_key = host_key[:colon]
+        be = fe.route(host_key, path)
+        r.backend = be
+        if be is None:
+            r.error = 503
+            self._queue(r)
+            return
+        plan = fe.plan(be)
+        r.plan = plan
+
+        drop = HOP_BY_HOP | plan.req_drop if plan.req_drop else HOP_BY_HOP
+        extra = [t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")]
+        if extra:
+            drop = drop | frozenset(extra)
+        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
+        for low, name, value in keep:
+            if low in drop:
+                continue
+            parts += (name, b": ", value, _CRLF)
+        if nhost == 0:
+            r.needs_host = True
+        if r.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if expect is not None and r.http11:
+            parts.append(b"expect: 100-continue\r\n")
+        if r.upgrade and upgrade is not None and b"upgrade" in conn_tokens:
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, _CRLF)
+        else:
+            r.upgrade = False
+        if xff_name is not None and fe.forward_for(self.peer_ip):
+            ip = self.peer_key
+            parts += (xff_name, b": ", ip if xff is None else xff + b", " + ip, _CRLF)
+        elif xff is not None:
+            parts += (xff_name, b": ", xff, _CRLF)
+        if fe.forwarded_proto:
+            parts.append(b"x-forwarded-proto: http\r\n")
+        if plan.req_add:
+            parts.append(plan.req_add)
+        parts.append(_CRLF)
+        r.head = b"".join(parts)
+        r.headers = None  # not needed any more
+        self._queue(r)
+
+    def on_body(self, data: bytes) -> None:
+        r = self.parsing
+        n = len(data)
+        r.body_size += n
+        limit = self.fe.limits.max_request_body
+        if limit and r.body_size > limit:
+            raise _Reject(413)
+        if r.error:
+            return
+        if r.chunked:
+            self._send_body(r, (b"%x\r\n" % n, data, _CRLF), n + 12)
+        else:
+            self._send_body(r, (data,), n)
+
+    def on_message_complete(self) -> None:
+        r = self.parsing
+        self.parsing = None
+        if r.error:
+            return
+        r.complete = True
+        if r.chunked:
+            if r.trailers:
+                self._send_body(r, (b"0\r\n", *r.trailers, _CRLF), 8)
+            else:
+                self._send_body(r, (_CHUNK_END,), 5)
+        if not r.keep_alive or r.upgrade:
+            self._block(_BLOCK_STOP)
+
+    # -- dispatching ---------------------------------------------------------------------------
+    def _queue(self, r: Req) -> None:
+        q = self.q
+        q.append(r)
+        if len(q) == 1:
+            self._start(r)
+        elif len(q) > PIPELINE_LIMIT:
+            self._block(_BLOCK_PIPELINE)
+
+    def _start(self, r: Req) -> None:
+        if r.error:
+            self._send_error(r, r.error)
+            return
+        be = r.backend
+        server = be.pick(self.peer_key)
+        if server is None:
+            self._send_error(r, 503)
+            return
+        self._use(r, server)
+
+    def _use(self, r: Req, server: Server) -> None:
+        be = r.backend
+        be.balancer.take(server)
+        r.server = server
+        r.attempts += 1
+        conn = None
+        # http-reuse safe: a connection's first request, and any request that is not
+        # idempotent, gets a fresh server connection; later idempotent ones may reuse.
+        if self.served and r.idempotent and not r.upgrade:
+            conn = be.pool.acquire(server, self.loop.time())
+        if conn is not None:
+            self._attach(conn, r)
+        else:
+            self.loop.create_task(self._connect(r, server))
+
+    async def _connect(self, r: Req, server: Server) -> None:
+        be = r.backend
+        timeout = be.timeouts.connect or None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamHttp(be.pool, server, self.loop), server.host, server.port
+                )
+        except (OSError, TimeoutError) as e:
+            reason = "connection timeout" if isinstance(e, TimeoutError) else (
+                e.strerror or str(e)).lower()
+            if self.transport.is_closing() or not self.q or self.q[0] is not r:
+                self._finish_server(r)
+                return
+            self._attempt_failed(r, None, reason, connected=False)
+            return
+        if self.transport.is_closing() or not self.q or self.q[0] is not r:
+            # the client went away meanwhile: keep the fresh connection for someone else
+            self._finish_server(r)
+            conn.release()
+            return
+        self._attach(conn, r)
+
+    def _attach(self, conn: UpstreamHttp, r: Req) -> None:
+        self.up = conn
+        conn.attach(self, r)
+        head = r.head
+        if r.needs_host:
+            head = head[:-2] + b"host: " + r.server.address.encode() + b"\r\n\r\n"
+        if r.pending:
+            conn.transport.writelines([head, *r.pending])
+            r.pending = []
+            r.pending_size = 0
+            self._unblock(_BLOCK_PENDING)
+        else:
+            conn.transport.write(head)
+        if self.mode == _MODE_TUNNEL and self.tunnel_buf:
+            conn.transport.writelines(self.tunnel_buf)
+            self.tunnel_buf = None
+
+    def _send_body(self, r: Req, chunks: tuple[bytes, ...], n: int) -> None:
+        replay = r.replay
+        if replay is not None:
+            r.replay_size += n
+            if r.replay_size > BUFSIZE:
+                r.replay = None
+            else:
+                replay += chunks
+        up = self.up
+        if up is not None and up.req is r:
+            up.last_rx = self.last_rx  # the server is taking our bytes: it is alive
+            if len(chunks) == 1:
+                up.transport.write(chunks[0])
+            else:
+                up.transport.writelines(chunks)
+            return
+        r.pending += chunks
+        r.pending_size += n
+        if r.pending_size > PENDING_LIMIT:
+            self._block(_BLOCK_PENDING)
+
+    def _attempt_failed(self, r: Req, conn: UpstreamHttp | None, reason: str,
+                        connected: bool, timeout: bool = False) -> None:
+        """The server attempt of the active request `r` ended before a response byte came
+        (`r.got_response` false), or with a broken response."""
+        server = r.server
+        if conn is not None and self.up is conn:
+            self.up = None
+        if server is not None:
+            server.failures += 1
+        self._finish_server(r)
+        if r.got_response or r.responded:
+            if r.responded:
+                self._abort()
+            else:
+                self._send_error(r, 502)
+            return
+        if timeout:
+            self._send_error(r, 504)
+            return
+        # may it go again? no request byte reached a server, or it is idempotent and whole
+        sent = connected
+        replayable = r.idempotent and r.replay is not None and not r.upgrade
+        be = r.backend
+        if (not sent or replayable) and r.attempts <= be.retries:
+            if sent:
+                r.pending = list(r.replay)
+                r.pending_size = r.replay_size
+            nxt = be.pick(self.peer_key, avoid=server)
+            if nxt is not None:
+                log.debug("retrying %s on %s/%s after %s on %s", r.method, be.name,
+                          nxt.name, reason, server.name if server else "?")
+                self._use(r, nxt)
+                return
+        self._send_error(r, 503 if not connected else 502)
+
+    def _finish_server(self, r: Req) -> None:
+        server = r.server
+        if server is not None:
+            r.server = None
+            r.backend.balancer.drop(server)
+
+    # -- responses ------------------------------------------------------------------------------
+    def response_done(self, r: Req, keep_client: bool) -> None:
+        """The whole response of the active request went to the client."""
+        self.up = None
+        self._finish_server(r)
+        self.served += 1
+        q = self.q
+        if q and q[0] is r:
+            q.popleft()
+        if not keep_client or not r.complete:
+            self._close()
+            return
+        self._unblock(_BLOCK_PIPELINE)
+        if q:
+            self._start(q[0])
+        elif self.closing:
+            self._close()
+        else:
+            now = self.loop.time()
+            self.idle_since = now
+            if self.parsing is None:
+                self._arm(now + (self.fe.timeouts.http_keep_alive or 86400.0))
+            else:
+                self._arm(self.parsing.t0 + (self.fe.timeouts.http_request or 86400.0))
+
+    def _send_error(self, r: Req, status: int) -> None:
+        """Answer `r` ourselves (it must be the active request, with no response sent)."""
+        self._finish_server(r)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.detach(reusable=False)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        r.responded = True
+        keep = (status in _ERR_KEEP and r.complete and r.keep_alive and not self.closing
+                and not r.upgrade and not (self.block & _BLOCK_STOP))
+        if keep:
+            transport.write(_ERR_KEEP[status])
+            self.response_done(r, True)
+        else:
+            transport.write(_ERR_CLOSE.get(status) or error_response(status))
+            self._close()
+
+    def _reject(self, status: int) -> None:
+        """The request being parsed is refused: answer it in its turn, then close."""
+        self._block(_BLOCK_STOP)
+        self.parser = None
+        r = self.parsing
+        self.parsing = None
+        if r is None:
+            r = Req(self.loop.time())
+        q = self.q
+        if q and q[0] is r:  # the active request went wrong in its body
+            if r.responded:
+                self._abort()
+            else:
+                self._send_error(r, status)
+            return
+        r.error = status
+        if r not in q:
+            self._queue(r)
+
+    def _close(self) -> None:
+        self.closing = True
+        self.block |= _BLOCK_STOP
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def _abort(self) -> None:
+        self.closing = True
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    # -- upgrades (WebSocket and others): raw bytes both ways after a 101 -----------------------
+    def _upgrade_data(self, rest: bytes) -> None:
+        # httptools stopped after the head of an upgrade request: from here the client's bytes
+        # go to the server as they are, whatever its answer turns out to be
+        self.mode = _MODE_TUNNEL
+        self.parser = None
+        if rest:
+            self._tunnel_to_server(rest)
+
+    def _tunnel_to_server(self, data: bytes) -> None:
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.transport.write(data)
+        else:
+            if self.tunnel_buf is None:
+                self.tunnel_buf = []
+            self.tunnel_buf.append(data)
+            if sum(map(len, self.tunnel_buf)) > PENDING_LIMIT:
+                self._block(_BLOCK_PENDING)
+
+    # -- flow control and timers -----------------------------------------------------------------
+    def _block(self, why: int) -> None:
+        if not self.block and self.transport is not None:
+            self.transport.pause_reading()
+        self.block |= why
+
+    def _unblock(self, why: int) -> None:
+        if self.block & why:
+            self.block &= ~why
+            if not self.block and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _arm(self, when: float) -> None:
+        """Make sure the timer fires no later than `when` (it re-checks state when it fires)."""
+        th = self.th
+        if th is None or self.th_when > when:
+            if th is not None:
+                th.cancel()
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+
+    def _deadline(self) -> tuple[float, int] | None:
+        """The earliest client-side deadline in force and what happens then."""
+        t = self.fe.timeouts
+        best = None
+        if self.wblocked_at and t.client:
+            best = (self.wblocked_at + t.client, 3)
+        if self.mode == _MODE_TUNNEL:
+            up = self.up
+            last = max(self.last_rx, up.last_rx if up is not None else 0.0)
+            tun = self.q[0].backend.timeouts.tunnel if self.q and self.q[0].backend else 0.0
+            d = (last + tun, 4) if tun else None
+        elif self.parsing is not None and not self.q:
+            r = self.parsing
+            if not r.head_done:
+                d = (r.t0 + t.http_request, 1) if t.http_request else None
+            else:
+                d = (self.last_rx + t.client, 2) if t.client else None
+        elif self.parsing is not None:
+            r = self.parsing
+            d = (self.last_rx + t.client, 2) if r.head_done and t.client else None
+        elif not self.q:
+            if self.served:
+                d = (self.idle_since + t.http_keep_alive, 0) if t.http_keep_alive else None
+            else:
+                d = (self.idle_since + t.http_request, 0) if t.http_request else None
+        else:
+            d = None
+        if d is not None and (best is None or d[0] < best[0]):
+            best = d
+        return best
+
+    def _on_timer(self) -> None:
+        self.th = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        d = self._deadline()
+        if d is None:
+            return
+        when, what = d
+        if self.loop.time() < when:
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+            return
+        if what == 0:  # idle keep-alive, or a connection that never sent a byte
+            self._close()
+        elif what in (1, 2):  # the head did not complete in time, or the body stalled
+            self._reject(408)
+        else:  # the client stopped reading, or the tunnel went quiet
+            self._abort()
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.detach(reusable=False)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop after the request in flight (graceful stop): idle connections close now."""
+        self.closing = True
+        if not self.q and (self.parsing is None or not self.parsing.head_done):
+            self._close()
+
+
+class UpstreamHttp(asyncio.Protocol):
+    """The server side of one connection in HTTP mode; pooled between requests."""
+
+    __slots__ = (
+        "closed",
+        "done",
+        "eof_ends",
+        "eof_in",
+        "idle_since",
+        "last_rx",
+        "loop",
+        "mode",
+        "parser",
+        "paused",
+        "pool",
+        "req",
+        "resp_close",
+        "resp_headers",
+        "resp_trailers",
+        "server",
+        "session",
+        "status",
+        "th",
+        "th_when",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool, server: Server, loop: asyncio.AbstractEventLoop):
+        self.pool = pool
+        self.server = server
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.session: HttpSession | None = None
+        self.req: Req | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.last_rx = 0.0
+        self.paused = False
+        self.tunnel = False
+        self.eof_in = False
+        self.status = 0
+        self.mode = _PASS
+        self.done = 0  # 1: the response is complete and the connection reusable; 2: not reusable
+        self.eof_ends = False  # the response body ends when the server closes
+        self.resp_close = False
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.resp_trailers: list[bytes] | None = None
+        self.th: asyncio.TimerHandle | None = None
+        self.th_when = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def attach(self, session: HttpSession, r: Req) -> None:
+        self.session = session
+        self.req = r
+        self.done = 0
+        self.eof_ends = False
+        now = self.loop.time()
+        self.last_rx = now
+        timeout = r.backend.timeouts.server
+        if timeout:
+            self._arm(now + timeout)
+
+    def detach(self, reusable: bool) -> None:
+        """The request is over for this connection: back to the pool, or closed."""
+        self.session = None
+        self.req = None
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        if reusable and not self.closed and not self.tunnel:
+            self.release()
+        else:
+            self.close()
+
+    def release(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self.pool.release(self.server, self, self.loop.time())
+
+    def close(self) -> None:
+        self.closed = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    # -- bytes from the server ----------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        if s is None:
+            # bytes from an idle connection: it is out of step, never reuse it
+            self.close()
+            return
+        self.last_rx = self.loop.time()
+        if self.tunnel:
+            s.transport.write(data)
+            return
+        r = self.req
+        r.got_response = True
+        s.wbuf = wbuf = []
+        broken = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            s.wbuf = None
+            self._flush(s, wbuf)
+            self._start_tunnel(s, r, data[e.args[0]:])
+            return
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, _HeadDone):
+                # a HEAD response ends with its head; the connection is clean only if the head
+                # ended exactly where this read did
+                self.parser = httptools.HttpResponseParser(self)
+                clean = data.find(b"\r\n\r\n") == len(data) - 4 and not self.resp_close
+                self.done = 1 if clean else 2
+            elif isinstance(ctx, _Stop):
+                self.done = 2  # bytes after a complete response: out of step
+            elif isinstance(ctx, _Reject):
+                broken = "unexpected 101 response"
+            else:
+                log.error("internal error while relaying a response", exc_info=ctx or e)
+                broken = "internal error"
+        except httptools.HttpParserError as e:
+            if self.done:
+                self.done = 2
+            else:
+                broken = f"invalid response ({e})"
+        s.wbuf = None
+        self._flush(s, wbuf)
+        if broken is not None:
+            log.info("server %s/%s: %s", self.server.backend, self.server.name, broken)
+            self._fail(s, r, broken)
+        elif self.done:
+            self._finish(s, r)
+
+    @staticmethod
+    def _flush(s: HttpSession, wbuf: list[bytes]) -> None:
+        if wbuf and s.transport is not None and not s.transport.is_closing():
+            if len(wbuf) == 1:
+                s.transport.write(wbuf[0])
+            else:
+                s.transport.writelines(wbuf)
+
+    def _fail(self, s: HttpSession, r: Req, reason: str) -> None:
+        self.session = None
+        self.req = None
+        self.close()
+        if s.up is self:
+            s.up = None
+        s._attempt_failed(r, self, reason, connected=True)
+
+    def _finish(self, s: HttpSession, r: Req) -> None:
+        """The response is complete (and flushed): free the connection, then the session."""
+        reusable = self.done == 1 and r.complete and not r.upgrade and not self.resp_close
+        self.session = None
+        self.req = None
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        if s.up is self:
+            s.up = None
+        if reusable and not self.closed:
+            self.release()
+        else:
+            self.close()
+        s.response_done(r, not s.closing)
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _Stop
+        self.resp_headers = []
+        self.resp_trailers = None
+        self.status = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:  # trailer field
+            if self.resp_trailers is None:
+                self.resp_trailers = []
+            self.resp_trailers += (name, b": ", value, _CRLF)
+        else:
+            self.resp_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        self.status = status
+        s = self.session
+        r = self.req
+        if status < 200 and status != 101:
+            # 100 Continue and friends: relayed to HTTP/1.1 clients, then the real response
+            if r.http11:
+                s.wbuf.append(self._head(r, status, None))
+            self.status = 0
+            return
+        if status == 101 and not r.upgrade:
+            raise _Reject(502)
+        self.resp_close = not parser.should_keep_alive()
+        # framing towards the client
+        keep_client = r.keep_alive and not s.closing and not r.upgrade
+        if r.is_head or status in (204, 304) or status == 101:
+            mode = _NO_BODY
+        else:
+            mode = _PASS
+            for name, _ in self.resp_headers:
+                n = name.lower()
+                if n == b"transfer-encoding":
+                    mode = _CHUNK
+                    break
+                if n == b"content-length":
+                    break
+            else:
+                mode = _CHUNK  # delimited by the server's close: chunk it for the client
+                self.eof_ends = True
+            if mode == _CHUNK and not r.http11:
+                mode = _UNTIL_CLOSE
+                keep_client = False
+        self.mode = mode
+        if not keep_client:
+            s.closing = True
+        r.responded = True
+        s.wbuf.append(self._head(r, status, keep_client))
+        if r.is_head and status >= 200:
+            raise _HeadDone
+
+    def _head(self, r: Req, status: int, keep_client: bool | None) -> bytes:
+        plan = r.plan
+        drop = HOP_BY_HOP | plan.resp_drop if plan.resp_drop else HOP_BY_HOP
+        headers = self.resp_headers
+        conn_extra = None
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+        for name, value in headers:
+            low = name.lower()
+            if low in drop or low.startswith(b"proxy-"):
+                if low == b"connection":
+                    extra = [t for t in _tokens(value)
+                             if t not in (b"close", b"keep-alive", b"upgrade")]
+                    if extra:
+                        conn_extra = extra
+                continue
+            parts += (name, b": ", value, _CRLF)
+        if conn_extra:  # rare: Connection names more fields to drop; start over without them
+            del parts[1:]
+            for name, value in headers:
+                low = name.lower()
+                if low in drop or low.startswith(b"proxy-") or low in conn_extra:
+                    continue
+                parts += (name, b": ", value, _CRLF)
+        if status == 101:
+            up = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
+            parts += (b"connection: upgrade\r\nupgrade: ", up, _CRLF)
+        elif keep_client is not None:
+            if self.mode == _CHUNK:
+                parts.append(b"transfer-encoding: chunked\r\n")
+            if not keep_client:
+                parts.append(b"connection: close\r\n")
+            elif not r.http11:
+                parts.append(b"connection: keep-alive\r\n")
+        if plan.resp_add:
+            parts.append(plan.resp_add)
+        parts.append(_CRLF)
+        return b"".join(parts)
+
+    def on_body(self, data: bytes) -> None:
+        if self.mode == _CHUNK:
+            self.session.wbuf += (b"%x\r\n" % len(data), data, _CRLF)
+        elif self.mode != _NO_BODY:
+            self.session.wbuf.append(data)
+
+    def on_message_complete(self) -> None:
+        if not self.status or self.status == 101:
+            return  # an interim response ended (the real one follows), or a tunnel starts
+        if self.mode == _CHUNK:
+            wbuf = self.session.wbuf
+            if self.resp_trailers:
+                wbuf += (b"0\r\n", *self.resp_trailers, _CRLF)
+            else:
+                wbuf.append(_CHUNK_END)
+        self.done = 1
+
+    def _start_tunnel(self, s: HttpSession, r: Req, rest: bytes) -> None:
+        self.tunnel = True
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        s.mode = _MODE_TUNNEL
+        s.parser = None
+        s._unblock(_BLOCK_STOP | _BLOCK_PENDING)
+        if s.tunnel_buf:
+            self.transport.writelines(s.tunnel_buf)
+            s.tunnel_buf = None
+        if rest:
+            s.transport.write(rest)
+        tun = r.backend.timeouts.tunnel
+        if tun:
+            s._arm(self.loop.time() + tun)
+
+    # -- end of the server connection -----------------------------------------------------------
+    def eof_received(self) -> bool:
+        s = self.session
+        if self.tunnel and s is not None and s.transport is not None:
+            self.eof_in = True
+            if s.eof_in:  # both ways are done
+                return False
+            if s.transport.can_write_eof():
+                s.transport.write_eof()
+                return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        s = self.session
+        if s is None:
+            return  # idle in a pool: it is skipped at the next checkout
+        r = self.req
+        if self.tunnel:
+            self.session = None
+            self.req = None
+            if s.up is self:
+                s.up = None
+            s._close() if exc is None else s._abort()
+            return
+        if r is None:
+            return
+        if self.eof_ends and self.status and exc is None:
+            # a response delimited by the server's close is complete now
+            if self.mode == _CHUNK:
+                self._flush(s, [_CHUNK_END])
+            self.done = 2
+            self._finish(s, r)
+            return
+        self._fail(s, r, "connection reset" if exc is not None else "connection closed")
+
+    def pause_writing(self) -> None:
+        s = self.session
+        if s is not None:
+            s._block(_BLOCK_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        s = self.session
+        if s is not None:
+            s._unblock(_BLOCK_UPSTREAM)
+
+    # -- server timeout --------------------------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        th = self.th
+        if th is None or self.th_when > when:
+            if th is not None:
+                th.cancel()
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.th = None
+        s = self.session
+        r = self.req
+        if s is None or r is None or self.tunnel:
+            return
+        timeout = r.backend.timeouts.server
+        now = self.loop.time()
+        when = self.last_rx + timeout
+        if self.paused or now < when:
+            # the client is slow to read (its own timeout applies) or the server spoke lately
+            self.th_when = now + timeout if self.paused else when
+            self.th = self.loop.call_at(self.th_when, self._on_timer)
+            return
+        self.session = None
+        self.req = None
+        self.close()
+        if s.up is self:
+            s.up = None
+        s._attempt_failed(r, self, "server timeout", connected=True, timeout=True)

@@ -1,0 +1,257 @@
+"""TCP proxying: bytes relayed both ways, one server per connection.
+
+Rules of this module: the server may speak first, so nothing waits for client bytes; what the
+client sends before the server connection is up is held (bounded, then the client is paused);
+a destination's `pause_writing` pauses the source's reading; a half-close (FIN) is passed on with
+`write_eof` and the connection ends when both ways are done, a reset is passed on as a reset.
+A connection that cannot be made is retried on another server (`retries`, redispatch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..frontend import Frontend
+    from ..servers import Server
+
+__all__ = ["TcpSession", "TcpUpstream"]
+
+log = logging.getLogger("foobar_lb.tcp")
+
+PENDING_LIMIT = 65536
+
+
+class TcpSession(asyncio.Protocol):
+    """The client side of one TCP-mode connection."""
+
+    __slots__ = (
+        "attempts",
+        "be",
+        "closing",
+        "eof_in",
+        "fe",
+        "last_rx",
+        "lb",
+        "loop",
+        "paused",
+        "peer_key",
+        "pending",
+        "pending_size",
+        "server",
+        "th",
+        "th_when",
+        "transport",
+        "up",
+    )
+
+    def __init__(self, lb, fe: Frontend):
+        self.lb = lb
+        self.fe = fe
+        self.be: Backend = fe.default
+        self.loop = lb.loop
+        self.transport: asyncio.Transport | None = None
+        self.up: TcpUpstream | None = None
+        self.server: Server | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.eof_in = False
+        self.closing = False
+        self.paused = False
+        self.attempts = 0
+        self.peer_key = b""
+        self.last_rx = 0.0
+        self.th: asyncio.TimerHandle | None = None
+        self.th_when = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_key = peer[0].encode()
+        self.lb.sessions.add(self)
+        self.last_rx = self.loop.time()
+        self._dispatch(None)
+
+    def _dispatch(self, avoid: Server | None) -> None:
+        be = self.be
+        server = be.pick(self.peer_key, avoid)
+        if server is None:
+            self._close()
+            return
+        be.balancer.take(server)
+        self.server = server
+        self.attempts += 1
+        self.loop.create_task(self._connect(server))
+
+    async def _connect(self, server: Server) -> None:
+        be = self.be
+        try:
+            async with asyncio.timeout(be.timeouts.connect or None):
+                _, up = await self.loop.create_connection(
+                    lambda: TcpUpstream(self), server.host, server.port)
+        except (OSError, TimeoutError) as e:
+            server.failures += 1
+            self._drop_server()
+            if self.transport.is_closing():
+                return
+            if self.attempts <= be.retries:
+                log.debug("tcp: retrying after %r on %s/%s", e, be.name, server.name)
+                self._dispatch(server)
+            else:
+                self._close()
+            return
+        if self.transport.is_closing():
+            up.transport.close()
+            self._drop_server()
+            return
+        self.up = up
+        if self.pending:
+            up.transport.writelines(self.pending)
+            self.pending = []
+            self.pending_size = 0
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+        if self.eof_in and up.transport.can_write_eof():
+            up.transport.write_eof()
+        self._arm(self.loop.time() + (be.timeouts.tunnel or 86400.0))
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        up = self.up
+        if up is not None:
+            up.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        up = self.up
+        if up is None:
+            return True  # passed on once the server connection is up
+        if up.eof_in:
+            return False
+        if up.transport.can_write_eof():
+            up.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lb.sessions.discard(self)
+        self.closing = True
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+        up = self.up
+        self.up = None
+        if up is not None and not up.transport.is_closing():
+            if exc is not None:
+                up.transport.abort()
+            else:
+                up.transport.close()
+        self._drop_server()
+
+    def pause_writing(self) -> None:
+        up = self.up
+        if up is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.up
+        if up is not None:
+            up.transport.resume_reading()
+
+    def _drop_server(self) -> None:
+        server = self.server
+        if server is not None:
+            self.server = None
+            self.be.balancer.drop(server)
+
+    def _close(self) -> None:
+        self.closing = True
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: a TCP connection is left to finish (until the grace period ends)."""
+
+    # -- inactivity (timeout tunnel) ---------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        th = self.th
+        if th is None or self.th_when > when:
+            if th is not None:
+                th.cancel()
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.th = None
+        if self.transport.is_closing():
+            return
+        timeout = self.be.timeouts.tunnel
+        if not timeout:
+            return
+        up = self.up
+        last = max(self.last_rx, up.last_rx if up is not None else 0.0)
+        when = last + timeout
+        if self.loop.time() < when:
+            self._arm(when)
+            return
+        self.transport.close()
+        if up is not None:
+            up.transport.close()
+
+
+class TcpUpstream(asyncio.Protocol):
+    """The server side of one TCP-mode connection."""
+
+    __slots__ = ("eof_in", "last_rx", "session", "transport")
+
+    def __init__(self, session: TcpSession):
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.eof_in = False
+        self.last_rx = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        self.last_rx = s.loop.time()
+        s.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        s = self.session
+        if s.eof_in:
+            return False
+        if s.transport.can_write_eof():
+            s.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        s = self.session
+        t = s.transport
+        if t is not None and not t.is_closing():
+            if exc is not None:
+                t.abort()
+            else:
+                t.close()
+
+    def pause_writing(self) -> None:
+        self.session.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        s = self.session
+        if not s.paused:
+            s.transport.resume_reading()

@@ -1,0 +1,185 @@
+"""The running load balancer: event loop, listeners, sessions, graceful stop.
+
+Rule of this module: it wires configuration to listeners and owns the process-level concerns
+(which event loop, which sockets, when to stop); it holds no balancing or protocol logic.
+
+    lb = LoadBalancer("foobar.toml")        # or a Config, or a dict shaped like the file
+    await lb.start()                        # inside a running loop; binds every frontend
+    host, port = lb.address                 # port 0 in the config: the kernel's choice
+    ...
+    await lb.stop()                         # stop accepting, let requests finish, close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .backend import Backend
+from .config import Address, Config, config_from_dict, load_config
+from .frontend import Frontend
+from .proxy.http import HttpSession
+from .proxy.tcp import TcpSession
+from .servers import Server
+
+__all__ = ["ListenError", "LoadBalancer", "new_event_loop"]
+
+log = logging.getLogger("foobar_lb")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ListenError(Exception):
+    """A frontend address could not be bound; `path` is its key path in the configuration."""
+
+    def __init__(self, path: str, address: Address, reason: str):
+        self.path = path
+        self.address = address
+        self.reason = reason
+        super().__init__(f"{path} = \"{address}\": cannot listen: {reason}")
+
+
+def _listen_socket(addr: Address, backlog: int) -> socket.socket:
+    host = addr.host or "0.0.0.0"
+    infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class LoadBalancer:
+    """foobar_lb as a library: build it from a configuration, start it inside a running loop."""
+
+    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str]):
+        if isinstance(config, Config):
+            self.config = config
+        elif isinstance(config, Mapping):
+            self.config = config_from_dict(config)
+        elif isinstance(config, (str, Path, os.PathLike)):
+            self.config = load_config(config)
+        else:
+            raise TypeError("LoadBalancer() takes a Config, a dict or a path to a TOML file")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.backends: dict[str, Backend] = {}
+        self.frontends: dict[str, Frontend] = {}
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self.sessions: set[Any] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._stopping: asyncio.Future | None = None
+        self.started = False
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.started:
+            raise RuntimeError("this LoadBalancer is already started")
+        self.loop = loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.backends = {name: Backend(b) for name, b in cfg.backends.items()}
+        self.frontends = {name: Frontend(f, self.backends) for name, f in cfg.frontends.items()}
+        try:
+            for name, fe in self.frontends.items():
+                bound: list[tuple[str, int]] = []
+                for i, addr in enumerate(fe.cfg.bind):
+                    path = f"frontends.{name}.bind" + (f"[{i}]" if len(fe.cfg.bind) > 1 else "")
+                    try:
+                        sock = _listen_socket(addr, backlog=1024)
+                    except OSError as e:
+                        reason = (e.strerror or str(e)).lower()
+                        if e.errno in (errno.EACCES, errno.EPERM):
+                            reason = "permission denied (ports below 1024 need privileges)"
+                        raise ListenError(path, addr, reason) from None
+                    srv = await loop.create_server(self._factory(fe), sock=sock)
+                    self._listeners.append(srv)
+                    host, port = sock.getsockname()[:2]
+                    bound.append((host, port))
+                self.addresses[name] = bound
+        except BaseException:
+            await self._close_listeners()
+            for be in self.backends.values():
+                be.close()
+            raise
+        self.started = True
+        for name, fe in self.frontends.items():
+            log.info("frontend %s (%s) listening on %s", name, fe.mode,
+                     ", ".join(_fmt(a) for a in self.addresses[name]))
+
+    def _factory(self, fe: Frontend) -> Callable[[], asyncio.Protocol]:
+        cls = HttpSession if fe.mode == "http" else TcpSession
+        return lambda: cls(self, fe)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish (up to `grace` seconds), close."""
+        if not self.started:
+            return
+        self.started = False
+        if grace is None:
+            grace = self.config.settings.grace
+        await self._close_listeners()
+        for s in list(self.sessions):
+            s.shutdown()
+        deadline = self.loop.time() + grace
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for s in list(self.sessions):
+            if s.transport is not None:
+                s.transport.abort()
+        self.sessions.clear()
+        for be in self.backends.values():
+            be.close()
+        await asyncio.sleep(0)
+
+    async def _close_listeners(self) -> None:
+        for srv in self._listeners:
+            srv.close()
+        self._listeners.clear()
+
+    async def __aenter__(self) -> LoadBalancer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- looking around ---------------------------------------------------------------------
+    @property
+    def address(self) -> tuple[str, int]:
+        """The first bound address of the first frontend."""
+        for bound in self.addresses.values():
+            if bound:
+                return bound[0]
+        raise RuntimeError("the load balancer is not started")
+
+    def url(self, frontend: str | None = None) -> str:
+        host, port = self.addresses[frontend][0] if frontend else self.address
+        return f"http://{_fmt((host, port))}"
+
+    def server(self, backend: str, name: str) -> Server:
+        return self.backends[backend].by_name[name]
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
