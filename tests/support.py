@@ -68,7 +68,7 @@ class _Collect:
         self.cur: Any = None
         self.in_body = False
         self.parser: Any = None
-        self.statuses: list[int] = []
+        self.on_head: Callable[[dict], None] | None = None
 
     def on_message_begin(self):
         self.in_body = False
@@ -86,6 +86,8 @@ class _Collect:
         if self.request:
             self.cur["method"] = self.parser.get_method().decode()
             self.cur["version"] = self.parser.get_http_version()
+            if self.on_head is not None:
+                self.on_head(self.cur)
         else:
             self.cur["status"] = self.parser.get_status_code()
 
@@ -100,10 +102,8 @@ def parse_responses(data: bytes) -> list[Response]:
     """Every response in `data`; a last one delimited by the close counts too."""
     c = _Collect(False)
     c.parser = p = httptools.HttpResponseParser(c)
-    try:
+    with contextlib.suppress(httptools.HttpParserError):
         p.feed_data(data)
-    except httptools.HttpParserError:
-        pass
     msgs = list(c.done)
     if c.cur is not None and "status" in c.cur and (not msgs or msgs[-1] is not c.cur):
         msgs.append(c.cur)
@@ -115,10 +115,8 @@ def complete_responses(data: bytes) -> list[Response]:
     """Only the responses in `data` that are complete."""
     c = _Collect(False)
     c.parser = p = httptools.HttpResponseParser(c)
-    try:
+    with contextlib.suppress(httptools.HttpParserError):
         p.feed_data(data)
-    except httptools.HttpParserError:
-        pass
     return [Response(m["status"], m["headers"], b"".join(m["body"]), trailers=m["trailers"])
             for m in c.done]
 
@@ -198,6 +196,7 @@ class _ServerConn(asyncio.Protocol):
         self.conn_id = srv.connections
         self.collect = _Collect(True)
         self.parser = self.collect.parser = httptools.HttpRequestParser(self.collect)
+        self.collect.on_head = self._on_head
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
@@ -207,6 +206,11 @@ class _ServerConn(asyncio.Protocol):
         self.srv.transports.add(transport)
         self.srv.open_connections += 1
         self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _on_head(self, msg: dict) -> None:
+        # like real servers: say 100 Continue to a client that waits for it
+        if any(n.lower() == "expect" and v.lower() == "100-continue" for n, v in msg["headers"]):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def data_received(self, data):
         try:
@@ -337,8 +341,11 @@ class RawClient:
 async def http_get(host: str, port: int, path: str = "/", headers: dict[str, str] | None = None,
                    method: str = "GET") -> Response:
     """One request on its own connection (Connection: close)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = dict(headers or {})
+    lines = [f"{method} {path} HTTP/1.1", "Connection: close"]
+    if not any(k.lower() == "host" for k in headers):
+        lines.append(f"Host: {host}:{port}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     raw = await raw_exchange(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode())
     got = parse_responses(raw)
     assert got, f"no response to {method} {path}: {raw[:200]!r}"

@@ -101,7 +101,9 @@ async def _serve(cfg: Config) -> int:
     try:
         await lb.start()
     except ListenError as e:
-        return _fail(f"{cfg.source}: {e}" if cfg.source else str(e))
+        if cfg.source is None:  # the quick form: name the option, not the generated key
+            return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
+        return _fail(f"{cfg.source}: {e}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0

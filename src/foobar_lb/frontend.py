@@ -89,6 +89,8 @@ class Frontend:
 
     def _plan(self, be: Backend) -> HeaderPlan:
         req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)
+        if self.cfg.forwarded_proto:  # ours replaces whatever the client claimed
+            req_drop |= {b"x-forwarded-proto"}
         resp_drop, resp_add = _rules(be.cfg.response_headers, self.cfg.response_headers)
         return HeaderPlan(req_drop, req_add, resp_drop, resp_add)
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs them.
+#   - system packages, only when missing: nginx (a real backend), mariadb-server (a real
+#     server-speaks-first TCP peer and, later, the primary and replica)
+#   - the project itself with its test extras, into the current Python
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+missing=()
+have nginx || missing+=(nginx)
+have mariadbd || missing+=(mariadb-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing system packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+echo "== installing foobar with its test dependencies"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
+
+echo "== running the tests"
+exec "$PYTHON" -m pytest "$@"
