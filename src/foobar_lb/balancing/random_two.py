@@ -1,8 +1,10 @@
 """random: power of two random choices (HAProxy's `random(2)`).
 
 Two servers are drawn at random in proportion to their weights and the less loaded one, by
-(active + 1) / weight, wins; on a tie the first draw wins, so an idle backend gets traffic in
-proportion to the weights. The generator can be seeded (`Algo(servers, rng=Random(1))`).
+active / weight, wins; on a tie the first draw wins, so an idle backend gets traffic in
+proportion to the weights. (No "+ 1" as in leastconn: with it the heavier of two idle servers
+would always win, skewing an idle backend towards the heaviest server; HAProxy's random(2)
+compares served * weight the same way.) The generator can be seeded (`Algo(servers, rng=Random(1))`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,6 @@ class Algo(Algorithm):
         if len(servers) == 1:
             return a
         b = self._draw(servers, cum)
-        if (b.active + 1) * a.weight < (a.active + 1) * b.weight:
+        if b.active * a.weight < a.active * b.weight:
             return b
         return a
