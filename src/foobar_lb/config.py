@@ -62,6 +62,11 @@ def _bad(path: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(path, f" = {_show(value)}: expected {expected}")
 
 
+def _bad_key(path: str, expected: str) -> ConfigError:
+    """A bad key name (the last part of `path`): the key is not a value, so it is not repeated."""
+    return ConfigError(path, f": invalid name; expected {expected}")
+
+
 def _show(value: Any) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False, default=str)
@@ -274,20 +279,27 @@ def _size(value: Any, path: str) -> int:
         raise _bad(path, value, SIZE_EXPECTED) from None
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_NAME_EXPECTED = "a name of letters, digits, '-', '_', '.' or ':' (at most 64)"
+
+
 def _name(value: Any, path: str) -> str:
-    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", value):
+    if isinstance(value, str) and _NAME.fullmatch(value):
         return value
-    raise _bad(path, value, "a name of letters, digits, '-', '_', '.' or ':' (at most 64)")
+    raise _bad(path, value, _NAME_EXPECTED)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
+_HEADER_NAME_EXPECTED = "an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+
+
 def _header_name(value: Any, path: str) -> str:
     if isinstance(value, str) and _TOKEN.fullmatch(value):
         return value
-    raise _bad(path, value, "an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+    raise _bad(path, value, _HEADER_NAME_EXPECTED)
 
 
 def _header_value(value: Any, path: str) -> str:
@@ -323,7 +335,8 @@ def _bind_address(value: Any, path: str) -> Address:
         return parse_address(value, allow_any_host=True, allow_port_zero=True)
     except ValueError:
         raise _bad(
-            path, value, 'an address "host:port" ("127.0.0.1:8080", "[::1]:8080", "*:8080")'
+            path, value, 'an address "host:port" with a port from 0 to 65535, like "127.0.0.1:8080", '
+                         '"[::1]:8080" or "*:8080"'
         ) from None
 
 
@@ -378,7 +391,8 @@ def _header_rules(value: Any, path: str) -> HeaderRules:
         tt = _Table(raw, p, tuple(raw) if isinstance(raw, dict) else (), "a table of name = value")
         out = []
         for name, v in tt.data.items():
-            _header_name(name, tt.key(name))
+            if not _TOKEN.fullmatch(name):
+                raise _bad_key(tt.key(name), _HEADER_NAME_EXPECTED)
             values = v if isinstance(v, list) else [v]
             for i, one in enumerate(values):
                 out.append((name, _header_value(one, tt.key(name) + (f"[{i}]" if v is values else ""))))
@@ -511,11 +525,12 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
         if not isinstance(raw, list) or not raw:
             raise _bad(p, raw, 'a non-empty list of servers like [{ address = "127.0.0.1:8081" }]')
         out = tuple(_server(item, f"{p}[{i}]", i) for i, item in enumerate(raw))
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for i, s in enumerate(out):
             if s.name in seen:
-                raise _bad(f"{p}[{i}].name", s.name, "a server name not used twice in a backend")
-            seen.add(s.name)
+                raise _bad(f"{p}[{i}].name", s.name,
+                           f"a server name not already used by {p}[{seen[s.name]}]")
+            seen[s.name] = i
         return out
 
     return BackendConfig(
@@ -544,7 +559,8 @@ def _named_tables(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(path, value, "a table of named sections")
     for key in value:
-        _name(key, _Table._join(path, key))
+        if not _NAME.fullmatch(key):
+            raise _bad_key(_Table._join(path, key), _NAME_EXPECTED)
     return value
 
 

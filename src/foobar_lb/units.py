@@ -14,7 +14,7 @@ __all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 DURATION_EXPECTED = 'a duration string with a unit, like "500ms", "2s", "1m" or "1h"'
@@ -37,7 +37,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
     raise ValueError(SIZE_EXPECTED)
 
 
