@@ -110,12 +110,14 @@ class TcpSession(asyncio.Protocol):
             return
         self.up = up
         if self.pending:
+            if self.paused:
+                # resume before writing: if the held bytes fill the server's buffer, the
+                # pause_writing that writelines triggers must leave the client paused
+                self.paused = False
+                self.transport.resume_reading()
             up.transport.writelines(self.pending)
             self.pending = []
             self.pending_size = 0
-            if self.paused:
-                self.paused = False
-                self.transport.resume_reading()
         if self.eof_in and up.transport.can_write_eof():
             up.transport.write_eof()
         self._arm(self.loop.time() + (be.timeouts.tunnel or 86400.0))
