@@ -37,7 +37,7 @@ class Backend:
         self.name = cfg.name
         self.mode = cfg.mode
         self.timeouts = cfg.timeouts
-        self.retries = cfg.retries if cfg.redispatch or cfg.retries else 0
+        self.retries = cfg.retries
         self.servers = [Server.from_config(s, backend=cfg.name) for s in cfg.servers]
         self.by_name = {s.name: s for s in self.servers}
         self.balancer = Balancer(self.servers, cfg.balance)

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class LoadBalancer:
         self.frontends: dict[str, Frontend] = {}
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self.sessions: set[Any] = set()
+        self.tasks: set[asyncio.Task] = set()  # connects in progress (kept referenced)
         self._listeners: list[asyncio.AbstractServer] = []
         self._stopping: asyncio.Future | None = None
         self.started = False
@@ -126,6 +127,13 @@ class LoadBalancer:
             log.info("frontend %s (%s) listening on %s", name, fe.mode,
                      ", ".join(_fmt(a) for a in self.addresses[name]))
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run a background step (a server connect) and keep it referenced until it ends."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     def _factory(self, fe: Frontend) -> Callable[[], asyncio.Protocol]:
         cls = HttpSession if fe.mode == "http" else TcpSession
         return lambda: cls(self, fe)
@@ -147,6 +155,8 @@ class LoadBalancer:
             if s.transport is not None:
                 s.transport.abort()
         self.sessions.clear()
+        for task in list(self.tasks):
+            task.cancel()
         for be in self.backends.values():
             be.close()
         await asyncio.sleep(0)

@@ -562,7 +562,7 @@ class HttpSession(asyncio.Protocol):
         if conn is not None:
             self._attach(conn, r)
         else:
-            self.loop.create_task(self._connect(r, server))
+            self.lb.spawn(self._connect(r, server))
 
     async def _connect(self, r: Req, server: Server) -> None:
         be = r.backend

@@ -85,7 +85,7 @@ class TcpSession(asyncio.Protocol):
         be.balancer.take(server)
         self.server = server
         self.attempts += 1
-        self.loop.create_task(self._connect(server))
+        self.lb.spawn(self._connect(server))
 
     async def _connect(self, server: Server) -> None:
         be = self.be
