@@ -150,10 +150,12 @@ class ScriptedServer:
     `requests`, with the id of the connection it came on (`conn_id`), so tests can see reuse.
     """
 
-    def __init__(self, name: str = "s", handler: Handler | None = None, host: str = LOOPBACK):
+    def __init__(self, name: str = "s", handler: Handler | None = None, host: str = LOOPBACK,
+                 idle_timeout: float | None = None):
         self.name = name
         self.handler = handler or self._default
         self.host = host
+        self.idle_timeout = idle_timeout  # close kept-alive connections idle this long
         self.port = 0
         self.requests: list[Request] = []
         self.connections = 0
@@ -237,7 +239,14 @@ class _ServerConn(asyncio.Protocol):
 
     async def _serve(self):
         while True:
-            req = await self.queue.get()
+            if self.srv.idle_timeout is not None:
+                try:
+                    req = await asyncio.wait_for(self.queue.get(), self.srv.idle_timeout)
+                except TimeoutError:
+                    self.transport.close()  # like a server's keep-alive timeout
+                    return
+            else:
+                req = await self.queue.get()
             out = self.srv.handler(req)
             if asyncio.iscoroutine(out):
                 out = await out
@@ -386,3 +395,19 @@ async def running_lb(config: dict):
         yield lb
     finally:
         await lb.stop(grace=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# As a process: `python tests/support.py NAME PORT` serves the default answer until killed
+
+
+async def _serve_forever(name: str, port: int) -> None:
+    srv = await ScriptedServer(name).start(port)
+    print(f"listening {srv.port}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(_serve_forever(sys.argv[1], int(sys.argv[2])))

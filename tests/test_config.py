@@ -87,7 +87,7 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers"),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
-     "backup, maxconn"),
+     "backup, maxconn, check"),
     ("backend-timeout-in-frontend", FE + '[frontends.web.timeout]\nconnect = "5s"\n' + BE,
      "{file}: frontends.web.timeout.connect: unknown key; expected one of client, http_request, "
      "http_keep_alive"),

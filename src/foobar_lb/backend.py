@@ -1,38 +1,81 @@
-"""Backends at run time: the servers of a [backends.NAME] section, its balancer and its pool.
+"""Backends at run time: the servers of a [backends.NAME] section, its balancer, pool and queue.
 
-Rule of this module: a Backend is the meeting point the proxies use (pick, take, drop, pool) and
-holds no per-request state; server state changes go through `Balancer.set_state` so that the
-algorithms hear of them.
+Rule of this module: a Backend is the meeting point the proxies use (pick, take, release, wait,
+observe) and holds no per-request state beyond its queue of waiting requests. Server state
+changes go through `set_state`, which tells the algorithms, logs the change once with the
+reason, empties the pool of a server that went down and serves the queue when one comes up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .balancing import Balancer
 from .config import BackendConfig
+from .health import Health
 from .proxy.upstream import Pool
 from .servers import Server, State
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "StateChange", "Waiter"]
 
 log = logging.getLogger("foobar_lb")
 
 
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One server state change, as logged (kept in `LoadBalancer.events`)."""
+
+    time: float  # time.time()
+    backend: str
+    server: str
+    old: State
+    new: State
+    reason: str
+    active_left: int
+    backup_left: int
+
+
+class Waiter:
+    """A request (HTTP) or connection (TCP) waiting for a server with a free slot.
+
+    `done(server)` is called once: with a server when one has a free slot (the callee takes it
+    with `Backend.take`, or leaves it if its client is gone), or with None when `timeout queue`
+    expires or no server is left up (the caller answers 503).
+    """
+
+    __slots__ = ("cancelled", "deadline", "done", "key")
+
+    def __init__(self, key: bytes | None, deadline: float, done: Callable[[Server | None], None]):
+        self.key = key
+        self.deadline = deadline
+        self.done = done
+        self.cancelled = False
+
+
 class Backend:
     __slots__ = (
+        "_qtimer",
         "balancer",
         "by_name",
         "cfg",
+        "events",
+        "health",
+        "listeners",
         "mode",
         "name",
         "pool",
+        "queue",
         "retries",
         "servers",
         "timeouts",
     )
 
-    def __init__(self, cfg: BackendConfig):
+    def __init__(self, cfg: BackendConfig, events: deque[StateChange] | None = None):
         self.cfg = cfg
         self.name = cfg.name
         self.mode = cfg.mode
@@ -40,24 +83,122 @@ class Backend:
         self.retries = cfg.retries
         self.servers = [Server.from_config(s, backend=cfg.name) for s in cfg.servers]
         self.by_name = {s.name: s for s in self.servers}
-        self.balancer = Balancer(self.servers, cfg.balance)
-        self.balancer.on_change.append(self._log_change)
-        self.pool = Pool()
+        self.balancer = Balancer(self.servers, cfg.balance, allbackups=cfg.allbackups)
+        self.pool = Pool(cfg.pool_max_idle, cfg.pool_idle_timeout)
+        self.queue: deque[Waiter] = deque()
+        self._qtimer: asyncio.TimerHandle | None = None
+        self.events = events if events is not None else deque(maxlen=1000)
+        self.listeners: list[Callable[[StateChange], None]] = []
+        self.health = Health(self)
 
-    def pick(self, key: bytes | None, avoid: Server | None = None) -> Server | None:
+    # -- picking and counting --------------------------------------------------------------
+    def pick(self, key: bytes | None, avoid: Server | None = None,
+             retry: bool = False) -> Server | None:
+        """A usable server with a free slot, or None (then `wait`, or answer 503). A new
+        request does not jump the queue; a retry of an admitted one may."""
+        if self.queue and not retry:
+            return None
         return self.balancer.pick(key, avoid if self.cfg.redispatch else None)
 
-    def set_state(self, server: Server, state: State, reason: str = "") -> None:
-        self.balancer.set_state(server, state, reason)
+    def take(self, server: Server) -> None:
+        self.balancer.take(server)
 
-    def _log_change(self, server: Server, old: State, reason: str) -> None:
+    def release(self, server: Server) -> None:
+        self.balancer.drop(server)
+        if self.queue:
+            self._serve_queue()
+
+    # -- the queue (HAProxy's backend queue with timeout queue and maxqueue) ---------------
+    def wait(self, key: bytes | None, done: Callable[[Server | None], None],
+             now: float) -> Waiter | None:
+        """Queue a request for the next free slot; None when it cannot wait (nothing up,
+        queue full, or queueing off) and the caller answers 503 now."""
+        if len(self.queue) >= self.cfg.maxqueue or not self.balancer.any_up():
+            return None
+        w = Waiter(key, now + (self.timeouts.queue or 86400.0), done)
+        self.queue.append(w)
+        if self._qtimer is None:
+            self._qtimer = asyncio.get_running_loop().call_at(w.deadline, self._expire)
+        return w
+
+    def _serve_queue(self) -> None:
+        q = self.queue
+        while q:
+            w = q[0]
+            if w.cancelled:
+                q.popleft()
+                continue
+            server = self.balancer.pick(w.key)
+            if server is None:
+                break
+            q.popleft()
+            w.done(server)
+
+    def _expire(self) -> None:
+        self._qtimer = None
+        q = self.queue
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while q and (q[0].cancelled or q[0].deadline <= now):
+            w = q.popleft()
+            if not w.cancelled:
+                w.done(None)
+        while q and q[0].cancelled:
+            q.popleft()
+        if q:
+            self._qtimer = loop.call_at(q[0].deadline, self._expire)
+
+    def _fail_queue(self) -> None:
+        q = self.queue
+        while q:
+            w = q.popleft()
+            if not w.cancelled:
+                w.done(None)
+
+    # -- state ------------------------------------------------------------------------------
+    def set_state(self, server: Server, state: State, reason: str = "") -> None:
+        old = server.state
+        if old is state:
+            return
+        self.balancer.set_state(server, state, reason)
+        server.last_change = time.monotonic()
         active = sum(1 for s in self.servers if s.usable and not s.backup)
         backup = sum(1 for s in self.servers if s.usable and s.backup)
+        change = StateChange(time.time(), self.name, server.name, old, state, reason, active, backup)
+        self.events.append(change)
         why = f": {reason}" if reason else ""
-        log.warning(
-            "server %s/%s is %s%s, %d active and %d backup servers left",
-            self.name, server.name, server.state, why, active, backup,
-        )
+        left = "left" if state is not State.UP else "online"
+        log.warning("server %s/%s is %s%s, %d active and %d backup servers %s",
+                    self.name, server.name, state, why, active, backup, left)
+        if not server.usable:
+            self.pool.drop(server)
+        if active == 0 and backup == 0:
+            log.error("backend %s has no server available!", self.name)
+            self._fail_queue()
+        elif self.queue:
+            self._serve_queue()
+        for cb in self.listeners:
+            cb(change)
+
+    # -- passive observation ----------------------------------------------------------------
+    def observe_error(self, server: Server, what: str, layer7: bool = False) -> None:
+        server.failures += 1
+        self.health.error(server, what, layer7)
+
+    def observe_status(self, server: Server, status: int) -> None:
+        """A response status from `server`: 5xx (but 501 and 505) count as layer7 errors."""
+        if status >= 500 and status not in (501, 505) and self.health.observe == "layer7":
+            self.health.error(server, f"status {status}", layer7=True)
+        else:
+            server.errors = 0
+
+    def start(self, spawn) -> None:
+        self.health.start(spawn)
 
     def close(self) -> None:
+        self.health.stop()
+        if self._qtimer is not None:
+            self._qtimer.cancel()
+            self._qtimer = None
+        self._fail_queue()
         self.pool.close_all()

@@ -23,6 +23,7 @@ from .units import DURATION_EXPECTED, SIZE_EXPECTED, parse_duration, parse_size
 __all__ = [
     "Address",
     "BackendConfig",
+    "CheckConfig",
     "Config",
     "ConfigError",
     "ForwardFor",
@@ -141,12 +142,32 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """An active health check, with every default already resolved."""
+
+    type: str = "tcp"  # "tcp": the connection is made; "http": and the answer has an expected status
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None  # Host header of http checks (default: the server's address)
+    expect: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive status ranges
+    inter: float = 2.0  # between checks of a server that is up and steady
+    fastinter: float = 2.0  # while it is changing state (up but failing, down but passing)
+    downinter: float = 2.0  # while it is down
+    rise: int = 2
+    fall: int = 3
+    timeout: float = 2.0  # for the whole check, connect included
+    port: int | None = None  # check another port than the traffic port
+    jitter: float = 0.1  # each interval is stretched or shrunk by up to this fraction
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     address: Address
     weight: int = 1
     backup: bool = False
     maxconn: int = 0  # 0: no limit
+    check: CheckConfig | None = None  # None: no active check (the server counts as up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +196,20 @@ class BackendConfig:
     redispatch: bool = True
     request_headers: HeaderRules = field(default_factory=HeaderRules)
     response_headers: HeaderRules = field(default_factory=HeaderRules)
+    observe: str = "none"  # passive observation: "none", "layer4" or "layer7"
+    error_limit: int = 10  # consecutive observed errors that mark a server down
+    allbackups: bool = False
+    maxqueue: int = 1024  # requests waiting for a free server before 503s start
+    http_reuse: str = "safe"  # "safe" or "never"
+    pool_max_idle: int = 64  # idle kept-alive connections per server
+    pool_idle_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class GlobalConfig:
     grace: float = 10.0
     log_level: str = "info"
+    maxconn: int = 20000  # client connections served at once; more wait (not read) for a slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,15 +476,85 @@ def _rule(value: Any, path: str) -> Rule:
     return rule
 
 
-def _server(value: Any, path: str, index: int) -> ServerConfig:
-    t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn"),
-               "a table {name, address, weight, backup, maxconn}")
+def _server(value: Any, path: str, index: int, check: CheckConfig | None,
+            check_raw: dict | None) -> ServerConfig:
+    t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn", "check"),
+               "a table {name, address, weight, backup, maxconn, check}")
+    if t.has("check"):
+        raw = t.data["check"]
+        if isinstance(raw, bool):
+            check = (check or _check({}, t.key("check"))) if raw else None
+        else:  # this server's keys over the backend's
+            _check(raw, t.key("check"))  # errors name the server's own keys
+            check = _check({**(check_raw or {}), **raw}, t.key("check"))
     return ServerConfig(
         name=t.get("name", _name, f"server-{index + 1}"),
         address=t.need("address", _server_address, 'a server address "host:port"'),
         weight=t.get("weight", _int(0, MAX_WEIGHT), 1),
         backup=t.get("backup", _bool, False),
         maxconn=t.get("maxconn", _int(0), 0),
+        check=check,
+    )
+
+
+_CHECK_KEYS = ("type", "method", "path", "host", "expect", "inter", "fastinter", "downinter",
+               "rise", "fall", "timeout", "port", "jitter")
+
+
+def _statuses(value: Any, path: str) -> tuple[tuple[int, int], ...]:
+    expected = 'a status like 200, a range like "200-399", or a list of them'
+    items = value if isinstance(value, list) and value else [value]
+    out = []
+    for item in items:
+        lo = hi = None
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str):
+            m = re.fullmatch(r"\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?", item)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo is None or not (100 <= lo <= hi <= 599):
+            raise _bad(path, value, expected)
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _check(value: Any, path: str) -> CheckConfig:
+    t = _Table(value, path, _CHECK_KEYS, "true, false or a table of check settings")
+    inter = t.get("inter", _duration, 2.0)
+    if inter <= 0:
+        raise _bad(t.key("inter"), t.data["inter"], "a duration above zero")
+
+    def positive(raw: Any, p: str) -> float:
+        d = _duration(raw, p)
+        if d <= 0:
+            raise _bad(p, raw, "a duration above zero")
+        return d
+
+    def path_value(raw: Any, p: str) -> str:
+        if isinstance(raw, str) and raw.startswith("/") and raw.isprintable() and " " not in raw:
+            return raw
+        raise _bad(p, raw, 'a request path starting with "/"')
+
+    def jitter(raw: Any, p: str) -> float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool) and 0 <= raw <= 0.5:
+            return float(raw)
+        raise _bad(p, raw, "a fraction from 0 to 0.5")
+
+    return CheckConfig(
+        type=t.get("type", _choice(("tcp", "http")), "http" if t.has("path") else "tcp"),
+        method=t.get("method", _choice(("GET", "HEAD", "OPTIONS")), "GET"),
+        path=t.get("path", path_value, "/"),
+        host=t.get("host", _header_value, None),
+        expect=t.get("expect", _statuses, ((200, 399),)),
+        inter=inter,
+        fastinter=t.get("fastinter", positive, inter),
+        downinter=t.get("downinter", positive, inter),
+        rise=t.get("rise", _int(1, 1000), 2),
+        fall=t.get("fall", _int(1, 1000), 3),
+        timeout=t.get("timeout", positive, min(inter, 2.0)),
+        port=t.get("port", _int(1, 65535), None),
+        jitter=t.get("jitter", jitter, 0.1),
     )
 
 
@@ -519,12 +618,20 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
 
 def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
     t = _Table(value, path, ("servers", "mode", "balance", "timeout", "retries", "redispatch",
-                             "request_headers", "response_headers"))
+                             "request_headers", "response_headers", "check", "observe",
+                             "error_limit", "allbackups", "maxqueue", "http_reuse", "pool_max_idle",
+                             "pool_idle_timeout"))
+    check_raw = t.data.get("check")
+    if isinstance(check_raw, bool):
+        check = _check({}, t.key("check")) if check_raw else None
+        check_raw = {}
+    else:
+        check = t.get("check", _check, None)
 
     def servers(raw: Any, p: str) -> tuple[ServerConfig, ...]:
         if not isinstance(raw, list) or not raw:
             raise _bad(p, raw, 'a non-empty list of servers like [{ address = "127.0.0.1:8081" }]')
-        out = tuple(_server(item, f"{p}[{i}]", i) for i, item in enumerate(raw))
+        out = tuple(_server(item, f"{p}[{i}]", i, check, check_raw) for i, item in enumerate(raw))
         seen: dict[str, int] = {}
         for i, s in enumerate(out):
             if s.name in seen:
@@ -533,7 +640,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
             seen[s.name] = i
         return out
 
-    return BackendConfig(
+    be = BackendConfig(
         name=name,
         servers=t.need("servers", servers, 'a list of servers like [{ address = "127.0.0.1:8081" }]'),
         mode=t.get("mode", _choice(MODES), d.mode),
@@ -545,13 +652,34 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
         request_headers=t.get("request_headers", _header_rules, HeaderRules()),
         response_headers=t.get("response_headers", _header_rules, HeaderRules()),
     )
+    mode = be.mode
+    checked = any(s.check for s in be.servers)
+    observe = t.get("observe", _choice(("none", "layer4", "layer7")), "layer4" if checked else "none")
+    if observe != "none" and not checked:
+        raise _bad(t.key("observe"), observe,
+                   '"none" without a check: a server marked down by observation comes back only '
+                   "through its checks (add check = { ... })")
+    if observe == "layer7" and mode == "tcp":
+        raise _bad(t.key("observe"), observe, '"layer4" or "none" in tcp mode')
+    reuse = t.get("http_reuse", _choice(("safe", "never")), "safe")
+    return replace(
+        be,
+        observe=observe,
+        error_limit=t.get("error_limit", _int(1, 10000), 10),
+        allbackups=t.get("allbackups", _bool, False),
+        maxqueue=t.get("maxqueue", _int(0), 1024),
+        http_reuse=reuse,
+        pool_max_idle=0 if reuse == "never" else t.get("pool_max_idle", _int(0, 100000), 64),
+        pool_idle_timeout=t.get("pool_idle_timeout", _duration, 5.0),
+    )
 
 
 def _global(value: Any, path: str) -> GlobalConfig:
-    t = _Table(value, path, ("grace", "log_level"))
+    t = _Table(value, path, ("grace", "log_level", "maxconn"))
     return GlobalConfig(
         grace=t.get("grace", _duration, GlobalConfig.grace),
         log_level=t.get("log_level", _choice(LOG_LEVELS), GlobalConfig.log_level),
+        maxconn=t.get("maxconn", _int(1, 10_000_000), GlobalConfig.maxconn),
     )
 
 

@@ -13,15 +13,17 @@ Rule of this module: it wires configuration to listeners and owns the process-le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend
+from .backend import Backend, StateChange
 from .config import Address, Config, config_from_dict, load_config
 from .frontend import Frontend
 from .proxy.http import HttpSession
@@ -86,9 +88,12 @@ class LoadBalancer:
         self.backends: dict[str, Backend] = {}
         self.frontends: dict[str, Frontend] = {}
         self.addresses: dict[str, list[tuple[str, int]]] = {}
-        self.sessions: set[Any] = set()
-        self.tasks: set[asyncio.Task] = set()  # connects in progress (kept referenced)
-        self._listeners: list[asyncio.AbstractServer] = []
+        self.sessions: set[Any] = set()  # client connections being served
+        self.parked: deque[Any] = deque()  # accepted beyond global maxconn, not read yet
+        self.tasks: set[asyncio.Task] = set()  # connects and checks (kept referenced)
+        self.events: deque[StateChange] = deque(maxlen=1000)  # server state changes, newest last
+        self._listeners: list[Callable[[StateChange], None]] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._stopping: asyncio.Future | None = None
         self.started = False
 
@@ -98,7 +103,9 @@ class LoadBalancer:
             raise RuntimeError("this LoadBalancer is already started")
         self.loop = loop = asyncio.get_running_loop()
         cfg = self.config
-        self.backends = {name: Backend(b) for name, b in cfg.backends.items()}
+        self.backends = {name: Backend(b, self.events) for name, b in cfg.backends.items()}
+        for be in self.backends.values():
+            be.listeners = self._listeners
         self.frontends = {name: Frontend(f, self.backends) for name, f in cfg.frontends.items()}
         try:
             for name, fe in self.frontends.items():
@@ -113,7 +120,7 @@ class LoadBalancer:
                             reason = "permission denied (ports below 1024 need privileges)"
                         raise ListenError(path, addr, reason) from None
                     srv = await loop.create_server(self._factory(fe), sock=sock)
-                    self._listeners.append(srv)
+                    self._servers.append(srv)
                     host, port = sock.getsockname()[:2]
                     bound.append((host, port))
                 self.addresses[name] = bound
@@ -123,6 +130,9 @@ class LoadBalancer:
                 be.close()
             raise
         self.started = True
+        _raise_fd_limit(self.config.settings.maxconn)
+        for be in self.backends.values():
+            be.start(self.spawn)
         for name, fe in self.frontends.items():
             log.info("frontend %s (%s) listening on %s", name, fe.mode,
                      ", ".join(_fmt(a) for a in self.addresses[name]))
@@ -133,6 +143,38 @@ class LoadBalancer:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    # -- global maxconn: sessions beyond it are accepted but not read until a slot frees ---------
+    def admit(self, session: Any) -> bool:
+        """Called by a new session; False means it is parked (its reading is paused)."""
+        if len(self.sessions) < self.config.settings.maxconn and not self.parked:
+            self.sessions.add(session)
+            return True
+        session.transport.pause_reading()
+        # uvloop starts reading after connection_made returns: pause again right after it
+        self.loop.call_soon(_pause_if_parked, self, session)
+        self.parked.append(session)
+        return False
+
+    def leave(self, session: Any) -> None:
+        """Called when a session's connection is gone."""
+        if session in self.sessions:
+            self.sessions.discard(session)
+            limit = self.config.settings.maxconn
+            while self.parked and len(self.sessions) < limit:
+                nxt = self.parked.popleft()
+                if nxt.transport.is_closing():
+                    continue
+                self.sessions.add(nxt)
+                nxt.transport.resume_reading()
+                nxt.admitted()
+        else:
+            with contextlib.suppress(ValueError):
+                self.parked.remove(session)
+
+    def on_state_change(self, callback: Callable[[StateChange], None]) -> None:
+        """Call `callback(change)` after every server state change (see `events`)."""
+        self._listeners.append(callback)
 
     def _factory(self, fe: Frontend) -> Callable[[], asyncio.Protocol]:
         cls = HttpSession if fe.mode == "http" else TcpSession
@@ -146,8 +188,12 @@ class LoadBalancer:
         if grace is None:
             grace = self.config.settings.grace
         await self._close_listeners()
+        while self.parked:
+            self.parked.popleft().transport.abort()
         for s in list(self.sessions):
             s.shutdown()
+        for be in self.backends.values():
+            be.health.stop()
         deadline = self.loop.time() + grace
         while self.sessions and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -162,9 +208,9 @@ class LoadBalancer:
         await asyncio.sleep(0)
 
     async def _close_listeners(self) -> None:
-        for srv in self._listeners:
+        for srv in self._servers:
             srv.close()
-        self._listeners.clear()
+        self._servers.clear()
 
     async def __aenter__(self) -> LoadBalancer:
         await self.start()
@@ -188,6 +234,29 @@ class LoadBalancer:
 
     def server(self, backend: str, name: str) -> Server:
         return self.backends[backend].by_name[name]
+
+
+def _pause_if_parked(lb: LoadBalancer, session: Any) -> None:
+    if session in lb.parked and not session.transport.is_closing():
+        session.transport.pause_reading()
+
+
+def _raise_fd_limit(maxconn: int) -> None:
+    """Two descriptors per connection (client and server) and some room: raise the soft limit
+    towards the hard one when it is lower (as HAProxy does from maxconn)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * maxconn + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            except (ValueError, OSError) as e:
+                log.warning("could not raise the open file limit from %d to %d: %s", soft, new, e)
 
 
 def _fmt(addr: tuple[str, int]) -> str:

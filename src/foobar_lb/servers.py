@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import zlib
 
-from .config import ServerConfig
+from .config import CheckConfig, ServerConfig
 
 __all__ = ["Server", "State"]
 
@@ -31,9 +31,14 @@ class Server:
         "address",
         "backend",
         "backup",
+        "check",
+        "check_status",
+        "errors",
         "failures",
         "hash_seed",
+        "health",
         "host",
+        "last_change",
         "maxconn",
         "name",
         "port",
@@ -53,6 +58,7 @@ class Server:
         maxconn: int = 0,
         backend: str = "",
         state: State = State.UP,
+        check: CheckConfig | None = None,
     ):
         self.name = name
         self.backend = backend
@@ -66,6 +72,13 @@ class Server:
         self.active = 0  # requests (http) or connections (tcp) in flight right now
         self.total = 0  # requests or connections ever given to it
         self.failures = 0  # failed attempts (connect errors, broken responses)
+        self.errors = 0  # consecutive errors seen by passive observation
+        # active checks: HAProxy's hysteresis, one counter from 0 (down) to rise+fall-1 (fully up);
+        # servers start fully up, so it takes `fall` failed checks to put one down
+        self.check = check
+        self.health = check.rise + check.fall - 1 if check else 0
+        self.check_status = ""  # what the last check said, e.g. "layer4 connection refused"
+        self.last_change = 0.0  # loop time of the last state change
         # a stable per-server seed for hashing algorithms; Python's hash() is salted per process
         self.hash_seed = zlib.crc32(f"{backend}/{name}".encode())
 
@@ -79,6 +92,7 @@ class Server:
             backup=cfg.backup,
             maxconn=cfg.maxconn,
             backend=backend,
+            check=cfg.check,
         )
 
     @property

@@ -21,7 +21,7 @@ A user algorithm is one subclass and one call:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..servers import Server, State
 
@@ -105,7 +105,7 @@ def algorithm_names() -> list[str]:
 class Balancer:
     """The servers of one backend and the algorithms that choose among them."""
 
-    __slots__ = ("algorithm", "allbackups", "backup_algorithm", "backups", "on_change", "servers")
+    __slots__ = ("algorithm", "allbackups", "backup_algorithm", "backups", "servers")
 
     def __init__(
         self,
@@ -121,8 +121,6 @@ class Balancer:
         self.allbackups = allbackups
         self.algorithm = cls([s for s in self.servers if not s.backup], rng=rng)
         self.backup_algorithm = cls(self.backups, rng=rng) if allbackups and self.backups else None
-        # called as on_change(server, old_state, reason) after every state change
-        self.on_change: list[Callable[[Server, State, str], None]] = []
 
     def pick(self, key: bytes | None = None, avoid: Server | None = None) -> Server | None:
         """A server for new traffic, or None when every usable one is full or none is up.
@@ -179,8 +177,8 @@ class Balancer:
         return self.backup_algorithm
 
     def set_state(self, server: Server, state: State, reason: str = "") -> None:
-        old = server.state
-        if old is state:
+        """Change a server's state and tell its algorithm (`reason` is for the caller's log)."""
+        if server.state is state:
             return
         was_usable = server.usable
         server.state = state
@@ -190,8 +188,6 @@ class Balancer:
                 algo.server_up(server)
             else:
                 algo.server_down(server)
-        for cb in self.on_change:
-            cb(server, old, reason)
 
     def set_weight(self, server: Server, weight: int) -> None:
         server.weight = weight

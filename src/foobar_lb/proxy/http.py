@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from ..frontend import HOP_BY_HOP, Frontend, HeaderPlan
 from .upstream import Pool
 
 if TYPE_CHECKING:
-    from ..backend import Backend
+    from ..backend import Backend, Waiter
     from ..servers import Server
 
 __all__ = ["HttpSession", "UpstreamHttp", "error_response"]
@@ -99,6 +100,7 @@ _BLOCK_UPSTREAM = 1  # the server connection's write buffer is full
 _BLOCK_PENDING = 2  # too much waiting for a server connection
 _BLOCK_PIPELINE = 4  # too many pipelined requests waiting
 _BLOCK_STOP = 8  # no more requests will be read on this connection
+_BLOCK_PARKED = 16  # beyond global maxconn: not served yet
 
 
 class _Reject(Exception):
@@ -208,6 +210,7 @@ class HttpSession(asyncio.Protocol):
         "transport",
         "tunnel_buf",
         "up",
+        "waiter",
         "wblocked_at",
         "wbuf",
     )
@@ -231,6 +234,7 @@ class HttpSession(asyncio.Protocol):
         self.peer_key = b""
         self.wbuf: list[bytes] | None = None
         self.tunnel_buf: list[bytes] | None = None
+        self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
         self.last_rx = 0.0
@@ -244,15 +248,28 @@ class HttpSession(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
             self.peer_key = peer[0].encode()
+        if self.lb.admit(self):
+            self.admitted()
+        else:  # parked, unread, until global maxconn has room
+            self.block |= _BLOCK_PARKED
+
+    def admitted(self) -> None:
         now = self.loop.time()
         self.last_rx = self.idle_since = now
-        self.lb.sessions.add(self)
         # the first request gets `http_request` from the accept on (HAProxy does the same)
         self._arm(now + (self.fe.timeouts.http_request or 86400.0))
+        if self.block & _BLOCK_PARKED:
+            self._unblock(_BLOCK_PARKED)
+            held, self.tunnel_buf = self.tunnel_buf, None
+            for data in held or ():
+                self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lb.sessions.discard(self)
+        self.lb.leave(self)
         self.closing = True
+        if self.waiter is not None:
+            self.waiter.cancelled = True
+            self.waiter = None
         if self.th is not None:
             self.th.cancel()
             self.th = None
@@ -304,7 +321,9 @@ class HttpSession(asyncio.Protocol):
             self._tunnel_to_server(data)
             return
         parser = self.parser
-        if parser is None or self.block & _BLOCK_STOP:
+        if parser is None or self.block & (_BLOCK_STOP | _BLOCK_PARKED):
+            if self.block & _BLOCK_PARKED and not self.block & _BLOCK_STOP:
+                self.tunnel_buf = [*(self.tunnel_buf or ()), data]  # held until admitted
             return  # a request was refused or this is the last one: nothing more is read
         before = self.parsing
         try:
@@ -545,21 +564,35 @@ class HttpSession(asyncio.Protocol):
         be = r.backend
         server = be.pick(self.peer_key)
         if server is None:
-            self._send_error(r, 503)
+            # every usable server is full (maxconn): wait in the backend's queue, in order
+            self.waiter = be.wait(self.peer_key, partial(self._granted, r), self.loop.time())
+            if self.waiter is None:  # nothing up, queue full or queueing off
+                self._send_error(r, 503)
             return
         self._use(r, server)
 
-    def _use(self, r: Req, server: Server) -> None:
+    def _granted(self, r: Req, server: Server | None) -> None:
+        """The backend queue's answer: a server with a free slot, or None (503)."""
+        self.waiter = None
+        if self.transport.is_closing() or not self.q or self.q[0] is not r:
+            return  # gone meanwhile: the slot stays free for the next one
+        if server is None:
+            self._send_error(r, 503)
+        else:
+            self._use(r, server)
+
+    def _use(self, r: Req, server: Server, fresh: bool = False) -> None:
         be = r.backend
-        be.balancer.take(server)
+        be.take(server)
         r.server = server
         r.attempts += 1
         conn = None
         # http-reuse safe: a connection's first request, and any request that is not
         # idempotent, gets a fresh server connection; later idempotent ones may reuse.
-        if self.served and r.idempotent and not r.upgrade:
+        if not fresh and self.served and r.idempotent and not r.upgrade:
             conn = be.pool.acquire(server, self.loop.time())
         if conn is not None:
+            conn.reused = True
             self._attach(conn, r)
         else:
             self.lb.spawn(self._connect(r, server))
@@ -627,35 +660,43 @@ class HttpSession(asyncio.Protocol):
 
     def _attempt_failed(self, r: Req, conn: UpstreamHttp | None, reason: str,
                         connected: bool, timeout: bool = False) -> None:
-        """The server attempt of the active request `r` ended before a response byte came
-        (`r.got_response` false), or with a broken response."""
+        """The server attempt of the active request `r` failed: before any response byte came
+        (`r.got_response` false), or with a broken or late response."""
         server = r.server
+        be = r.backend
         if conn is not None and self.up is conn:
             self.up = None
-        if server is not None:
-            server.failures += 1
+        replayable = r.idempotent and r.replay is not None and not r.upgrade
+        stale = (conn is not None and conn.reused and connected and not timeout
+                 and not r.got_response)
+        if server is not None and not stale:
+            be.observe_error(server, reason, layer7=timeout or r.got_response)
         self._finish_server(r)
-        if r.got_response or r.responded:
-            if r.responded:
-                self._abort()
-            else:
-                self._send_error(r, 502)
+        if r.responded:
+            self._abort()  # part of the response went out: the client must see it broke
+            return
+        if r.got_response:
+            self._send_error(r, 502)
             return
         if timeout:
             self._send_error(r, 504)
             return
+        if stale and replayable and server is not None:
+            # a pooled connection the server had closed meanwhile: not the server's fault and
+            # not a retry; the same server again on a fresh connection
+            r.pending = list(r.replay)
+            r.pending_size = r.replay_size
+            r.attempts -= 1
+            self._use(r, server, fresh=True)
+            return
         # may it go again? no request byte reached a server, or it is idempotent and whole
-        sent = connected
-        replayable = r.idempotent and r.replay is not None and not r.upgrade
-        be = r.backend
-        if (not sent or replayable) and r.attempts <= be.retries:
-            if sent:
+        if (not connected or replayable) and r.attempts <= be.retries:
+            if connected:
                 r.pending = list(r.replay)
                 r.pending_size = r.replay_size
-            nxt = be.pick(self.peer_key, avoid=server)
+            nxt = be.pick(self.peer_key, avoid=server, retry=True)
             if nxt is not None:
-                log.debug("retrying %s on %s/%s after %s on %s", r.method, be.name,
-                          nxt.name, reason, server.name if server else "?")
+                log.debug("retrying %s on %s/%s after %s", r.method, be.name, nxt.name, reason)
                 self._use(r, nxt)
                 return
         self._send_error(r, 503 if not connected else 502)
@@ -664,7 +705,7 @@ class HttpSession(asyncio.Protocol):
         server = r.server
         if server is not None:
             r.server = None
-            r.backend.balancer.drop(server)
+            r.backend.release(server)
 
     # -- responses ------------------------------------------------------------------------------
     def response_done(self, r: Req, keep_client: bool) -> None:
@@ -865,6 +906,7 @@ class UpstreamHttp(asyncio.Protocol):
         "resp_close",
         "resp_headers",
         "resp_trailers",
+        "reused",
         "server",
         "session",
         "status",
@@ -883,6 +925,7 @@ class UpstreamHttp(asyncio.Protocol):
         self.session: HttpSession | None = None
         self.req: Req | None = None
         self.closed = False
+        self.reused = False  # taken from the pool at least once
         self.idle_since = 0.0
         self.last_rx = 0.0
         self.paused = False
@@ -1047,6 +1090,9 @@ class UpstreamHttp(asyncio.Protocol):
             return
         if status == 101 and not r.upgrade:
             raise _Reject(502)
+        srv = r.server
+        if srv is not None and (status >= 500 or srv.errors):
+            r.backend.observe_status(srv, status)
         self.resp_close = not parser.should_keep_alive()
         # framing towards the client
         keep_client = r.keep_alive and not s.closing and not r.upgrade

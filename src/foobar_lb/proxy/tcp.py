@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..backend import Backend
+    from ..backend import Backend, Waiter
     from ..frontend import Frontend
     from ..servers import Server
 
@@ -46,6 +46,7 @@ class TcpSession(asyncio.Protocol):
         "th_when",
         "transport",
         "up",
+        "waiter",
     )
 
     def __init__(self, lb, fe: Frontend):
@@ -55,6 +56,7 @@ class TcpSession(asyncio.Protocol):
         self.loop = lb.loop
         self.transport: asyncio.Transport | None = None
         self.up: TcpUpstream | None = None
+        self.waiter: Waiter | None = None
         self.server: Server | None = None
         self.pending: list[bytes] = []
         self.pending_size = 0
@@ -72,17 +74,36 @@ class TcpSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_key = peer[0].encode()
-        self.lb.sessions.add(self)
+        if self.lb.admit(self):  # else parked, unread, until global maxconn has room
+            self.admitted()
+
+    def admitted(self) -> None:
         self.last_rx = self.loop.time()
         self._dispatch(None)
 
     def _dispatch(self, avoid: Server | None) -> None:
         be = self.be
-        server = be.pick(self.peer_key, avoid)
+        server = be.pick(self.peer_key, avoid, retry=avoid is not None)
         if server is None:
+            if avoid is None:  # every usable server is full: wait in the backend's queue
+                self.waiter = be.wait(self.peer_key, self._granted, self.loop.time())
+                if self.waiter is not None:
+                    return
             self._close()
             return
-        be.balancer.take(server)
+        self._use(server)
+
+    def _granted(self, server: Server | None) -> None:
+        self.waiter = None
+        if self.transport.is_closing():
+            return
+        if server is None:
+            self._close()
+        else:
+            self._use(server)
+
+    def _use(self, server: Server) -> None:
+        self.be.take(server)
         self.server = server
         self.attempts += 1
         self.lb.spawn(self._connect(server))
@@ -94,7 +115,9 @@ class TcpSession(asyncio.Protocol):
                 _, up = await self.loop.create_connection(
                     lambda: TcpUpstream(self), server.host, server.port)
         except (OSError, TimeoutError) as e:
-            server.failures += 1
+            what = "connection timeout" if isinstance(e, TimeoutError) else (
+                e.strerror or str(e)).lower()
+            be.observe_error(server, what)
             self._drop_server()
             if self.transport.is_closing():
                 return
@@ -109,6 +132,7 @@ class TcpSession(asyncio.Protocol):
             self._drop_server()
             return
         self.up = up
+        server.errors = 0
         if self.pending:
             if self.paused:
                 # resume before writing: if the held bytes fill the server's buffer, the
@@ -147,8 +171,11 @@ class TcpSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lb.sessions.discard(self)
+        self.lb.leave(self)
         self.closing = True
+        if self.waiter is not None:
+            self.waiter.cancelled = True
+            self.waiter = None
         if self.th is not None:
             self.th.cancel()
             self.th = None
@@ -175,7 +202,7 @@ class TcpSession(asyncio.Protocol):
         server = self.server
         if server is not None:
             self.server = None
-            self.be.balancer.drop(server)
+            self.be.release(server)
 
     def _close(self) -> None:
         self.closing = True

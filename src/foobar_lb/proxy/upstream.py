@@ -62,6 +62,12 @@ class Pool:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(self.idle_timeout / 2, 0.05), self._purge)
 
+    def drop(self, server: Any) -> None:
+        """Close every idle connection to `server` (it went down or out of rotation)."""
+        dq = self.idle.pop(server, None)
+        while dq:
+            dq.pop().close()
+
     def count(self, server: Any) -> int:
         dq = self.idle.get(server)
         return sum(1 for c in dq if not c.closed) if dq else 0
