@@ -526,3 +526,61 @@ def test_serve_port_already_in_use(tmp_path: Path):
     assert line.startswith(PREFIX)
     assert f"127.0.0.1:{port}" in line
     assert "address already in use" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Health checks, observation, queues and pools (in-process: the same ConfigError line)
+
+CHECK_BAD = [
+    ('check = { inter = "0s" }', 'backends.app.check.inter = "0s": expected a duration above zero'),
+    ('check = { jitter = 0.9 }', "backends.app.check.jitter = 0.9: expected a fraction from 0 to 0.5"),
+    ('check = { expect = "2xx" }',
+     'backends.app.check.expect = "2xx": expected a status like 200, a range like "200-399", '
+     "or a list of them"),
+    ('check = { type = "udp" }', 'backends.app.check.type = "udp": expected one of "tcp", "http"'),
+    ('check = { rise = 0 }', "backends.app.check.rise = 0: expected an integer from 1 to 1000"),
+    ('check = { path = "health" }',
+     'backends.app.check.path = "health": expected a request path starting with "/"'),
+    ('check = { interval = "1s" }',
+     "backends.app.check.interval: unknown key; expected one of type, method, path, host, expect, "
+     "inter, fastinter, downinter, rise, fall, timeout, port, jitter"),
+    ('observe = "layer7"',
+     'backends.app.observe = "layer7": expected "none" without a check: a server marked down by '
+     "observation comes back only through its checks (add check = { ... })"),
+    ("maxqueue = -1", "backends.app.maxqueue = -1: expected an integer of at least 0"),
+    ('http_reuse = "always"', 'backends.app.http_reuse = "always": expected one of "safe", "never"'),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), CHECK_BAD)
+def test_check_and_queue_keys_are_validated(line: str, expected: str):
+    text = FE + f'[backends.app]\n{line}\nservers = [{{ address = "127.0.0.1:9001" }}]\n'
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "lb.toml")
+    assert str(e.value) == f"lb.toml: {expected}"
+
+
+def test_server_check_overrides_and_defaults():
+    cfg = parse_config(FE + """
+[backends.app]
+check = { path = "/health", inter = "1s", rise = 3, expect = ["200-204", 302] }
+servers = [
+  { name = "a", address = "127.0.0.1:9001" },
+  { name = "b", address = "127.0.0.1:9002", check = { port = 9102, fall = 5 } },
+  { name = "c", address = "127.0.0.1:9003", check = false },
+]
+""")
+    be = cfg.backends["app"]
+    a, b, c = be.servers
+    assert a.check.type == "http" and a.check.path == "/health"
+    assert (a.check.inter, a.check.fastinter, a.check.downinter, a.check.timeout) == (1.0,) * 4
+    assert a.check.expect == ((200, 204), (302, 302))
+    assert (a.check.rise, a.check.fall, a.check.port) == (3, 3, None)
+    assert (b.check.rise, b.check.fall, b.check.port, b.check.path) == (3, 5, 9102, "/health")
+    assert c.check is None
+    assert be.observe == "layer4" and be.error_limit == 10
+    plain = parse_config(FE + BE).backends["app"]
+    assert plain.servers[0].check is None and plain.observe == "none"
+    assert (plain.maxqueue, plain.http_reuse, plain.pool_max_idle) == (1024, "safe", 64)
+    tcp_check = parse_config(FE + '[backends.app]\ncheck = true\nservers = [{ address = "127.0.0.1:1" }]\n')
+    assert tcp_check.backends["app"].servers[0].check.type == "tcp"
