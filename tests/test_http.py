@@ -436,3 +436,23 @@ async def test_websocket_echo_through_upgrade():
                     await ws.send(msg)
                     assert await ws.recv() == msg
     assert websockets.__version__
+
+
+async def test_client_half_close_after_its_request_still_gets_the_response():
+    async with ScriptedServer("a") as a:
+        async with running_lb(lb_config([a.address])) as lb:
+            raw = await raw_exchange(*lb.address, get("/half"), half_close=True, timeout=3)
+            (resp,) = parse_responses(raw)
+            assert resp.status == 200 and resp.body == b"a GET /half\n"
+
+
+async def test_request_body_sent_before_the_server_connection_is_up_is_not_lost():
+    async def echo(req: Request) -> bytes:
+        return http_response(200, b"%d" % len(req.body))
+
+    async with ScriptedServer("a", echo) as a:
+        async with running_lb(lb_config([a.address])) as lb:
+            body = b"y" * 300_000  # more than the proxy holds before pausing the client
+            raw = await raw_exchange(*lb.address, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert parse_responses(raw)[0].body == b"300000"

@@ -117,8 +117,12 @@ class Backend:
             return None
         w = Waiter(key, now + (self.timeouts.queue or 86400.0), done)
         self.queue.append(w)
+        loop = asyncio.get_running_loop()
         if self._qtimer is None:
-            self._qtimer = asyncio.get_running_loop().call_at(w.deadline, self._expire)
+            self._qtimer = loop.call_at(w.deadline, self._expire)
+        if len(self.queue) == 1:
+            # a slot may be free already (entries ahead of it gave up): look on the next turn
+            loop.call_soon(self._serve_queue)
         return w
 
     def _serve_queue(self) -> None:
