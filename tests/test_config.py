@@ -584,3 +584,12 @@ servers = [
     assert (plain.maxqueue, plain.http_reuse, plain.pool_max_idle) == (1024, "safe", 64)
     tcp_check = parse_config(FE + '[backends.app]\ncheck = true\nservers = [{ address = "127.0.0.1:1" }]\n')
     assert tcp_check.backends["app"].servers[0].check.type == "tcp"
+
+
+def test_global_section_values_and_defaults():
+    cfg = parse_config(FE + BE + '[global]\nlog_level = "debug"\n')
+    g = cfg.settings
+    assert (g.log_level, g.grace, g.maxconn, g.data_dir, g.startup_timeout) == (
+        "debug", 10.0, 20000, "foobar-data", 30.0)
+    g = parse_config(FE + BE + '[global]\ngrace = "2s"\nmaxconn = 5\ndata_dir = "/tmp/x"\n').settings
+    assert (g.grace, g.maxconn, g.data_dir, g.log_level) == (2.0, 5, "/tmp/x", "info")

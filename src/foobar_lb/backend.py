@@ -82,6 +82,10 @@ class Backend:
         self.timeouts = cfg.timeouts
         self.retries = cfg.retries
         self.servers = [Server.from_config(s, backend=cfg.name) for s in cfg.servers]
+        for server, scfg in zip(self.servers, cfg.servers, strict=True):
+            if scfg.command:  # a managed server is down until its process answers its check
+                server.state = State.DOWN
+                server.health = max(0, scfg.check.rise - 1)
         self.by_name = {s.name: s for s in self.servers}
         self.balancer = Balancer(self.servers, cfg.balance, allbackups=cfg.allbackups)
         self.pool = Pool(cfg.pool_max_idle, cfg.pool_idle_timeout)
@@ -172,8 +176,9 @@ class Backend:
         self.events.append(change)
         why = f": {reason}" if reason else ""
         left = "left" if state is not State.UP else "online"
-        log.warning("server %s/%s is %s%s, %d active and %d backup servers %s",
-                    self.name, server.name, state, why, active, backup, left)
+        log.log(logging.INFO if state is State.UP else logging.WARNING,
+                "server %s/%s is %s%s, %d active and %d backup servers %s",
+                self.name, server.name, state, why, active, backup, left)
         if not server.usable:
             self.pool.drop(server)
         if active == 0 and backup == 0:

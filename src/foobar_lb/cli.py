@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from importlib import resources
 from pathlib import Path
 
 from . import __version__
 from .balancing import algorithm_names
-from .config import Config, ConfigError, load_config, quick_config
+from .config import Config, ConfigError, load_config, parse_config, quick_config
 from .runtime import ListenError, LoadBalancer, new_event_loop
 
 __all__ = ["main"]
@@ -30,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the load balancer",
-                           description="Run from a configuration file (--config, or ./foobar.toml) "
-                                       "or, with no file, from --bind and --backend.")
+                           description="Run from a configuration file (--config, or ./foobar.toml), "
+                                       "from --bind and --backend, or with none of them the whole "
+                                       "default stack (the load balancer on 127.0.0.1:8080 and two "
+                                       "foobar_app servers on SQLite).")
     serve.add_argument("--config", "-c", metavar="FILE", help="a TOML configuration file")
     serve.add_argument("--bind", action="append", metavar="ADDR",
                        help="quick form: address to listen on, like 127.0.0.1:8000 (repeatable)")
@@ -41,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="quick form: http (default) or tcp")
     serve.add_argument("--algorithm", default="roundrobin", metavar="NAME",
                        help="quick form: balancing algorithm (" + ", ".join(algorithm_names()) + ")")
+    serve.add_argument("--data-dir", metavar="DIR",
+                       help="where managed servers keep their data ({data_dir}; default "
+                            "global.data_dir, ./foobar-data)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                        help="overrides global.log_level")
 
@@ -68,8 +75,9 @@ def _load(args: argparse.Namespace) -> Config:
         return load_config(args.config)
     if Path(DEFAULT_CONFIG).is_file():
         return load_config(DEFAULT_CONFIG)
-    raise ConfigError("", f"no configuration: give --config FILE, or --bind ADDR --backend ADDR "
-                          f"..., or put a {DEFAULT_CONFIG} in this directory", "command line")
+    # nothing given: the whole default stack (examples/stack.toml, shipped in the package)
+    stack = resources.files("foobar_lb") / "stack.toml"
+    return parse_config(stack.read_text(encoding="utf-8"), "examples/stack.toml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,19 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_serve(cfg))
+            return runner.run(_serve(cfg, args.data_dir))
     except KeyboardInterrupt:
         return 130
 
 
-async def _serve(cfg: Config) -> int:
-    lb = LoadBalancer(cfg)
-    try:
-        await lb.start()
-    except ListenError as e:
-        if cfg.source is None:  # the quick form: name the option, not the generated key
-            return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
-        return _fail(f"{cfg.source}: {e}")
+async def _serve(cfg: Config, data_dir: str | None) -> int:
+    lb = LoadBalancer(cfg, data_dir=data_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -122,8 +124,25 @@ async def _serve(cfg: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    starting = asyncio.ensure_future(lb.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal while the managed servers were starting
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ListenError):
+            await starting
+        await lb.stop(grace=0)
+        print(f"{PROG}: stopped", flush=True)
+        return 0
+    try:
+        starting.result()
+    except ListenError as e:
+        stopped.cancel()
+        if cfg.source is None:  # the quick form: name the option, not the generated key
+            return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
+        return _fail(f"{cfg.source}: {e}")
     _banner(lb)
-    await stop.wait()
+    await stopped
     await lb.stop()
     print(f"{PROG}: stopped", flush=True)
     return 0
@@ -138,5 +157,17 @@ def _banner(lb: LoadBalancer) -> None:
         servers = ", ".join(f"{s.name} {s.address}" + (" (backup)" if s.backup else "")
                             for s in be.servers)
         out.append(f"{PROG}: backend {name} ({be.cfg.balance}): {servers}")
+    for key, sup in lb.supervisors.items():
+        state = sup.server.state
+        out.append(f"{PROG}: app server {key} on http://{sup.server.address}/ "
+                   f"(pid {sup.pid}, {state}): {' '.join(sup.argv)}")
+    if lb.supervisors:
+        data_dir = Path(lb.data_dir or lb.config.settings.data_dir).resolve()
+        out.append(f"{PROG}: data directory {data_dir}")
+    for name in lb.frontends:
+        for host, port in lb.addresses[name]:
+            shown = f"[{host}]" if ":" in host else host
+            if lb.frontends[name].mode == "http":
+                out.append(f"{PROG}: ready: http://{shown}:{port}/")
     out.append(f"{PROG}: press Ctrl-C (or send SIGTERM) to stop")
     print("\n".join(out), flush=True)

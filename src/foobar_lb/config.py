@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shlex
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -168,6 +170,8 @@ class ServerConfig:
     backup: bool = False
     maxconn: int = 0  # 0: no limit
     check: CheckConfig | None = None  # None: no active check (the server counts as up)
+    command: tuple[str, ...] = ()  # a managed server: the command line that runs it
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the command
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,8 @@ class GlobalConfig:
     grace: float = 10.0
     log_level: str = "info"
     maxconn: int = 20000  # client connections served at once; more wait (not read) for a slot
+    data_dir: str = "foobar-data"  # {data_dir} in managed servers' commands
+    startup_timeout: float = 30.0  # how long managed servers get to come up before we serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,10 +482,47 @@ def _rule(value: Any, path: str) -> Rule:
     return rule
 
 
+PLACEHOLDERS = ("python", "data_dir", "name", "address", "host", "port", "backend")
+
+
+def _command(value: Any, path: str) -> tuple[str, ...]:
+    expected = 'a command line: a list of strings like ["{python}", "-m", "foobar_app", "serve"]'
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError:
+            raise _bad(path, value, expected) from None
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise _bad(path, value, expected)
+    for i, arg in enumerate(value):
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+        except ValueError:
+            raise _bad(f"{path}[{i}]", arg, "balanced {placeholders} ({{ and }} for braces)") from None
+        for f in fields:
+            if f not in PLACEHOLDERS:
+                raise _bad(f"{path}[{i}]", arg, "placeholders among "
+                           + ", ".join("{" + p + "}" for p in PLACEHOLDERS))
+    return tuple(value)
+
+
+def _env(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    t = _Table(value, path, tuple(value) if isinstance(value, dict) else (), "a table of NAME = value")
+    out = []
+    for k, v in t.data.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise _bad_key(t.key(k), "an environment variable name")
+        if not isinstance(v, str):
+            raise _bad(t.key(k), v, "a string")
+        out.append((k, v))
+    return tuple(out)
+
+
 def _server(value: Any, path: str, index: int, check: CheckConfig | None,
             check_raw: dict | None) -> ServerConfig:
-    t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn", "check"),
-               "a table {name, address, weight, backup, maxconn, check}")
+    t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn", "check", "command",
+                             "env"),
+               "a table {name, address, weight, backup, maxconn, check, command, env}")
     if t.has("check"):
         raw = t.data["check"]
         if isinstance(raw, bool):
@@ -487,6 +530,9 @@ def _server(value: Any, path: str, index: int, check: CheckConfig | None,
         else:  # this server's keys over the backend's
             _check(raw, t.key("check"))  # errors name the server's own keys
             check = _check({**(check_raw or {}), **raw}, t.key("check"))
+    command = t.get("command", _command, ())
+    if command and check is None and not t.has("check"):
+        check = _check({"inter": "1s"}, t.key("check"))  # a managed server needs a way back up
     return ServerConfig(
         name=t.get("name", _name, f"server-{index + 1}"),
         address=t.need("address", _server_address, 'a server address "host:port"'),
@@ -494,6 +540,8 @@ def _server(value: Any, path: str, index: int, check: CheckConfig | None,
         backup=t.get("backup", _bool, False),
         maxconn=t.get("maxconn", _int(0), 0),
         check=check,
+        command=command,
+        env=t.get("env", _env, ()),
     )
 
 
@@ -675,11 +723,14 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
 
 
 def _global(value: Any, path: str) -> GlobalConfig:
-    t = _Table(value, path, ("grace", "log_level", "maxconn"))
+    t = _Table(value, path, ("grace", "log_level", "maxconn", "data_dir", "startup_timeout"))
+    d = GlobalConfig()
     return GlobalConfig(
-        grace=t.get("grace", _duration, GlobalConfig.grace),
-        log_level=t.get("log_level", _choice(LOG_LEVELS), GlobalConfig.log_level),
-        maxconn=t.get("maxconn", _int(1, 10_000_000), GlobalConfig.maxconn),
+        grace=t.get("grace", _duration, d.grace),
+        log_level=t.get("log_level", _choice(LOG_LEVELS), d.log_level),
+        maxconn=t.get("maxconn", _int(1, 10_000_000), d.maxconn),
+        data_dir=t.get("data_dir", _str, d.data_dir),
+        startup_timeout=t.get("startup_timeout", _duration, d.startup_timeout),
     )
 
 

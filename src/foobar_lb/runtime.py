@@ -26,9 +26,10 @@ from typing import Any
 from .backend import Backend, StateChange
 from .config import Address, Config, config_from_dict, load_config
 from .frontend import Frontend
+from .managed import Supervisor, expand_command
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
-from .servers import Server
+from .servers import Server, State
 
 __all__ = ["ListenError", "LoadBalancer", "new_event_loop"]
 
@@ -54,7 +55,19 @@ class ListenError(Exception):
         super().__init__(f"{path} = \"{address}\": cannot listen: {reason}")
 
 
-def _listen_socket(addr: Address, backlog: int) -> socket.socket:
+def _bind(path: str, addr: Address, listen: bool = True) -> socket.socket:
+    try:
+        return _listen_socket(addr, backlog=1024, listen=listen)
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            reason = "permission denied (ports below 1024 need privileges)"
+        elif e.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        raise ListenError(path, addr, reason) from None
+
+
+def _listen_socket(addr: Address, backlog: int, listen: bool = True) -> socket.socket:
     host = addr.host or "0.0.0.0"
     infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, socktype, proto, _, sockaddr = infos[0]
@@ -64,7 +77,8 @@ def _listen_socket(addr: Address, backlog: int) -> socket.socket:
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -75,7 +89,8 @@ def _listen_socket(addr: Address, backlog: int) -> socket.socket:
 class LoadBalancer:
     """foobar_lb as a library: build it from a configuration, start it inside a running loop."""
 
-    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str]):
+    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str],
+                 data_dir: str | os.PathLike[str] | None = None):
         if isinstance(config, Config):
             self.config = config
         elif isinstance(config, Mapping):
@@ -96,6 +111,8 @@ class LoadBalancer:
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping: asyncio.Future | None = None
         self.started = False
+        self.data_dir = data_dir  # overrides global.data_dir ({data_dir} in managed commands)
+        self.supervisors: dict[str, Supervisor] = {}  # "backend/server" -> its process
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,39 +120,80 @@ class LoadBalancer:
             raise RuntimeError("this LoadBalancer is already started")
         self.loop = loop = asyncio.get_running_loop()
         cfg = self.config
+        # bind first: a port that is taken is reported before anything else starts
+        socks: list[tuple[Frontend | None, str, socket.socket]] = []
+        try:
+            for name, fcfg in cfg.frontends.items():
+                for i, addr in enumerate(fcfg.bind):
+                    path = f"frontends.{name}.bind" + (f"[{i}]" if len(fcfg.bind) > 1 else "")
+                    socks.append((None, name, _bind(path, addr)))
+            self._check_managed_ports()
+        except BaseException:
+            for _, _, sock in socks:
+                sock.close()
+            raise
         self.backends = {name: Backend(b, self.events) for name, b in cfg.backends.items()}
         for be in self.backends.values():
             be.listeners = self._listeners
         self.frontends = {name: Frontend(f, self.backends) for name, f in cfg.frontends.items()}
-        try:
-            for name, fe in self.frontends.items():
-                bound: list[tuple[str, int]] = []
-                for i, addr in enumerate(fe.cfg.bind):
-                    path = f"frontends.{name}.bind" + (f"[{i}]" if len(fe.cfg.bind) > 1 else "")
-                    try:
-                        sock = _listen_socket(addr, backlog=1024)
-                    except OSError as e:
-                        reason = (e.strerror or str(e)).lower()
-                        if e.errno in (errno.EACCES, errno.EPERM):
-                            reason = "permission denied (ports below 1024 need privileges)"
-                        raise ListenError(path, addr, reason) from None
-                    srv = await loop.create_server(self._factory(fe), sock=sock)
-                    self._servers.append(srv)
-                    host, port = sock.getsockname()[:2]
-                    bound.append((host, port))
-                self.addresses[name] = bound
-        except BaseException:
-            await self._close_listeners()
-            for be in self.backends.values():
-                be.close()
-            raise
         self.started = True
-        _raise_fd_limit(self.config.settings.maxconn)
+        _raise_fd_limit(cfg.settings.maxconn)
         for be in self.backends.values():
             be.start(self.spawn)
+        self._start_managed()
+        if self.supervisors:
+            try:
+                await self._wait_managed(cfg.settings.startup_timeout)
+            except asyncio.CancelledError:
+                for _, _, sock in socks:
+                    sock.close()
+                await self.stop(grace=0)
+                raise
+        # accept only now: clients that connected meanwhile waited in the listen backlog
+        try:
+            for _, name, sock in socks:
+                fe = self.frontends[name]
+                srv = await loop.create_server(self._factory(fe), sock=sock)
+                self._servers.append(srv)
+                host, port = sock.getsockname()[:2]
+                self.addresses.setdefault(name, []).append((host, port))
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         for name, fe in self.frontends.items():
             log.info("frontend %s (%s) listening on %s", name, fe.mode,
                      ", ".join(_fmt(a) for a in self.addresses[name]))
+
+    def _check_managed_ports(self) -> None:
+        """A managed server's port must be free, or its process could never listen there."""
+        for bname, bcfg in self.config.backends.items():
+            for i, scfg in enumerate(bcfg.servers):
+                if scfg.command:
+                    path = f"backends.{bname}.servers[{i}].address"
+                    _bind(path, scfg.address, listen=False).close()
+
+    def _start_managed(self) -> None:
+        data_dir = Path(self.data_dir or self.config.settings.data_dir).resolve()
+        for be in self.backends.values():
+            for server, scfg in zip(be.servers, be.cfg.servers, strict=True):
+                if not scfg.command:
+                    continue
+                data_dir.mkdir(parents=True, exist_ok=True)
+                argv = expand_command(scfg.command, be.name, server, data_dir)
+                sup = Supervisor(be, server, argv, dict(scfg.env))
+                self.supervisors[f"{be.name}/{server.name}"] = sup
+                sup.start(self.spawn)
+
+    async def _wait_managed(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        waiting = [sup.server for sup in self.supervisors.values()]
+        while any(s.state is not State.UP for s in waiting):
+            if self.loop.time() > deadline:
+                late = ", ".join(f"{s.backend}/{s.name} ({s.check_status or 'no answer'})"
+                                 for s in waiting if s.state is not State.UP)
+                log.warning("not up after %gs, serving anyway: %s", timeout, late)
+                return
+            await asyncio.sleep(0.05)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run a background step (a server connect) and keep it referenced until it ends."""
@@ -201,6 +259,8 @@ class LoadBalancer:
             if s.transport is not None:
                 s.transport.abort()
         self.sessions.clear()
+        # the servers we run go last, once nothing is sent to them any more
+        await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
         for task in list(self.tasks):
             task.cancel()
         for be in self.backends.values():

@@ -1,0 +1,40 @@
+"""foobar_app's database layer: one router, several backends.
+
+    db = await open_router("sqlite:///foobar-data/foobar.db")
+    async with db.read() as s:
+        rows = await s.fetchall("SELECT id, name FROM items WHERE id > %s", (0,))
+    async with db.transaction() as tx:
+        await tx.execute("UPDATE items SET note = %s WHERE id = %s", ("x", 1))
+"""
+
+from __future__ import annotations
+
+from .base import DatabaseError, DatabaseUnavailable, IntegrityError, QueryTimeout, Result
+from .router import Router, Session, track_roles
+
+__all__ = [
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "IntegrityError",
+    "QueryTimeout",
+    "Result",
+    "Router",
+    "Session",
+    "open_router",
+    "track_roles",
+]
+
+
+async def open_router(dsn: str, replicas: tuple[str, ...] | list[str] = (), **options) -> Router:
+    """A Router for `dsn` (the primary) and `replicas`. sqlite:/// DSNs give the embedded
+    backend (its reader pool is the replica; replica DSNs make no sense there)."""
+    if dsn.startswith("sqlite:"):
+        if replicas:
+            raise ValueError("--replica needs a mysql:// primary: an SQLite file's replica is "
+                             "its own pool of read-only connections")
+        from .sqlite import SqliteDatabase
+
+        db = SqliteDatabase(dsn, **options)
+        await db.open()
+        return Router(db.primary, db.replicas, db.dialect, db)
+    raise ValueError(f"unsupported database DSN {dsn!r}: expected sqlite:///path/to/file.db")
