@@ -11,12 +11,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from support import LOOPBACK
 
 from foobar_app import make_app, open_router
 from foobar_app.db import DatabaseError, DatabaseUnavailable
 from foobar_app.db.classify import is_read_only
 from foobar_app.db.sqlite import sqlite_path
+
+from support import LOOPBACK
 
 
 @pytest_asyncio.fixture
@@ -222,7 +223,7 @@ async def test_the_replica_refuses_writes(router):
     """The split is real: the reader pool is query_only, a write there fails."""
     async with router.write() as s:
         await s.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    with pytest.raises(DatabaseError, match="readonly|read-only|query_only|attempt to write"):
+    with pytest.raises(DatabaseError, match=r"readonly|read-only|query_only|attempt to write"):
         async with router.transaction(read_only=True) as s:
             await s.execute("INSERT INTO t DEFAULT VALUES")
 

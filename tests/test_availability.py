@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from foobar_lb import State
+
 from support import (
     LOOPBACK,
     RawClient,

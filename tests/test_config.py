@@ -87,7 +87,7 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers"),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
-     "backup, maxconn, check"),
+     "backup, maxconn, check, command, env"),
     ("backend-timeout-in-frontend", FE + '[frontends.web.timeout]\nconnect = "5s"\n' + BE,
      "{file}: frontends.web.timeout.connect: unknown key; expected one of client, http_request, "
      "http_keep_alive"),
@@ -501,18 +501,11 @@ def test_serve_quick_form_bad_backend(tmp_path: Path):
     assert line == PREFIX + 'command line: --backend "nope": ' + SERVER_ADDRESS
 
 
-def test_serve_without_any_configuration_currently_fails_with_one_line(tmp_path: Path):
-    """Today `serve` with no --config, no --bind/--backend and no ./foobar.toml is an error.
-
-    (A later change is to start a whole default stack instead; this test pins only the current
-    "no configuration" behaviour: exit 2 and a single clear line.)
-    """
-    assert list(tmp_path.iterdir()) == []
-    r = run_lb("serve", cwd=tmp_path)
+def test_serve_with_half_a_quick_form_is_one_line(tmp_path: Path):
+    """(`serve` with nothing at all runs the default stack: see test_stack.py.)"""
+    r = run_lb("serve", "--bind", "127.0.0.1:0", cwd=tmp_path)
     line = assert_one_error_line(r)
-    assert line.startswith(PREFIX)
-    assert "no configuration" in line
-    assert "--config" in line
+    assert line == PREFIX + "command line: the quick form needs --backend too"
 
 
 def test_serve_port_already_in_use(tmp_path: Path):

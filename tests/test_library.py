@@ -8,6 +8,7 @@ import pytest
 import pytest_asyncio
 
 from foobar_lb import ConfigError, ListenError, LoadBalancer, load_config, parse_config
+
 from support import LOOPBACK, ScriptedServer, free_port, http_get
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from support import LOOPBACK, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
