@@ -456,3 +456,36 @@ async def test_request_body_sent_before_the_server_connection_is_up_is_not_lost(
             raw = await raw_exchange(*lb.address, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             assert parse_responses(raw)[0].body == b"300000"
+
+
+async def test_responses_split_across_reads_are_relayed_exactly():
+    """Heads and chunked bodies cut at awkward places, on a reused server connection."""
+    pieces = [
+        [b"HTTP/1.1 200 OK\r\nTransfer-Enc", b"oding: chunked\r\nX-A: 1\r\n", b"\r\n5\r\nhel",
+         b"lo\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 4\r\nConnection: keep-alive\r\n\r", b"\nab",
+         b"cd"],
+        [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20", b"1 Created\r\nContent-Length: 2\r\n\r\nok"],
+    ]
+    srv = ScriptedServer("split")
+
+    async def handler(req: Request) -> None:
+        (t,) = list(srv.transports)
+        for piece in pieces[int(req.url[1:])]:
+            t.write(piece)
+            await asyncio.sleep(0.02)
+
+    srv.handler = handler
+    async with srv:
+        async with running_lb(lb_config([srv.address])) as lb:
+            async with RawClient(*lb.address) as c:
+                got = []
+                for i in range(3):
+                    await c.send(get(f"/{i}"))
+                    got += await c.read_responses(2 if i == 2 else 1)
+                    c.buf = b""
+            assert got[0].body == b"hello world" and ("X-Trailer", "t") in got[0].trailers
+            assert got[0].header("x-a") == "1" and got[0].header("transfer-encoding") == "chunked"
+            assert got[1].body == b"abcd" and got[1].header("connection") is None
+            assert [got[2].status, got[3].status, got[3].body] == [100, 201, b"ok"]
+        assert srv.connections == 1  # one server connection, reused for every request

@@ -60,6 +60,7 @@ class Waiter:
 class Backend:
     __slots__ = (
         "_qtimer",
+        "algorithm",
         "balancer",
         "by_name",
         "cfg",
@@ -68,6 +69,7 @@ class Backend:
         "listeners",
         "mode",
         "name",
+        "notify",
         "pool",
         "queue",
         "retries",
@@ -88,6 +90,8 @@ class Backend:
                 server.health = max(0, scfg.check.rise - 1)
         self.by_name = {s.name: s for s in self.servers}
         self.balancer = Balancer(self.servers, cfg.balance, allbackups=cfg.allbackups)
+        self.algorithm = self.balancer.algorithm
+        self.notify = self.balancer.wants_counts  # tell algorithms of take/drop only if they care
         self.pool = Pool(cfg.pool_max_idle, cfg.pool_idle_timeout)
         self.queue: deque[Waiter] = deque()
         self._qtimer: asyncio.TimerHandle | None = None
@@ -102,13 +106,21 @@ class Backend:
         request does not jump the queue; a retry of an admitted one may."""
         if self.queue and not retry:
             return None
+        algo = self.algorithm
+        if avoid is None and algo.up:  # the common case, without the detours
+            return algo.pick(key)
         return self.balancer.pick(key, avoid if self.cfg.redispatch else None)
 
     def take(self, server: Server) -> None:
-        self.balancer.take(server)
+        server.active += 1
+        server.total += 1
+        if self.notify:
+            self.balancer.notify_taken(server)
 
     def release(self, server: Server) -> None:
-        self.balancer.drop(server)
+        server.active -= 1
+        if self.notify:
+            self.balancer.notify_dropped(server)
         if self.queue:
             self._serve_queue()
 

@@ -7,6 +7,7 @@ of time (lower-case byte strings, ready-made header lines) so the hot path only 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from .backend import Backend
@@ -22,13 +23,23 @@ HOP_BY_HOP = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class HeaderPlan:
-    """For one frontend/backend pair: request and response fields to drop (lower case) and
-    lines to add (ready bytes, each ending in CRLF)."""
+    """For one frontend/backend pair: request and response fields to drop (lower case, the
+    hop-by-hop ones included) and lines to add (ready bytes; the request's end with the empty
+    line that ends the head)."""
 
     req_drop: frozenset[bytes]
     req_add: bytes
     resp_drop: frozenset[bytes]
     resp_add: bytes
+    resp_scan: re.Pattern[bytes]  # response field lines to cut, and the framing ones to read
+
+
+def _scan_pattern(drop: frozenset[bytes]) -> re.Pattern[bytes]:
+    """Whole response field lines ("Name: value" CRLF) to cut (`drop`, any Proxy-*) or to read
+    for framing (Content-Length, which is kept)."""
+    names = sorted({*drop, b"content-length"}, key=len, reverse=True)
+    alt = b"|".join([re.escape(n) for n in names] + [rb"proxy-[!#$%&'*+.^_`|~0-9a-z-]*"])
+    return re.compile(rb"^(" + alt + rb")[ \t]*:([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE)
 
 
 def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
@@ -51,17 +62,18 @@ def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
 
 class Frontend:
     __slots__ = (
-        "_plans",
         "cfg",
         "default",
         "forwarded_proto",
         "limits",
         "mode",
         "name",
+        "plans",
         "rules",
         "timeouts",
         "xff",
         "xff_except",
+        "xff_low",
     )
 
     def __init__(self, cfg: FrontendConfig, backends: dict[str, Backend]):
@@ -83,19 +95,23 @@ class Frontend:
         self.xff = ff.header.encode("latin-1") if ff.enabled else None
         self.xff_except = ff.except_networks
         self.forwarded_proto = cfg.forwarded_proto
-        self._plans: dict[str, HeaderPlan] = {}
+        self.xff_low = self.xff.lower() if self.xff is not None else None
+        self.plans: dict[str, HeaderPlan] = {}
         for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
-            self._plans[be.name] = self._plan(be)
+            self.plans[be.name] = self._plan(be)
 
     def _plan(self, be: Backend) -> HeaderPlan:
         req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)
         if self.cfg.forwarded_proto:  # ours replaces whatever the client claimed
             req_drop |= {b"x-forwarded-proto"}
+            req_add = b"x-forwarded-proto: http\r\n" + req_add
         resp_drop, resp_add = _rules(be.cfg.response_headers, self.cfg.response_headers)
-        return HeaderPlan(req_drop, req_add, resp_drop, resp_add)
+        resp_drop = HOP_BY_HOP | resp_drop
+        return HeaderPlan(HOP_BY_HOP | req_drop, req_add + b"\r\n", resp_drop,
+                          resp_add + b"\r\n", _scan_pattern(resp_drop))
 
     def plan(self, be: Backend) -> HeaderPlan:
-        return self._plans[be.name]
+        return self.plans[be.name]
 
     def route(self, host: bytes | None, path: bytes) -> Backend | None:
         """The first rule whose host and path prefix both match, else the default backend.

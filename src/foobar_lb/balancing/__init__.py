@@ -105,7 +105,7 @@ def algorithm_names() -> list[str]:
 class Balancer:
     """The servers of one backend and the algorithms that choose among them."""
 
-    __slots__ = ("algorithm", "allbackups", "backup_algorithm", "backups", "servers")
+    __slots__ = ("algorithm", "allbackups", "backup_algorithm", "backups", "servers", "wants_counts")
 
     def __init__(
         self,
@@ -121,6 +121,8 @@ class Balancer:
         self.allbackups = allbackups
         self.algorithm = cls([s for s in self.servers if not s.backup], rng=rng)
         self.backup_algorithm = cls(self.backups, rng=rng) if allbackups and self.backups else None
+        # whether the algorithm overrides taken/dropped (most read server.active when they pick)
+        self.wants_counts = cls.taken is not Algorithm.taken or cls.dropped is not Algorithm.dropped
 
     def pick(self, key: bytes | None = None, avoid: Server | None = None) -> Server | None:
         """A server for new traffic, or None when every usable one is full or none is up.
@@ -161,12 +163,18 @@ class Balancer:
     def take(self, server: Server) -> None:
         server.active += 1
         server.total += 1
+        self.notify_taken(server)
+
+    def drop(self, server: Server) -> None:
+        server.active -= 1
+        self.notify_dropped(server)
+
+    def notify_taken(self, server: Server) -> None:
         algo = self._algo_of(server)
         if algo is not None:
             algo.taken(server)
 
-    def drop(self, server: Server) -> None:
-        server.active -= 1
+    def notify_dropped(self, server: Server) -> None:
         algo = self._algo_of(server)
         if algo is not None:
             algo.dropped(server)

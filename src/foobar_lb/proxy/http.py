@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from functools import partial
 from http import HTTPStatus
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from ..frontend import HOP_BY_HOP, Frontend, HeaderPlan
+from ..frontend import Frontend, HeaderPlan
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ _STATUS_LINES = {
     int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in HTTPStatus
 }
 _CHUNK_END = b"0\r\n\r\n"
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 _CRLF = b"\r\n"
 
 # what a request header means to us (looked up by lower-case name)
@@ -92,8 +94,17 @@ _REQ_SPECIAL = {
 # client-side phases (for the lazy deadline)
 _MODE_HTTP, _MODE_TUNNEL = 0, 1
 
-# response framing towards the client
-_NO_BODY, _PASS, _CHUNK, _UNTIL_CLOSE = range(4)
+# response framing towards the client: no body; the body as it comes (content-length); chunked
+# by us (the server's close ends it); as it comes, ended by our close (HTTP/1.0 clients); the
+# server's chunked encoding relayed byte for byte (trailers included)
+_NO_BODY, _PASS, _CHUNK, _UNTIL_CLOSE, _RAW = range(5)
+_MAX_RESPONSE_HEAD = 65536
+
+
+def _field_lines(names: list[bytes]) -> re.Pattern[bytes]:
+    """A pattern matching whole field lines ("Name: value" CRLF) for any of `names`."""
+    alt = b"|".join(re.escape(n) for n in names)
+    return re.compile(rb"^(" + alt + rb")[ \t]*:([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE)
 
 # client read-blocking reasons (bit mask)
 _BLOCK_UPSTREAM = 1  # the server connection's write buffer is full
@@ -213,6 +224,7 @@ class HttpSession(asyncio.Protocol):
         "waiter",
         "wblocked_at",
         "wbuf",
+        "xff_ip",
     )
 
     def __init__(self, lb, fe: Frontend):
@@ -232,6 +244,7 @@ class HttpSession(asyncio.Protocol):
         self.head_bytes = 0
         self.peer_ip = ""
         self.peer_key = b""
+        self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.wbuf: list[bytes] | None = None
         self.tunnel_buf: list[bytes] | None = None
         self.waiter: Waiter | None = None
@@ -248,6 +261,8 @@ class HttpSession(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
             self.peer_key = peer[0].encode()
+        if self.fe.forward_for(self.peer_ip):
+            self.xff_ip = self.peer_key
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -400,45 +415,56 @@ class HttpSession(asyncio.Protocol):
         if method == b"CONNECT":
             raise _Reject(501)
 
+        # route first (on the authority of an absolute-form target, or Host, and the path)
+        url = r.url
+        be = self._route(r, url) if fe.rules else fe.default
+        r.backend = be
+        if be is None:
+            r.error = 503
+            self._queue(r)
+            return
+        plan = fe.plans[be.name]
+        r.plan = plan
+
         # one pass over the fields: keep what is end-to-end, note what matters to us
-        host = None
+        drop = plan.req_drop
         nhost = 0
-        conn_tokens: list[bytes] = []
+        conn_tokens = None
         te = None
         expect = None
         upgrade = None
         xff = None
         cl = None
-        keep: list[tuple[bytes, bytes, bytes]] = []
+        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
         special = _REQ_SPECIAL
-        xff_name = fe.xff
+        xff_low = fe.xff_low
         for name, value in r.headers:
             low = name.lower()
             kind = special.get(low)
             if kind is not None:
                 if kind == _H_HOST:
                     nhost += 1
-                    host = value.strip()
-                    keep.append((low, name, value))
                 elif kind == _H_CONNECTION:
-                    conn_tokens += _tokens(value)
+                    conn_tokens = _tokens(value) + (conn_tokens or [])
+                    continue
                 elif kind == _H_TE:
                     te = value if te is None else te + b"," + value
+                    continue
                 elif kind == _H_EXPECT:
                     expect = value.strip().lower()
+                    continue
                 elif kind == _H_UPGRADE:
                     upgrade = value.strip()
+                    continue
                 else:  # content-length: llhttp refused duplicates and CL with TE already
                     cl = value
-                    keep.append((low, name, value))
-                continue
-            if low.startswith(b"proxy-"):
-                continue
-            if xff_name is not None and low == xff_name.lower():
+            elif low == xff_low:
                 v = value.strip()
                 xff = v if xff is None else xff + b", " + v
                 continue
-            keep.append((low, name, value))
+            elif low in drop or low[:6] == b"proxy-":
+                continue
+            parts += (name, b": ", value, _CRLF)
 
         if nhost > 1 or (r.http11 and nhost == 0):
             raise _Reject(400)
@@ -450,75 +476,72 @@ class HttpSession(asyncio.Protocol):
             limit = fe.limits.max_request_body
             if limit and int(cl) > limit:
                 raise _Reject(413)
-        if expect is not None and r.http11 and expect != b"100-continue":
-            raise _Reject(417)
+        if conn_tokens:
+            extra = [t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")]
+            if extra:  # rare: Connection names more fields to drop; start over without them
+                del parts[4:]
+                for name, value in r.headers:
+                    low = name.lower()
+                    if (low in special and special[low] != _H_HOST and special[low] != _H_CL) or (
+                            low == xff_low or low in drop or low[:6] == b"proxy-" or low in extra):
+                        continue
+                    parts += (name, b": ", value, _CRLF)
+        if expect is not None:
+            if not r.http11:
+                expect = None  # HTTP/1.0 clients do not wait for 100 Continue
+            elif expect != b"100-continue":
+                raise _Reject(417)
+            else:
+                parts.append(b"expect: 100-continue\r\n")
+        if nhost == 0:
+            r.needs_host = True
+        if r.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if r.upgrade and upgrade is not None and conn_tokens and b"upgrade" in conn_tokens:
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, _CRLF)
+        else:
+            r.upgrade = False
+        ip = self.xff_ip
+        if ip is not None:
+            parts += (fe.xff, b": ", ip if xff is None else xff + b", " + ip, _CRLF)
+        elif xff is not None:
+            parts += (fe.xff, b": ", xff, _CRLF)
+        parts.append(plan.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
+        r.head = b"".join(parts)
+        r.headers = None  # not needed any more
+        q = self.q
+        q.append(r)
+        if len(q) == 1:
+            self._start(r)
+        elif len(q) > PIPELINE_LIMIT:
+            self._block(_BLOCK_PIPELINE)
 
-        # route on the authority (absolute-form) or the Host field, and the path
-        url = r.url
+    def _route(self, r: Req, url: bytes) -> Backend | None:
+        """The backend for `r` by the frontend's rules (Host and path prefix)."""
         if url[:1] == b"/":
             q = url.find(b"?")
             path = url if q < 0 else url[:q]
+            host = next((v.strip() for n, v in r.headers if n.lower() == b"host"), None)
         elif url == b"*":
             path = url
+            host = next((v.strip() for n, v in r.headers if n.lower() == b"host"), None)
         else:
             try:
                 parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise _Reject(400) from None
             path = parsed.path or b"/"
-            if parsed.host:
-                host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        host_key = None
+            host = parsed.host or next(
+                (v.strip() for n, v in r.headers if n.lower() == b"host"), None)
         if host is not None:
-            host_key = host.lower()
-            if host_key[:1] == b"[":
-                end = host_key.find(b"]")
-                host_key = host_key[: end + 1]
+            host = host.lower()
+            if host[:1] == b"[":
+                host = host[: host.find(b"]") + 1]
             else:
-                colon = host_key.rfind(b":")
+                colon = host.rfind(b":")
                 if colon >= 0:
-                    host_key = host_key[:colon]
-        be = fe.route(host_key, path)
-        r.backend = be
-        if be is None:
-            r.error = 503
-            self._queue(r)
-            return
-        plan = fe.plan(be)
-        r.plan = plan
-
-        drop = HOP_BY_HOP | plan.req_drop if plan.req_drop else HOP_BY_HOP
-        extra = [t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")]
-        if extra:
-            drop = drop | frozenset(extra)
-        parts = [method, b" ", url, b" HTTP/1.1\r\n"]
-        for low, name, value in keep:
-            if low in drop:
-                continue
-            parts += (name, b": ", value, _CRLF)
-        if nhost == 0:
-            r.needs_host = True
-        if r.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if expect is not None and r.http11:
-            parts.append(b"expect: 100-continue\r\n")
-        if r.upgrade and upgrade is not None and b"upgrade" in conn_tokens:
-            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, _CRLF)
-        else:
-            r.upgrade = False
-        if xff_name is not None and fe.forward_for(self.peer_ip):
-            ip = self.peer_key
-            parts += (xff_name, b": ", ip if xff is None else xff + b", " + ip, _CRLF)
-        elif xff is not None:
-            parts += (xff_name, b": ", xff, _CRLF)
-        if fe.forwarded_proto:
-            parts.append(b"x-forwarded-proto: http\r\n")
-        if plan.req_add:
-            parts.append(plan.req_add)
-        parts.append(_CRLF)
-        r.head = b"".join(parts)
-        r.headers = None  # not needed any more
-        self._queue(r)
+                    host = host[:colon]
+        return self.fe.route(host, path)
 
     def on_body(self, data: bytes) -> None:
         r = self.parsing
@@ -711,7 +734,10 @@ class HttpSession(asyncio.Protocol):
     def response_done(self, r: Req, keep_client: bool) -> None:
         """The whole response of the active request went to the client."""
         self.up = None
-        self._finish_server(r)
+        server = r.server
+        if server is not None:
+            r.server = None
+            r.backend.release(server)
         self.served += 1
         q = self.q
         if q and q[0] is r:
@@ -719,18 +745,20 @@ class HttpSession(asyncio.Protocol):
         if not keep_client or not r.complete:
             self._close()
             return
-        self._unblock(_BLOCK_PIPELINE)
+        if self.block & _BLOCK_PIPELINE:
+            self._unblock(_BLOCK_PIPELINE)
         if q:
             self._start(q[0])
         elif self.closing:
             self._close()
         else:
-            now = self.loop.time()
-            self.idle_since = now
+            now = self.idle_since = self.loop.time()
             if self.parsing is None:
-                self._arm(now + (self.fe.timeouts.http_keep_alive or 86400.0))
+                when = now + (self.fe.timeouts.http_keep_alive or 86400.0)
             else:
-                self._arm(self.parsing.t0 + (self.fe.timeouts.http_request or 86400.0))
+                when = self.parsing.t0 + (self.fe.timeouts.http_request or 86400.0)
+            if self.th is None or self.th_when > when:
+                self._arm(when)
 
     def _send_error(self, r: Req, status: int) -> None:
         """Answer `r` ourselves (it must be the active request, with no response sent)."""
@@ -888,14 +916,25 @@ class HttpSession(asyncio.Protocol):
 
 
 class UpstreamHttp(asyncio.Protocol):
-    """The server side of one connection in HTTP mode; pooled between requests."""
+    """The server side of one connection in HTTP mode; pooled between requests.
+
+    Responses are parsed by httptools without per-header callbacks: once llhttp has accepted a
+    head, its raw bytes are edited (hop-by-hop lines cut by the frontend/backend plan's pattern)
+    rather than rebuilt field by field. llhttp still decides every boundary: where the head ends
+    (the first empty line of a head it accepted, CRLF line ends being strict), how long the body
+    is, when the message is complete.
+    """
 
     __slots__ = (
+        "body_off",
         "closed",
         "done",
         "eof_ends",
         "eof_in",
+        "hb",
+        "head_start",
         "idle_since",
+        "in_head",
         "last_rx",
         "loop",
         "mode",
@@ -904,9 +943,8 @@ class UpstreamHttp(asyncio.Protocol):
         "pool",
         "req",
         "resp_close",
-        "resp_headers",
-        "resp_trailers",
         "reused",
+        "rx",
         "server",
         "session",
         "status",
@@ -914,6 +952,7 @@ class UpstreamHttp(asyncio.Protocol):
         "th_when",
         "transport",
         "tunnel",
+        "upgrade_to",
     )
 
     def __init__(self, pool: Pool, server: Server, loop: asyncio.AbstractEventLoop):
@@ -936,8 +975,12 @@ class UpstreamHttp(asyncio.Protocol):
         self.done = 0  # 1: the response is complete and the connection reusable; 2: not reusable
         self.eof_ends = False  # the response body ends when the server closes
         self.resp_close = False
-        self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.resp_trailers: list[bytes] | None = None
+        self.rx = b""  # the bytes being parsed (with the start of a head from earlier reads)
+        self.hb: bytes | None = None  # the start of a head that did not end in its read
+        self.head_start = 0  # where the message being parsed starts in rx
+        self.in_head = False
+        self.body_off = -1  # where raw body bytes to relay start in rx (-1: none in this read)
+        self.upgrade_to = b""
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
 
@@ -952,16 +995,13 @@ class UpstreamHttp(asyncio.Protocol):
         now = self.loop.time()
         self.last_rx = now
         timeout = r.backend.timeouts.server
-        if timeout:
+        if timeout and (self.th is None or self.th_when > now + timeout):
             self._arm(now + timeout)
 
     def detach(self, reusable: bool) -> None:
         """The request is over for this connection: back to the pool, or closed."""
         self.session = None
         self.req = None
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
         if reusable and not self.closed and not self.tunnel:
             self.release()
         else:
@@ -975,6 +1015,9 @@ class UpstreamHttp(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
@@ -992,6 +1035,14 @@ class UpstreamHttp(asyncio.Protocol):
             return
         r = self.req
         r.got_response = True
+        hb = self.hb
+        if hb is None:
+            self.rx = data
+        else:
+            self.rx = hb + data
+            self.hb = None
+        self.head_start = 0
+        self.body_off = 0 if self.mode == _RAW and self.status else -1
         s.wbuf = wbuf = []
         broken = None
         try:
@@ -1007,12 +1058,16 @@ class UpstreamHttp(asyncio.Protocol):
                 # a HEAD response ends with its head; the connection is clean only if the head
                 # ended exactly where this read did
                 self.parser = httptools.HttpResponseParser(self)
-                clean = data.find(b"\r\n\r\n") == len(data) - 4 and not self.resp_close
-                self.done = 1 if clean else 2
+                clean = self.rx.find(b"\r\n\r\n", self.head_start) + 4 == len(self.rx)
+                self.done = 1 if clean and not self.resp_close else 2
+                self.body_off = -1
             elif isinstance(ctx, _Stop):
-                self.done = 2  # bytes after a complete response: out of step
+                # bytes after a complete response: out of step; raw bytes cannot be cut here
+                self.done = 2
+                if self.mode == _RAW:
+                    broken = "bytes after the end of a chunked response"
             elif isinstance(ctx, _Reject):
-                broken = "unexpected 101 response"
+                broken = "unexpected 101 response" if ctx.status == 502 else "response head too large"
             else:
                 log.error("internal error while relaying a response", exc_info=ctx or e)
                 broken = "internal error"
@@ -1021,13 +1076,44 @@ class UpstreamHttp(asyncio.Protocol):
                 self.done = 2
             else:
                 broken = f"invalid response ({e})"
+        if self.in_head:  # a head that goes on in the next read
+            rest = self.rx[self.head_start:]
+            if len(rest) > _MAX_RESPONSE_HEAD:
+                broken = "response head too large"
+            else:
+                self.hb = rest
+        if broken is None and self.body_off >= 0:  # chunked relayed as received
+            off = self.body_off
+            wbuf.append(self.rx[off:] if off else self.rx)
+        self.rx = b""
         s.wbuf = None
-        self._flush(s, wbuf)
+        if wbuf:
+            t = s.transport
+            if not t.is_closing():
+                if len(wbuf) == 1:
+                    t.write(wbuf[0])
+                else:
+                    t.writelines(wbuf)
         if broken is not None:
             log.info("server %s/%s: %s", self.server.backend, self.server.name, broken)
             self._fail(s, r, broken)
         elif self.done:
-            self._finish(s, r)
+            # the response is complete (and flushed): free the connection, then the session;
+            # the server timer stays armed: when it fires it finds no request and stops, which
+            # is cheaper than cancelling and re-creating a timer for every request
+            self.session = None
+            self.req = None
+            if s.up is self:
+                s.up = None
+            if self.done == 1 and r.complete and not r.upgrade and not self.resp_close and (
+                    not self.closed):
+                if self.paused:
+                    self.paused = False
+                    self.transport.resume_reading()
+                self.pool.release(self.server, self, self.last_rx)
+            else:
+                self.close()
+            s.response_done(r, not s.closing)
 
     @staticmethod
     def _flush(s: HttpSession, wbuf: list[bytes]) -> None:
@@ -1046,134 +1132,136 @@ class UpstreamHttp(asyncio.Protocol):
         s._attempt_failed(r, self, reason, connected=True)
 
     def _finish(self, s: HttpSession, r: Req) -> None:
-        """The response is complete (and flushed): free the connection, then the session."""
-        reusable = self.done == 1 and r.complete and not r.upgrade and not self.resp_close
+        """The response ended with the server's close (data_received inlines the usual end)."""
         self.session = None
         self.req = None
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
         if s.up is self:
             s.up = None
-        if reusable and not self.closed:
-            self.release()
-        else:
-            self.close()
+        self.close()
         s.response_done(r, not s.closing)
 
     def on_message_begin(self) -> None:
         if self.done:
             raise _Stop
-        self.resp_headers = []
-        self.resp_trailers = None
         self.status = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.status:  # trailer field
-            if self.resp_trailers is None:
-                self.resp_trailers = []
-            self.resp_trailers += (name, b": ", value, _CRLF)
-        else:
-            self.resp_headers.append((name, value))
+        self.in_head = True
+        self.body_off = -1
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         parser = self.parser
         status = parser.get_status_code()
-        self.status = status
         s = self.session
         r = self.req
+        rx = self.rx
+        start = self.head_start
+        end = rx.find(b"\r\n\r\n", start)  # llhttp accepted this head: its first empty line
+        self.body_off = end + 4
         if status < 200 and status != 101:
             # 100 Continue and friends: relayed to HTTP/1.1 clients, then the real response
             if r.http11:
-                s.wbuf.append(self._head(r, status, None))
-            self.status = 0
+                s.wbuf.append(self._head(r, status, rx, start, end, None))
+            self.head_start = end + 4
+            self.body_off = -1
             return
+        self.status = status
         if status == 101 and not r.upgrade:
             raise _Reject(502)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
         self.resp_close = not parser.should_keep_alive()
-        # framing towards the client
         keep_client = r.keep_alive and not s.closing and not r.upgrade
-        if r.is_head or status in (204, 304) or status == 101:
-            mode = _NO_BODY
-        else:
-            mode = _PASS
-            for name, _ in self.resp_headers:
-                n = name.lower()
-                if n == b"transfer-encoding":
-                    mode = _CHUNK
-                    break
-                if n == b"content-length":
-                    break
-            else:
-                mode = _CHUNK  # delimited by the server's close: chunk it for the client
-                self.eof_ends = True
-            if mode == _CHUNK and not r.http11:
-                mode = _UNTIL_CLOSE
-                keep_client = False
-        self.mode = mode
-        if not keep_client:
+        head = self._head(r, status, rx, start, end, keep_client)
+        if not keep_client or self.mode == _UNTIL_CLOSE:
             s.closing = True
         r.responded = True
-        s.wbuf.append(self._head(r, status, keep_client))
+        s.wbuf.append(head)
+        if self.mode != _RAW:
+            self.body_off = -1
         if r.is_head and status >= 200:
             raise _HeadDone
 
-    def _head(self, r: Req, status: int, keep_client: bool | None) -> bytes:
+    def _head(self, r: Req, status: int, rx: bytes, start: int, end: int,
+              keep_client: bool | None) -> bytes:
+        """The response head for the client: our status line, the server's fields minus the
+        hop-by-hop ones and the plan's deletions, the framing and the plan's additions. Sets
+        `mode` (how the body goes to the client) for final responses."""
         plan = r.plan
-        drop = HOP_BY_HOP | plan.resp_drop if plan.resp_drop else HOP_BY_HOP
-        headers = self.resp_headers
-        conn_extra = None
+        line = rx.find(b"\r\n", start) + 2  # the fields start after the status line
+        fields = rx[line:end + 2]  # each field line ends with CRLF
         parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
-        for name, value in headers:
-            low = name.lower()
-            if low in drop or low.startswith(b"proxy-"):
-                if low == b"connection":
-                    extra = [t for t in _tokens(value)
-                             if t not in (b"close", b"keep-alive", b"upgrade")]
-                    if extra:
-                        conn_extra = extra
+        pos = 0
+        cl = te = False
+        extra = None
+        upgrade = b""
+        for m in plan.resp_scan.finditer(fields):
+            name = m.group(1).lower()
+            if name == b"content-length":
+                cl = True
                 continue
-            parts += (name, b": ", value, _CRLF)
-        if conn_extra:  # rare: Connection names more fields to drop; start over without them
-            del parts[1:]
-            for name, value in headers:
-                low = name.lower()
-                if low in drop or low.startswith(b"proxy-") or low in conn_extra:
-                    continue
-                parts += (name, b": ", value, _CRLF)
+            if name == b"transfer-encoding":
+                te = m.group(2).rstrip().lower().endswith(b"chunked")
+            elif name == b"connection":
+                value = m.group(2).strip()
+                if value not in _PLAIN_CONNECTION:
+                    more = [t for t in _tokens(value)
+                            if t not in (b"close", b"keep-alive", b"upgrade")]
+                    if more:
+                        extra = (extra or []) + more
+            elif name == b"upgrade":
+                upgrade = m.group(2).strip()
+            a, b = m.span()
+            if a > pos:
+                parts.append(fields[pos:a])
+            pos = b
+        parts.append(fields[pos:])
+        if extra:  # rare: Connection names more fields to drop; cut those lines too
+            kept = b"".join(parts[1:])
+            parts = [parts[0]]
+            pos = 0
+            for m in _field_lines(extra).finditer(kept):
+                parts.append(kept[pos:m.start()])
+                pos = m.end()
+            parts.append(kept[pos:])
         if status == 101:
-            up = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
-            parts += (b"connection: upgrade\r\nupgrade: ", up, _CRLF)
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade or b"websocket", _CRLF)
         elif keep_client is not None:
-            if self.mode == _CHUNK:
+            if r.is_head or status == 204 or status == 304:
+                mode = _NO_BODY
+            elif te:
+                mode = _RAW if r.http11 else _UNTIL_CLOSE
+            elif cl:
+                mode = _PASS
+            elif r.http11:
+                mode = _CHUNK  # delimited by the server's close: chunked for the client
+                self.eof_ends = True
+            else:
+                mode = _UNTIL_CLOSE
+                self.eof_ends = True
+            self.mode = mode
+            if mode in (_CHUNK, _RAW):
                 parts.append(b"transfer-encoding: chunked\r\n")
-            if not keep_client:
+            if not keep_client or mode == _UNTIL_CLOSE:
                 parts.append(b"connection: close\r\n")
             elif not r.http11:
                 parts.append(b"connection: keep-alive\r\n")
-        if plan.resp_add:
-            parts.append(plan.resp_add)
-        parts.append(_CRLF)
+        parts.append(plan.resp_add)
         return b"".join(parts)
 
     def on_body(self, data: bytes) -> None:
-        if self.mode == _CHUNK:
-            self.session.wbuf += (b"%x\r\n" % len(data), data, _CRLF)
-        elif self.mode != _NO_BODY:
+        mode = self.mode
+        if mode in (_PASS, _UNTIL_CLOSE):
             self.session.wbuf.append(data)
+        elif mode == _CHUNK:
+            self.session.wbuf += (b"%x\r\n" % len(data), data, _CRLF)
+        # _RAW: the received bytes are relayed as they are; _NO_BODY: nothing
 
     def on_message_complete(self) -> None:
         if not self.status or self.status == 101:
             return  # an interim response ended (the real one follows), or a tunnel starts
         if self.mode == _CHUNK:
-            wbuf = self.session.wbuf
-            if self.resp_trailers:
-                wbuf += (b"0\r\n", *self.resp_trailers, _CRLF)
-            else:
-                wbuf.append(_CHUNK_END)
+            self.session.wbuf.append(_CHUNK_END)
         self.done = 1
 
     def _start_tunnel(self, s: HttpSession, r: Req, rest: bytes) -> None:
