@@ -18,8 +18,20 @@ class Algo(Algorithm):
 
     def rebuild(self) -> None:
         self._score: dict[Server, int] = dict.fromkeys(self.up, 0)
+        # equal weights: the smooth rotation is a plain rotation, kept by an index while no
+        # server is full (a full one sends that pick through the scores)
+        up = self.up
+        self._plain = bool(up) and len({s.weight for s in up}) == 1
+        self._i = 0
 
     def pick(self, key: bytes | None = None) -> Server | None:
+        if self._plain:
+            up = self.up
+            i = self._i
+            s = up[i]
+            if not s.maxconn or s.active < s.maxconn:
+                self._i = i + 1 if i + 1 < len(up) else 0
+                return s
         score = self._score
         best = None
         best_score = 0

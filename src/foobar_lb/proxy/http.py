@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from ..frontend import Frontend, HeaderPlan
+from ..frontend import Frontend
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -131,6 +131,9 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
+_NO_BYTES: list[bytes] = []  # shared and never appended to: replaced by a new list when needed
+
+
 class Req:
     """One request on a client connection, from its first byte to the end of its response."""
 
@@ -166,6 +169,7 @@ class Req:
     )
 
     def __init__(self, t0: float):
+        # (the head's own fields, method and the like, are set by on_headers_complete)
         self.t0 = t0
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -174,21 +178,14 @@ class Req:
         self.head_done = False
         self.complete = False
         self.error = 0
-        self.method = b""
-        self.http11 = True
-        self.keep_alive = True
-        self.is_head = False
-        self.idempotent = True
         self.upgrade = False
         self.chunked = False
         self.needs_host = False
-        self.head = b""
         self.backend: Backend | None = None
-        self.plan: HeaderPlan | None = None
         self.server: Server | None = None
-        self.pending: list[bytes] = []  # framed body bytes not yet written to the current server
+        self.pending: list[bytes] = _NO_BYTES  # framed body bytes not yet sent to the server
         self.pending_size = 0
-        self.replay: list[bytes] | None = []  # every framed body byte so far, while small
+        self.replay: list[bytes] | None = _NO_BYTES  # every framed body byte so far, if small
         self.replay_size = 0
         self.body_size = 0
         self.attempts = 0
@@ -373,7 +370,7 @@ class HttpSession(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.block & _BLOCK_STOP:
             raise _Stop
-        now = self.loop.time()
+        now = self.last_rx  # this read's time
         r = Req(now)
         self.parsing = r
         self.head_bytes = 0
@@ -512,7 +509,7 @@ class HttpSession(asyncio.Protocol):
         q = self.q
         q.append(r)
         if len(q) == 1:
-            self._start(r)
+            self._start(r, self.last_rx)
         elif len(q) > PIPELINE_LIMIT:
             self._block(_BLOCK_PIPELINE)
 
@@ -580,7 +577,8 @@ class HttpSession(asyncio.Protocol):
         elif len(q) > PIPELINE_LIMIT:
             self._block(_BLOCK_PIPELINE)
 
-    def _start(self, r: Req) -> None:
+    def _start(self, r: Req, now: float = 0.0) -> None:
+        """Send `r` on its way (`now`: the loop time, when the caller has it fresh)."""
         if r.error:
             self._send_error(r, r.error)
             return
@@ -592,7 +590,7 @@ class HttpSession(asyncio.Protocol):
             if self.waiter is None:  # nothing up, queue full or queueing off
                 self._send_error(r, 503)
             return
-        self._use(r, server)
+        self._use(r, server, now=now)
 
     def _granted(self, r: Req, server: Server | None) -> None:
         """The backend queue's answer: a server with a free slot, or None (503)."""
@@ -604,8 +602,10 @@ class HttpSession(asyncio.Protocol):
         else:
             self._use(r, server)
 
-    def _use(self, r: Req, server: Server, fresh: bool = False) -> None:
+    def _use(self, r: Req, server: Server, fresh: bool = False, now: float = 0.0) -> None:
         be = r.backend
+        if not now:
+            now = self.loop.time()
         be.take(server)
         r.server = server
         r.attempts += 1
@@ -613,10 +613,10 @@ class HttpSession(asyncio.Protocol):
         # http-reuse safe: a connection's first request, and any request that is not
         # idempotent, gets a fresh server connection; later idempotent ones may reuse.
         if not fresh and self.served and r.idempotent and not r.upgrade:
-            conn = be.pool.acquire(server, self.loop.time())
+            conn = be.pool.acquire(server, now)
         if conn is not None:
             conn.reused = True
-            self._attach(conn, r)
+            self._attach(conn, r, now)
         else:
             self.lb.spawn(self._connect(r, server))
 
@@ -643,9 +643,19 @@ class HttpSession(asyncio.Protocol):
             return
         self._attach(conn, r)
 
-    def _attach(self, conn: UpstreamHttp, r: Req) -> None:
+    def _attach(self, conn: UpstreamHttp, r: Req, now: float = 0.0) -> None:
+        """Hand `r` to a connected server connection and send its head (and held body)."""
         self.up = conn
-        conn.attach(self, r)
+        conn.session = self
+        conn.req = r
+        conn.done = 0
+        conn.eof_ends = False
+        if not now:
+            now = self.loop.time()
+        conn.last_rx = now  # the server timer runs from now
+        timeout = r.backend.timeouts.server
+        if timeout and (conn.th is None or conn.th_when > now + timeout):
+            conn._arm(now + timeout)
         head = r.head
         if r.needs_host:
             head = head[:-2] + b"host: " + r.server.address.encode() + b"\r\n\r\n"
@@ -666,6 +676,8 @@ class HttpSession(asyncio.Protocol):
             r.replay_size += n
             if r.replay_size > BUFSIZE:
                 r.replay = None
+            elif replay is _NO_BYTES:
+                r.replay = list(chunks)
             else:
                 replay += chunks
         up = self.up
@@ -676,7 +688,10 @@ class HttpSession(asyncio.Protocol):
             else:
                 up.transport.writelines(chunks)
             return
-        r.pending += chunks
+        if r.pending is _NO_BYTES:
+            r.pending = list(chunks)
+        else:
+            r.pending += chunks
         r.pending_size += n
         if r.pending_size > PENDING_LIMIT:
             self._block(_BLOCK_PENDING)
@@ -987,17 +1002,6 @@ class UpstreamHttp(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
 
-    def attach(self, session: HttpSession, r: Req) -> None:
-        self.session = session
-        self.req = r
-        self.done = 0
-        self.eof_ends = False
-        now = self.loop.time()
-        self.last_rx = now
-        timeout = r.backend.timeouts.server
-        if timeout and (self.th is None or self.th_when > now + timeout):
-            self._arm(now + timeout)
-
     def detach(self, reusable: bool) -> None:
         """The request is over for this connection: back to the pool, or closed."""
         self.session = None
@@ -1093,7 +1097,7 @@ class UpstreamHttp(asyncio.Protocol):
                 if len(wbuf) == 1:
                     t.write(wbuf[0])
                 else:
-                    t.writelines(wbuf)
+                    t.write(b"".join(wbuf))
         if broken is not None:
             log.info("server %s/%s: %s", self.server.backend, self.server.name, broken)
             self._fail(s, r, broken)
