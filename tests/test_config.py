@@ -574,7 +574,7 @@ servers = [
     assert be.observe == "layer4" and be.error_limit == 10
     plain = parse_config(FE + BE).backends["app"]
     assert plain.servers[0].check is None and plain.observe == "none"
-    assert (plain.maxqueue, plain.http_reuse, plain.pool_max_idle) == (1024, "safe", 64)
+    assert (plain.maxqueue, plain.http_reuse, plain.pool_max_idle) == (1024, "safe", 1024)
     tcp_check = parse_config(FE + '[backends.app]\ncheck = true\nservers = [{ address = "127.0.0.1:1" }]\n')
     assert tcp_check.backends["app"].servers[0].check.type == "tcp"
 

@@ -205,7 +205,7 @@ class BackendConfig:
     allbackups: bool = False
     maxqueue: int = 1024  # requests waiting for a free server before 503s start
     http_reuse: str = "safe"  # "safe" or "never"
-    pool_max_idle: int = 64  # idle kept-alive connections per server
+    pool_max_idle: int = 1024  # idle kept-alive connections per server
     pool_idle_timeout: float = 5.0
 
 
@@ -717,7 +717,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
         allbackups=t.get("allbackups", _bool, False),
         maxqueue=t.get("maxqueue", _int(0), 1024),
         http_reuse=reuse,
-        pool_max_idle=0 if reuse == "never" else t.get("pool_max_idle", _int(0, 100000), 64),
+        pool_max_idle=0 if reuse == "never" else t.get("pool_max_idle", _int(0, 100000), 1024),
         pool_idle_timeout=t.get("pool_idle_timeout", _duration, 5.0),
     )
 

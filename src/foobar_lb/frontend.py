@@ -65,7 +65,12 @@ class Frontend:
         "cfg",
         "default",
         "forwarded_proto",
+        "http_keep_alive",
+        "http_request",
         "limits",
+        "max_header_size",
+        "max_headers",
+        "max_uri",
         "mode",
         "name",
         "plans",
@@ -82,6 +87,12 @@ class Frontend:
         self.mode = cfg.mode
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
+        # flat copies for the hot path (0 timeouts mean none: a day stands for never)
+        self.max_uri = cfg.limits.max_uri
+        self.max_headers = cfg.limits.max_headers
+        self.max_header_size = cfg.limits.max_header_size
+        self.http_request = cfg.timeouts.http_request or 86400.0
+        self.http_keep_alive = cfg.timeouts.http_keep_alive or 86400.0
         self.default = backends[cfg.default_backend] if cfg.default_backend else None
         self.rules: list[tuple[bytes | None, bool, bytes | None, Backend]] = []
         for r in cfg.rules:

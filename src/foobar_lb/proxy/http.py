@@ -154,7 +154,6 @@ class Req:
         "keep_alive",
         "method",
         "needs_host",
-        "nhdr",
         "pending",
         "pending_size",
         "plan",
@@ -173,8 +172,7 @@ class Req:
         self.t0 = t0
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[bytes] | None = None
-        self.nhdr = 0
+        self.trailers: list[tuple[bytes, bytes]] | None = None
         self.head_done = False
         self.complete = False
         self.error = 0
@@ -202,6 +200,7 @@ class HttpSession(asyncio.Protocol):
         "eof_in",
         "fe",
         "head_bytes",
+        "hl",
         "idle_since",
         "last_rx",
         "lb",
@@ -239,6 +238,7 @@ class HttpSession(asyncio.Protocol):
         self.eof_in = False
         self.served = 0
         self.head_bytes = 0
+        self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
         self.peer_ip = ""
         self.peer_key = b""
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
@@ -367,41 +367,37 @@ class HttpSession(asyncio.Protocol):
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
 
-    def on_message_begin(self) -> None:
-        if self.block & _BLOCK_STOP:
-            raise _Stop
-        now = self.last_rx  # this read's time
-        r = Req(now)
-        self.parsing = r
-        self.head_bytes = 0
-        if not self.q:
-            self._arm(now + (self.fe.timeouts.http_request or 86400.0))
-
     def on_url(self, url: bytes) -> None:
+        # (no on_message_begin: the URL is the first thing of every request, so a request
+        # starts here; a URL split across reads comes in pieces)
         r = self.parsing
-        r.url += url
-        if len(r.url) > self.fe.limits.max_uri:
+        if r is None:
+            if self.block & _BLOCK_STOP:
+                raise _Stop
+            r = self.parsing = Req(self.last_rx)
+            self.hl = r.headers
+            self.head_bytes = 0
+            if not self.q:
+                when = r.t0 + self.fe.http_request
+                if self.th is None or self.th_when > when:
+                    self._arm(when)
+            r.url = url
+        else:
+            r.url += url
+        if len(r.url) > self.fe.max_uri:
             raise _Reject(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        r = self.parsing
-        if r.head_done:  # a trailer field of a chunked body
-            if r.trailers is None:
-                r.trailers = []
-            r.trailers += (name, b": ", value, _CRLF)
-            return
-        r.headers.append((name, value))
-        r.nhdr += len(name) + len(value) + 4
-        if len(r.headers) > self.fe.limits.max_headers or (
-            r.nhdr + len(r.url) > self.fe.limits.max_header_size
-        ):
-            raise _Reject(431)
+        # a header field, or a trailer field of a chunked body (limits: on_headers_complete)
+        self.hl.append((name, value))
 
     def on_headers_complete(self) -> None:
         r = self.parsing
         r.head_done = True
         parser = self.parser
         fe = self.fe
+        if len(r.headers) > fe.max_headers:
+            raise _Reject(431)
         method = parser.get_method()
         r.method = method
         r.http11 = parser.get_http_version() == "1.1"
@@ -435,7 +431,9 @@ class HttpSession(asyncio.Protocol):
         parts = [method, b" ", url, b" HTTP/1.1\r\n"]
         special = _REQ_SPECIAL
         xff_low = fe.xff_low
+        size = len(url)
         for name, value in r.headers:
+            size += len(name) + len(value)
             low = name.lower()
             kind = special.get(low)
             if kind is not None:
@@ -463,12 +461,15 @@ class HttpSession(asyncio.Protocol):
                 continue
             parts += (name, b": ", value, _CRLF)
 
+        if size + 4 * len(r.headers) > fe.max_header_size:
+            raise _Reject(431)
         if nhost > 1 or (r.http11 and nhost == 0):
             raise _Reject(400)
         if te is not None:
             if _tokens(te) != [b"chunked"]:
                 raise _Reject(501)
             r.chunked = True
+            r.trailers = self.hl = []  # trailer fields, if any, come after the body
         if cl is not None:
             limit = fe.limits.max_request_body
             if limit and int(cl) > limit:
@@ -562,7 +563,8 @@ class HttpSession(asyncio.Protocol):
         r.complete = True
         if r.chunked:
             if r.trailers:
-                self._send_body(r, (b"0\r\n", *r.trailers, _CRLF), 8)
+                block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in r.trailers)
+                self._send_body(r, (b"0\r\n", block, _CRLF), 5 + len(block))
             else:
                 self._send_body(r, (_CHUNK_END,), 5)
         if not r.keep_alive or r.upgrade:
@@ -590,6 +592,21 @@ class HttpSession(asyncio.Protocol):
             if self.waiter is None:  # nothing up, queue full or queueing off
                 self._send_error(r, 503)
             return
+        if self.served and r.idempotent and not r.upgrade:
+            # the usual case, inline: an idle pooled connection to the server, head sent now
+            if not now:
+                now = self.loop.time()
+            conn = be.pool.acquire(server, now)
+            if conn is not None:
+                server.active += 1
+                server.total += 1
+                if be.notify:
+                    be.balancer.notify_taken(server)
+                r.server = server
+                r.attempts += 1
+                conn.reused = True
+                self._attach(conn, r, now)
+                return
         self._use(r, server, now=now)
 
     def _granted(self, r: Req, server: Server | None) -> None:
@@ -769,9 +786,9 @@ class HttpSession(asyncio.Protocol):
         else:
             now = self.idle_since = self.loop.time()
             if self.parsing is None:
-                when = now + (self.fe.timeouts.http_keep_alive or 86400.0)
+                when = now + self.fe.http_keep_alive
             else:
-                when = self.parsing.t0 + (self.fe.timeouts.http_request or 86400.0)
+                when = self.parsing.t0 + self.fe.http_request
             if self.th is None or self.th_when > when:
                 self._arm(when)
 
