@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs them.
 #   - system packages, only when missing: nginx (a real backend), mariadb-server (a real
-#     server-speaks-first TCP peer and, later, the primary and replica)
+#     server-speaks-first TCP peer, and the primary and replicas), haproxy and wrk (the
+#     benchmark runner, which the suite runs once with --quick)
 #   - the project itself with its test extras, into the current Python
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
@@ -12,6 +13,8 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=()
 have nginx || missing+=(nginx)
 have mariadbd || missing+=(mariadb-server)
+have haproxy || missing+=(haproxy)
+have wrk || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing system packages: ${missing[*]}"
   sudo=""

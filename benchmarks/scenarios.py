@@ -1,0 +1,358 @@
+"""The scenarios, the processes they need, and the interleaved rounds that measure them.
+
+Rule: in a scenario every target runs at once behind the same backends, each on its own
+fresh process; each round runs every target once, in the same order (A B C A B C ...), after
+one unmeasured warm-up run per target. A target's CPU is read from /proc for its own pid
+only, around each run, and so is the CPU that anything else on the machine used meanwhile:
+a run disturbed by such other load is measured again (at most REMEASURE_DISTURBED times,
+when waiting for quiet is on; the discarded runs are kept in the results). A target that
+dies, or a wrk run that fails, ends the benchmark: no number is made up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import configs, idle, wrk
+from .tools import (
+    CLK_TCK,
+    LOOPBACK,
+    REPO,
+    BenchError,
+    Pinning,
+    Proc,
+    Processes,
+    children,
+    core_busy_seconds,
+    cpu_seconds,
+    cpu_ticks,
+    free_port,
+    http_request,
+    probe,
+    rss_kib,
+    wait_port,
+)
+
+HTTP_TARGETS = ("haproxy", "foobar_lb")
+TCP_TARGETS = ("haproxy-tcp", "foobar_lb-tcp", "pproxy")
+TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy")
+# CPU used by processes outside the benchmark, in % of one core, from which a run is disturbed
+OTHER_LOAD_WARN = 10.0
+# how many times a disturbed run is measured again (when waiting for quiet is on)
+REMEASURE_DISTURBED = 2
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "wrk": throughput and latency; "idle": memory per idle connection
+    mode: str  # "http" or "tcp": how the proxies are configured
+    path: str  # what wrk (or the idle client) asks for
+    connections: int
+    targets: tuple[str, ...]
+    backends: str  # "nginx" or "app"
+    title: str
+
+    @property
+    def reference(self) -> str:
+        return "haproxy-tcp" if self.mode == "tcp" else "haproxy"
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("http-small-c50", "wrk", "http", "/", 50, HTTP_TARGETS, "nginx",
+             "HTTP, small body (GET /), wrk -t1 -c50"),
+    Scenario("http-small-c200", "wrk", "http", "/", 200, HTTP_TARGETS, "nginx",
+             "HTTP, small body (GET /), wrk -t1 -c200"),
+    Scenario("http-64k", "wrk", "http", "/64k", 50, HTTP_TARGETS, "nginx",
+             "HTTP, 64 KiB body (GET /64k), wrk -t1 -c50"),
+    Scenario("tcp-small-c50", "wrk", "tcp", "/", 50, TCP_TARGETS, "nginx",
+             "TCP mode, HTTP GET / relayed as bytes, wrk -t1 -c50"),
+    Scenario("e2e-app", "wrk", "http", "/items?limit=10", 50, HTTP_TARGETS, "app",
+             "end to end: two foobar_app workers on one SQLite file, GET /items?limit=10, wrk -t1 -c50"),
+    Scenario("idle-10k", "idle", "http", "/", 10_000, HTTP_TARGETS, "nginx",
+             "10,000 idle keep-alive client connections, each after one small request: RSS growth"),
+)}
+
+
+def target_kind(target: str) -> str:
+    return target.split("-", 1)[0]
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """What every scenario shares: the started processes, tools, pinning, backends."""
+
+    procs: Processes
+    tools: dict[str, str]
+    pinning: Pinning
+    workdir: Path
+    nofile_hard: int
+    pproxy_loop: str = "uvloop"
+    wait_quiet: float = 0.0  # before each measured run, wait up to this long for other load to stop
+    nginx: tuple[int, int] | None = None
+    apps: tuple[int, int] | None = None
+    client_side: list[Proc] = field(default_factory=list)  # nginx, app servers: wrk's side
+
+    # -- environment for Python children: this working tree's foobar and benchmarks first --------
+    def python_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [str(REPO / "src"), str(REPO)]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # -- backends ---------------------------------------------------------------------------------
+    def start_nginx(self) -> tuple[int, int]:
+        if self.nginx:
+            return self.nginx
+        ports = (free_port(), free_port())
+        conf = configs.nginx_conf(self.workdir, ports, self.nofile_hard)
+        argv = self.pinning.client([self.tools["nginx"], "-c", str(conf), "-p", str(self.workdir),
+                                    "-e", str(self.workdir / "nginx-error.log")])
+        proc = self.procs.start("nginx", argv)
+        self.client_side.append(proc)
+        for port in ports:
+            wait_port(proc, port)
+            probe(proc, port, "/")
+            probe(proc, port, "/64k")
+        self.nginx = ports
+        return ports
+
+    def start_apps(self) -> tuple[int, int]:
+        if self.apps:
+            return self.apps
+        db = self.workdir / "app" / "foobar.db"
+        db.parent.mkdir(exist_ok=True)
+        ports = (free_port(), free_port())
+        for n, port in enumerate(ports, 1):
+            argv = self.pinning.client([
+                sys.executable, "-m", "foobar_app", "serve", "--name", f"server-{n}",
+                "--bind", f"{LOOPBACK}:{port}", "--db", f"sqlite:///{db}", "--log-level", "warning"])
+            proc = self.procs.start(f"foobar_app server-{n}", argv, env=self.python_env())
+            self.client_side.append(proc)
+            wait_port(proc, port, timeout=30)
+            probe(proc, port, "/health", timeout=30)
+        for i in range(20):  # so that reads return data
+            body = json.dumps({"name": f"item-{i}", "note": "benchmark data " * 4}).encode()
+            status, answer = http_request(ports[i % 2], "POST", "/items", body,
+                                          {"Content-Type": "application/json"})
+            if status != 201:
+                raise BenchError(f"foobar_app: POST /items answered {status}: {answer[:200]!r}")
+        self.apps = ports
+        return ports
+
+    def client_pids(self) -> list[int]:
+        pids = []
+        for p in self.client_side:
+            pids += [p.pid, *children(p.pid)]
+        return pids
+
+    def other_cpu(self, before: dict, after: dict, wall: float) -> dict[str, float]:
+        """CPU (% of one core) used during a run by anything but this benchmark's own processes:
+        on the proxy's core and on the client's core when pinned, else on all cores together."""
+        busy = {c: after["cores"][c] - before["cores"].get(c, after["cores"][c]) for c in after["cores"]}
+        client = after["client"] - before["client"] + after["wrk"] - before["wrk"]
+        proxy = after["proxy"] - before["proxy"]
+        if self.pinning.enabled:
+            pc, cc = int(self.pinning.proxy_cpus or 1), int(self.pinning.client_cpus or 0)
+            return {"proxy_core": _pct(busy.get(pc, 0.0) - proxy, wall),
+                    "client_core": _pct(busy.get(cc, 0.0) - client, wall)}
+        return {"all_cores": _pct(sum(busy.values()) - proxy - client, wall)}
+
+    def quiet(self) -> float:
+        """Wait (at most `wait_quiet` s) until the machine is idle apart from this benchmark's idle
+        processes: under OTHER_LOAD_WARN % over a 0.5 s sample. Return the time waited."""
+        if self.wait_quiet <= 0:
+            return 0.0
+        start = time.monotonic()
+        said = False
+        while True:
+            b0 = core_busy_seconds()
+            time.sleep(0.5)
+            b1 = core_busy_seconds()
+            load = 100 * sum(b1[c] - b0.get(c, b1[c]) for c in b1) / 0.5
+            waited = time.monotonic() - start
+            if load < OTHER_LOAD_WARN or waited >= self.wait_quiet:
+                return round(waited, 1)
+            if not said:
+                progress(f"  (other load on the machine: {load:.0f}% of a core; waiting up to "
+                         f"{self.wait_quiet:g}s for it to stop)")
+                said = True
+
+    # -- targets ----------------------------------------------------------------------------------
+    def start_target(self, target: str, sc: Scenario, timeouts: configs.Timeouts | None = None,
+                     maxconn: int = configs.HAPROXY_MAXCONN) -> tuple[Proc, int]:
+        timeouts = timeouts or configs.Timeouts()
+        ports = self.start_apps() if sc.backends == "app" else self.start_nginx()
+        servers = [(LOOPBACK, p) for p in ports]
+        port = free_port()
+        kind = target_kind(target)
+        tag = f"{sc.name}-{target}-{port}"
+        if kind == "haproxy":
+            cfg = configs.haproxy_cfg(self.workdir / f"{tag}.cfg", sc.mode, port, servers, timeouts,
+                                      maxconn, self.nofile_hard)
+            argv = self.pinning.proxy([self.tools["haproxy"], "-db", "-f", str(cfg)])
+            proc = self.procs.start(target, argv)
+        elif kind == "foobar_lb":
+            cfg = configs.foobar_lb_toml(self.workdir / f"{tag}.toml", sc.mode, port, servers, timeouts)
+            argv = self.pinning.proxy([sys.executable, "-m", "foobar_lb", "serve", "--config", str(cfg)])
+            proc = self.procs.start(target, argv, env=self.python_env())
+        elif kind == "pproxy":  # a plain TCP forwarder to ONE backend: it does not balance
+            argv = self.pinning.proxy([
+                sys.executable, "-m", "benchmarks.pproxy_launch", f"--loop={self.pproxy_loop}",
+                "-l", f"tunnel://{LOOPBACK}:{port}", "-r", f"tunnel://{servers[0][0]}:{servers[0][1]}"])
+            proc = self.procs.start(target, argv, env=self.python_env())
+        else:
+            raise BenchError(f"unknown target {target!r}")
+        wait_port(proc, port)
+        probe(proc, port, sc.path)
+        return proc, port
+
+
+# -- wrk scenarios ----------------------------------------------------------------------------------
+
+
+def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, duration: float,
+             label: str) -> dict:
+    argv = bench.pinning.client(wrk.command(bench.tools["wrk"], f"http://{LOOPBACK}:{port}{sc.path}",
+                                            sc.connections, duration))
+    client_pids = bench.client_pids()
+    before = _snapshot(proc.pid, client_pids)
+    u0, s0 = cpu_ticks(proc.pid)
+    t0 = time.monotonic()
+    result, _ = wrk.run(argv, duration, label)
+    wall = time.monotonic() - t0
+    if not proc.alive():
+        raise proc.failure(f"died during {label}: {proc.describe_exit()}")
+    u1, s1 = cpu_ticks(proc.pid)
+    after = _snapshot(proc.pid, client_pids)
+    du, ds = (u1 - u0) / CLK_TCK, (s1 - s0) / CLK_TCK
+    return {
+        "target": target,
+        "rps": result.rps,
+        "requests": result.requests,
+        "wrk_seconds": result.seconds,
+        "wall_seconds": round(wall, 3),
+        "latency_ms": result.latency_ms,
+        "errors": result.errors,
+        "read": result.read,
+        "cpu_user_s": du,
+        "cpu_system_s": ds,
+        "cpu_pct": 100.0 * (du + ds) / wall,
+        "user_us_per_req": 1e6 * du / result.requests,
+        "system_us_per_req": 1e6 * ds / result.requests,
+        "rss_kib": rss_kib(proc.pid),
+        "other_cpu_pct": bench.other_cpu(before, after, wall),
+    }
+
+
+def _pct(seconds: float, wall: float) -> float:
+    return max(0.0, round(100 * seconds / wall, 1))  # tick rounding can make it a hair negative
+
+
+def _snapshot(proxy_pid: int, client_pids: list[int]) -> dict:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
+    return {"cores": core_busy_seconds(), "proxy": cpu_seconds([proxy_pid]),
+            "client": cpu_seconds(client_pids), "wrk": ru.ru_utime + ru.ru_stime}
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms * 1000:.0f}us" if ms < 1 else f"{ms:.2f}ms" if ms < 10 else f"{ms:.1f}ms"
+
+
+def run_wrk_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int, duration: float,
+                     warmup: float) -> dict:
+    started: dict[str, tuple[Proc, int]] = {}
+    runs: list[dict] = []
+    discarded: list[dict] = []  # runs disturbed by other load and measured again
+    try:
+        for t in targets:
+            started[t] = bench.start_target(t, sc)
+        pids = {t: p.pid for t, (p, _) in started.items()}
+        progress(f"{sc.name}: {', '.join(f'{t} pid {pid}' for t, pid in pids.items())}")
+        if warmup > 0:
+            for t, (proc, port) in started.items():
+                _measure(bench, sc, t, proc, port, warmup, f"{sc.name} {t} warm-up")
+                progress(f"[warm-up] {sc.name} {t}: done")
+        attempts = 1 + (REMEASURE_DISTURBED if bench.wait_quiet > 0 else 0)
+        for r in range(1, rounds + 1):
+            for t, (proc, port) in started.items():
+                label = f"[round {r}/{rounds}] {sc.name} {t}"
+                for attempt in range(1, attempts + 1):
+                    waited = bench.quiet()
+                    run = _measure(bench, sc, t, proc, port, duration, label)
+                    run.update(round=r, attempt=attempt, waited_for_quiet_s=waited)
+                    err = f" errors {run['errors']}" if run["errors"] else ""
+                    other = run["other_cpu_pct"]
+                    disturbed = max(other.values()) >= OTHER_LOAD_WARN
+                    if disturbed:
+                        err += " (other load: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}%"
+                                                            for k, v in other.items()) + ")"
+                    again = disturbed and attempt < attempts
+                    progress(f"{label}: {run['rps']:.0f} req/s p99 {_fmt_ms(run['latency_ms']['p99'])} "
+                             f"cpu {run['cpu_pct']:.0f}% "
+                             f"{run['user_us_per_req'] + run['system_us_per_req']:.1f}us/req{err}"
+                             + (": disturbed, measuring again" if again else ""))
+                    if not again:
+                        runs.append(run)
+                        break
+                    discarded.append(run)
+    finally:
+        for proc, _ in started.values():
+            bench.procs.stop(proc)
+    return {"scenario": sc.name, "kind": sc.kind, "mode": sc.mode, "title": sc.title,
+            "path": sc.path, "connections": sc.connections, "targets": targets,
+            "reference": sc.reference, "rounds": rounds, "duration": duration, "warmup": warmup,
+            "pids": pids, "runs": runs, "discarded_runs": discarded}
+
+
+# -- idle connections ---------------------------------------------------------------------------------
+
+
+def run_idle_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int, count: int,
+                      time_limit: float = 120.0) -> dict:
+    runs: list[dict] = []
+    for r in range(1, rounds + 1):
+        for t in targets:
+            label = f"[round {r}/{rounds}] {sc.name} {t}"
+            # a fresh process per measurement: memory freed by closed connections is not returned
+            proc, port = bench.start_target(t, sc, timeouts=configs.IDLE_TIMEOUTS, maxconn=count + 200)
+            try:
+                rss: Callable[[], int] = lambda p=proc: rss_kib(p.pid)  # noqa: E731
+                res = idle.hold_idle(port, count, rss, time_limit=time_limit)
+                if not proc.alive():
+                    raise proc.failure(f"died during {label}: {proc.describe_exit()}")
+            finally:
+                bench.procs.stop(proc)
+            run = {"round": r, "target": t, "pid": proc.pid, "wanted": res.wanted, "opened": res.opened,
+                   "failed": res.failed, "first_error": res.first_error,
+                   "open_seconds": round(res.open_seconds, 2), "rss_before_kib": res.rss_before_kib,
+                   "rss_after_kib": res.rss_after_kib, "kib_per_conn": res.kib_per_conn}
+            runs.append(run)
+            fail = f", {res.failed} failed (first: {res.first_error})" if res.failed else ""
+            progress(f"{label}: {res.opened} idle connections in {res.open_seconds:.1f}s, RSS "
+                     f"{res.rss_before_kib} -> {res.rss_after_kib} KiB = "
+                     f"{res.kib_per_conn:.1f} KiB/conn{fail}")
+            if res.opened == 0:
+                raise BenchError(f"{label}: no idle connection could be opened ({res.first_error})")
+    return {"scenario": sc.name, "kind": sc.kind, "mode": sc.mode, "title": sc.title, "path": sc.path,
+            "connections": count, "targets": targets, "reference": sc.reference, "rounds": rounds,
+            "runs": runs}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,385 @@
+"""Finding the tools and running the processes of a benchmark.
+
+Rule: every process the runner starts goes through :class:`Processes`, which knows it by its own
+pid and stops it (SIGTERM, then SIGKILL) when the run ends, however it ends; nothing is ever
+stopped by name. Each child also gets a parent-death signal, so none outlives a runner that is
+killed outright. A child that fails to start, or dies, is reported with the tail of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+
+# tool -> how to install it when missing
+INSTALL_HINTS = {
+    "wrk": "apt-get install -y wrk haproxy nginx",
+    "haproxy": "apt-get install -y wrk haproxy nginx",
+    "nginx": "apt-get install -y wrk haproxy nginx",
+    "taskset": "apt-get install -y util-linux",
+    "pproxy": "pip install pproxy==2.7.9",
+    "matplotlib": "pip install matplotlib",
+}
+
+
+class BenchError(Exception):
+    """A failure the runner reports in a few lines (no traceback) before stopping cleanly."""
+
+
+def find_executable(name: str) -> str | None:
+    """`name` on PATH, else in /usr/sbin or /sbin (where Debian puts nginx and haproxy)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def check_tools(need_pproxy: bool = True) -> tuple[dict[str, str], list[str]]:
+    """Return ({tool: path or module}, [one message per missing tool])."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for name in ("wrk", "haproxy", "nginx", "taskset"):
+        path = find_executable(name)
+        if path:
+            found[name] = path
+        else:
+            missing.append(f"missing tool: {name} (install it with: {INSTALL_HINTS[name]})")
+    modules = ["matplotlib"] + (["pproxy"] if need_pproxy else [])
+    for mod in modules:
+        if importlib.util.find_spec(mod) is None:
+            missing.append(f"missing Python module: {mod} (install it with: {INSTALL_HINTS[mod]})")
+        else:
+            found[mod] = mod
+    return found, missing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# -- pinning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which cores the load generator side and the proxy under test run on (None: no pinning)."""
+
+    taskset: str | None
+    client_cpus: str | None  # wrk, nginx, app servers
+    proxy_cpus: str | None  # the proxy being measured
+
+    @classmethod
+    def for_machine(cls, taskset: str | None) -> Pinning:
+        """Cores 0 and 1 (the first two this process may run on) when there are two or more."""
+        try:
+            cores = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = list(range(os.cpu_count() or 1))
+        if len(cores) >= 2 and taskset:
+            return cls(taskset, str(cores[0]), str(cores[1]))
+        return cls(None, None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.taskset is not None
+
+    def client(self, argv: list[str]) -> list[str]:
+        return [self.taskset, "-c", self.client_cpus, *argv] if self.taskset else argv
+
+    def proxy(self, argv: list[str]) -> list[str]:
+        return [self.taskset, "-c", self.proxy_cpus, *argv] if self.taskset else argv
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "no pinning (fewer than 2 cores): client, backends and proxies share the CPU"
+        return (f"wrk, nginx and the app servers on core {self.client_cpus} (taskset -c {self.client_cpus}), "
+                f"each proxy alone on core {self.proxy_cpus} (taskset -c {self.proxy_cpus})")
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class Proc:
+    """One started process: its name in reports, command line, pid and output log."""
+
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no output)"
+        rows = [r for r in text.splitlines() if r.strip()]
+        return "\n".join(rows[-lines:]) if rows else "(no output)"
+
+    def describe_exit(self) -> str:
+        rc = self.popen.poll()
+        if rc is None:
+            return "still running"
+        if rc < 0:
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"exited with status {rc}"
+
+    def failure(self, what: str) -> BenchError:
+        return BenchError(f"{self.name} (pid {self.pid}): {what}\n"
+                          f"  command: {' '.join(self.argv)}\n"
+                          f"  output tail ({self.log}):\n" + _indent(self.tail(), "    "))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+@dataclass
+class Processes:
+    """Starts processes, remembers them, stops them all (newest first) in `stop_all`."""
+
+    workdir: Path
+    started: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        log = self.workdir / f"{safe}-{len(self.started)}.log"
+        with open(log, "wb") as out:
+            try:
+                popen = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=self.workdir, env=env, start_new_session=True, preexec_fn=_child_setup,
+                )
+            except OSError as exc:
+                raise BenchError(f"{name}: cannot start {' '.join(argv)}: {exc}") from None
+        proc = Proc(name, argv, popen, log)
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.started:
+            self.started.remove(proc)
+
+    def stop_all(self) -> None:
+        while self.started:
+            proc = self.started.pop()
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+
+def wait_port(proc: Proc, port: int, timeout: float = 15.0) -> None:
+    """Wait until `port` accepts connections; fail (with the output tail) if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise proc.failure(f"failed to start: {proc.describe_exit()} before listening on port {port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            try:
+                s.connect((LOOPBACK, port))
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise proc.failure(f"failed to start: port {port} not listening after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def http_request(port: int, method: str = "GET", path: str = "/", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on its own connection (Connection: close); return (status, body)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {LOOPBACK}:{port}", "Connection: close"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        s.sendall(raw)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    resp = b"".join(chunks)
+    head, _, rest = resp.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise OSError(f"not an HTTP response: {resp[:80]!r}") from None
+    return status, rest
+
+
+def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0) -> None:
+    """A GET through `proc` must answer 200 (retried until `timeout`): the whole chain works."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise proc.failure(f"died during its first request: {proc.describe_exit()}")
+        try:
+            status, _ = http_request(port, path=path, timeout=2.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except OSError as exc:
+            last = str(exc) or type(exc).__name__
+        time.sleep(0.1)
+    raise proc.failure(f"GET {path} through it did not answer 200 within {timeout:.0f}s (last: {last})")
+
+
+# -- /proc readings -----------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process in clock ticks: fields 14 and 15 of /proc/PID/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    rest = raw[raw.rindex(")") + 2:].split()  # field 3 onwards; comm may hold spaces
+    return int(rest[14 - 3]), int(rest[15 - 3])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes, in seconds (a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            u, s = cpu_ticks(pid)
+            total += u + s
+    return total / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process (e.g. nginx's worker under its master)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def core_busy_seconds() -> dict[int, float]:
+    """Busy time (all but idle and iowait) of each core since boot, from /proc/stat, in seconds."""
+    busy: dict[int, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = [int(x) for x in vals]
+            busy[int(name[3:])] = (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # user..steal minus idle, iowait
+    return busy
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process in KiB, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"pid {pid}: no VmRSS in /proc/{pid}/status")
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    text = (out.stdout + out.stderr).strip()
+    return text.splitlines()[0].strip() if text else "unknown"
+
+
+def machine_description(tools: dict[str, str], pinning: Pinning) -> dict:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    pproxy_version = "not installed"
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        pproxy_version = version("pproxy")
+    uvloop_version = "not installed"
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        uvloop_version = version("uvloop")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "uvloop": uvloop_version,
+        "haproxy": _first_line([tools["haproxy"], "-v"]) if "haproxy" in tools else "missing",
+        "nginx": _first_line([tools["nginx"], "-v"]) if "nginx" in tools else "missing",
+        "wrk": _first_line([tools["wrk"], "-v"]) if "wrk" in tools else "missing",
+        "pproxy": pproxy_version,
+        "nofile_limit": {"soft": soft, "hard": hard},
+        "pinning": pinning.describe(),
+    }

@@ -1,0 +1,55 @@
+"""The benchmark runner, run for real: `python -m benchmarks --quick` against haproxy and foobar_lb.
+
+A missing tool (wrk, haproxy, nginx, pproxy) fails this test with the runner's own message
+(how to install it); it is never skipped: the test command installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--quick", "--scenarios", "http-small-c50",
+             "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"python -m benchmarks --quick took over 120s; stderr so far:\n{exc.stderr}")
+    assert proc.returncode == 0, (f"python -m benchmarks exited {proc.returncode}\n"
+                                  f"stderr:\n{proc.stderr}\nstdout:\n{proc.stdout}")
+
+    doc = json.loads((out / "results.json").read_text())
+    result = doc["results"]["http-small-c50"]
+    assert set(result["targets"]) == {"haproxy", "foobar_lb"}
+    summary = doc["summaries"]["http-small-c50"]
+    for target in ("haproxy", "foobar_lb"):
+        runs = [r for r in result["runs"] if r["target"] == target]
+        assert runs, f"no run of {target}"
+        for run in runs:
+            assert run["rps"] > 0 and run["requests"] > 0
+            assert run["cpu_pct"] > 0
+            assert run["user_us_per_req"] + run["system_us_per_req"] > 0
+            assert run["latency_ms"]["p50"] > 0 and run["latency_ms"]["p99"] >= run["latency_ms"]["p50"]
+        s = summary[target]
+        assert s["rps"] > 0 and s["cpu_pct"] > 0 and s["cpu_us_per_req"] > 0
+    assert summary["foobar_lb"]["ratio_rps"] > 0
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["haproxy"].startswith("HAProxy")
+
+    for name in ("results.md", "results.png"):
+        assert (out / name).stat().st_size > 0, f"{name} is empty"
+    md = (out / "results.md").read_text()
+    assert "## http-small-c50" in md and "## Targets" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## http-small-c50" in proc.stdout  # the Markdown is printed too
