@@ -1,7 +1,7 @@
 """TCP mode: bytes relayed both ways over real loopback sockets, one server per connection.
 
 The backends are small asyncio servers written here; one test puts the proxy in front of a
-throwaway MariaDB server (tests/mariadb_server.py), a protocol where the server speaks first.
+throwaway MariaDB server (a one-node `cluster up`), a protocol where the server speaks first.
 Every wait is bounded.
 """
 
@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from mariadb_server import MariaDBServer, MariaDBUnavailable
+from foobar_app.db.cluster import MariaDBMissing, cluster_down, cluster_up
+from foobar_app.db.mysql import parse_mysql_dsn
+
 from support import LOOPBACK, free_port, lb_config, running_lb
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -114,26 +116,28 @@ async def wait_for(cond: Callable[[], bool], timeout: float = STEP) -> None:
 
 
 @pytest.fixture(scope="session")
-def mariadb() -> Iterator[MariaDBServer]:
-    server = MariaDBServer()
+def mariadb(tmp_path_factory) -> Iterator[dict]:
+    """A lone MariaDB server (a cluster of a primary and no replica): its connect arguments."""
+    d = tmp_path_factory.mktemp("tcp-mariadb")
     try:
-        server.start(timeout=30.0)
-    except MariaDBUnavailable as e:
-        pytest.skip(str(e))
+        data = cluster_up(d, replicas=0)
+    except MariaDBMissing as e:
+        pytest.fail(f"{e} (the README's test command installs it)")
     try:
-        yield server
+        yield parse_mysql_dsn(data["primary"])
     finally:
-        server.stop()
+        cluster_down(d)
 
 
 @pytest.mark.mariadb
-async def test_mariadb_session_through_proxy(mariadb: MariaDBServer):
-    aiomysql = pytest.importorskip("aiomysql")
-    async with running_lb(tcp_config([f"{mariadb.host}:{mariadb.port}"])) as lb:
+async def test_mariadb_session_through_proxy(mariadb: dict):
+    import aiomysql
+
+    async with running_lb(tcp_config([f"{mariadb['host']}:{mariadb['port']}"])) as lb:
         host, port = lb.address
         async with asyncio.timeout(20):
-            conn = await aiomysql.connect(host=host, port=port, user=mariadb.user,
-                                          password=mariadb.password, db=mariadb.database,
+            conn = await aiomysql.connect(host=host, port=port, user=mariadb["user"],
+                                          password=mariadb["password"], db=mariadb["db"],
                                           connect_timeout=STEP, autocommit=True)
             try:
                 async with conn.cursor() as cur:
@@ -142,7 +146,8 @@ async def test_mariadb_session_through_proxy(mariadb: MariaDBServer):
 
                     # the session really is the server's, reached over TCP through the proxy
                     await cur.execute("SELECT CURRENT_USER(), DATABASE()")
-                    assert await cur.fetchone() == (f"{mariadb.user}@{mariadb.host}", mariadb.database)
+                    assert await cur.fetchone() == (f"{mariadb['user']}@{mariadb['host']}",
+                                                    mariadb["db"])
 
                     await cur.execute("CREATE TABLE t (id INT PRIMARY KEY, name VARCHAR(64), "
                                       "blob_col LONGBLOB)")

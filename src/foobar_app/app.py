@@ -279,8 +279,11 @@ async def _frame(request: web.Request, handler) -> web.StreamResponse:
 
 async def _schema(app: web.Application) -> None:
     db = app[DB]
-    async with db.write() as s:
-        await s.execute(SCHEMA[db.dialect])
+    try:
+        async with db.write() as s:
+            await s.execute(SCHEMA[db.dialect])
+    except DatabaseUnavailable as e:  # reads may still work; another worker or a restart makes it
+        log.warning("cannot create the schema now: %s", e)
 
 
 async def _close(app: web.Application) -> None:

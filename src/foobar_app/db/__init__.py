@@ -26,8 +26,11 @@ __all__ = [
 
 
 async def open_router(dsn: str, replicas: tuple[str, ...] | list[str] = (), **options) -> Router:
-    """A Router for `dsn` (the primary) and `replicas`. sqlite:/// DSNs give the embedded
-    backend (its reader pool is the replica; replica DSNs make no sense there)."""
+    """A Router for `dsn` (the primary) and `replicas`.
+
+    sqlite:/// DSNs give the embedded backend (its reader pool is the replica; replica DSNs
+    make no sense there; option: readers). mysql:// DSNs give aiomysql pools, a primary and
+    any number of replicas (options: those of MysqlOptions)."""
     if dsn.startswith("sqlite:"):
         if replicas:
             raise ValueError("--replica needs a mysql:// primary: an SQLite file's replica is "
@@ -37,4 +40,17 @@ async def open_router(dsn: str, replicas: tuple[str, ...] | list[str] = (), **op
         db = SqliteDatabase(dsn, **options)
         await db.open()
         return Router(db.primary, db.replicas, db.dialect, db)
-    raise ValueError(f"unsupported database DSN {dsn!r}: expected sqlite:///path/to/file.db")
+    if dsn.startswith(("mysql:", "mariadb:")):
+        from .mysql import MysqlDatabase, MysqlOptions, parse_mysql_dsn
+
+        for d in (dsn, *replicas):
+            parse_mysql_dsn(d)  # a bad DSN is a ValueError naming it, before anything opens
+        mdb = MysqlDatabase(dsn, replicas, MysqlOptions(**options))
+        try:
+            await mdb.open()
+        except BaseException:
+            await mdb.close()
+            raise
+        return Router(mdb.primary, mdb.replicas, mdb.dialect, mdb)
+    raise ValueError(f"unsupported database DSN {dsn!r}: expected sqlite:///path/to/file.db or "
+                     "mysql://user:password@host:port/database")
