@@ -108,15 +108,11 @@ class _Conn:
         self._pool.shutdown(wait=False)
 
 
-class _Writer:
-    """The primary: one connection, one writer at a time."""
+class _Node:
+    """On one local file a node is always there: usable and up."""
 
-    role = "primary"
-
-    def __init__(self, conn: _Conn):
-        self.name = "primary"
-        self.conn = conn
-        self.lock = asyncio.Lock()
+    name = ""
+    role = ""
 
     @property
     def usable(self) -> bool:
@@ -124,6 +120,17 @@ class _Writer:
 
     def status(self) -> str:
         return "up"
+
+
+class _Writer(_Node):
+    """The primary: one connection, one writer at a time."""
+
+    name = "primary"
+    role = "primary"
+
+    def __init__(self, conn: _Conn):
+        self.conn = conn
+        self.lock = asyncio.Lock()
 
     async def acquire(self) -> _Conn:
         await self.lock.acquire()
@@ -136,24 +143,17 @@ class _Writer:
         await self.conn.close()
 
 
-class _Readers:
+class _Readers(_Node):
     """The replica: a pool of read-only connections on the same file."""
 
+    name = "replica-1"
     role = "replica"
 
     def __init__(self, conns: list[_Conn]):
-        self.name = "replica-1"
         self.free: asyncio.Queue[_Conn] = asyncio.Queue()
         self.conns = conns
         for c in conns:
             self.free.put_nowait(c)
-
-    @property
-    def usable(self) -> bool:
-        return True
-
-    def status(self) -> str:
-        return "up"
 
     async def acquire(self) -> _Conn:
         return await self.free.get()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from ..frontend import Frontend
+from .base import ClientSide, LazyTimer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Req:
         self.responded = False  # a byte of the response went to the client
 
 
-class HttpSession(asyncio.Protocol):
+class HttpSession(ClientSide):
     """The client side of one connection in HTTP mode."""
 
     __slots__ = (
@@ -277,14 +278,7 @@ class HttpSession(asyncio.Protocol):
                 self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lb.leave(self)
-        self.closing = True
-        if self.waiter is not None:
-            self.waiter.cancelled = True
-            self.waiter = None
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
+        self._ended()
         up = self.up
         if up is not None:
             self.up = None
@@ -876,15 +870,6 @@ class HttpSession(asyncio.Protocol):
             if not self.block and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
 
-    def _arm(self, when: float) -> None:
-        """Make sure the timer fires no later than `when` (it re-checks state when it fires)."""
-        th = self.th
-        if th is None or self.th_when > when:
-            if th is not None:
-                th.cancel()
-            self.th_when = when
-            self.th = self.loop.call_at(when, self._on_timer)
-
     def _deadline(self) -> tuple[float, int] | None:
         """The earliest client-side deadline in force and what happens then."""
         t = self.fe.timeouts
@@ -947,7 +932,7 @@ class HttpSession(asyncio.Protocol):
             self._close()
 
 
-class UpstreamHttp(asyncio.Protocol):
+class UpstreamHttp(LazyTimer):
     """The server side of one connection in HTTP mode; pooled between requests.
 
     Responses are parsed by httptools without per-header callbacks: once llhttp has accepted a
@@ -1036,9 +1021,7 @@ class UpstreamHttp(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
+        self._disarm()
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
@@ -1287,9 +1270,7 @@ class UpstreamHttp(asyncio.Protocol):
 
     def _start_tunnel(self, s: HttpSession, r: Req, rest: bytes) -> None:
         self.tunnel = True
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
+        self._disarm()
         s.mode = _MODE_TUNNEL
         s.parser = None
         s._unblock(_BLOCK_STOP | _BLOCK_PENDING)
@@ -1316,9 +1297,7 @@ class UpstreamHttp(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
+        self._disarm()
         s = self.session
         if s is None:
             return  # idle in a pool: it is skipped at the next checkout
@@ -1352,14 +1331,6 @@ class UpstreamHttp(asyncio.Protocol):
             s._unblock(_BLOCK_UPSTREAM)
 
     # -- server timeout --------------------------------------------------------------------------
-    def _arm(self, when: float) -> None:
-        th = self.th
-        if th is None or self.th_when > when:
-            if th is not None:
-                th.cancel()
-            self.th_when = when
-            self.th = self.loop.call_at(when, self._on_timer)
-
     def _on_timer(self) -> None:
         self.th = None
         s = self.session

@@ -13,6 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from .base import ClientSide
+
 if TYPE_CHECKING:
     from ..backend import Backend, Waiter
     from ..frontend import Frontend
@@ -25,7 +27,7 @@ log = logging.getLogger("foobar_lb.tcp")
 PENDING_LIMIT = 65536
 
 
-class TcpSession(asyncio.Protocol):
+class TcpSession(ClientSide):
     """The client side of one TCP-mode connection."""
 
     __slots__ = (
@@ -171,14 +173,7 @@ class TcpSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lb.leave(self)
-        self.closing = True
-        if self.waiter is not None:
-            self.waiter.cancelled = True
-            self.waiter = None
-        if self.th is not None:
-            self.th.cancel()
-            self.th = None
+        self._ended()
         up = self.up
         self.up = None
         if up is not None and not up.transport.is_closing():
@@ -213,14 +208,6 @@ class TcpSession(asyncio.Protocol):
         """Graceful stop: a TCP connection is left to finish (until the grace period ends)."""
 
     # -- inactivity (timeout tunnel) ---------------------------------------------------------
-    def _arm(self, when: float) -> None:
-        th = self.th
-        if th is None or self.th_when > when:
-            if th is not None:
-                th.cancel()
-            self.th_when = when
-            self.th = self.loop.call_at(when, self._on_timer)
-
     def _on_timer(self) -> None:
         self.th = None
         if self.transport.is_closing():

@@ -1,0 +1,48 @@
+"""What the proxy Protocols share: one lazy timer each, and the client side's bookkeeping.
+
+Rule of this module: a connection has at most one timer; `_arm(when)` only moves it earlier,
+and `_on_timer` (the subclass's) re-checks the state when it fires and re-arms for a later
+deadline if there is one, so activity never costs a timer operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["ClientSide", "LazyTimer"]
+
+
+class LazyTimer(asyncio.Protocol):
+    """Subclasses have the slots `loop`, `th`, `th_when` and a method `_on_timer`."""
+
+    __slots__ = ()
+
+    def _arm(self, when: float) -> None:
+        """Make sure the timer fires no later than `when`."""
+        th = self.th
+        if th is None or self.th_when > when:
+            if th is not None:
+                th.cancel()
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self.th is not None:
+            self.th.cancel()
+            self.th = None
+
+
+class ClientSide(LazyTimer):
+    """A client connection: counted against global maxconn, maybe waiting in a backend queue.
+    Subclasses have the slots `lb`, `closing` and `waiter`."""
+
+    __slots__ = ()
+
+    def _ended(self) -> None:
+        """The connection is gone: free its maxconn slot, its queue place and its timer."""
+        self.lb.leave(self)
+        self.closing = True
+        if self.waiter is not None:
+            self.waiter.cancelled = True
+            self.waiter = None
+        self._disarm()
