@@ -1088,7 +1088,7 @@ class UpstreamHttp(LazyTimer):
                 self.hb = rest
         if broken is None and self.body_off >= 0:  # chunked relayed as received
             off = self.body_off
-            wbuf.append(self.rx[off:] if off else self.rx)
+            wbuf.append(memoryview(self.rx)[off:] if off else self.rx)  # no copy
         self.rx = b""
         s.wbuf = None
         if wbuf:
@@ -1096,8 +1096,10 @@ class UpstreamHttp(LazyTimer):
             if not t.is_closing():
                 if len(wbuf) == 1:
                     t.write(wbuf[0])
+                elif len(wbuf[-1]) < 8192:
+                    t.write(b"".join(wbuf))  # small: one copy into one write
                 else:
-                    t.write(b"".join(wbuf))
+                    t.writelines(wbuf)  # big bodies are not copied again: one writev
         if broken is not None:
             log.info("server %s/%s: %s", self.server.backend, self.server.name, broken)
             self._fail(s, r, broken)
