@@ -15,7 +15,9 @@ from .config import CheckConfig, ServerConfig
 __all__ = ["Server", "State"]
 
 
-class State(enum.Enum):
+class State(enum.StrEnum):
+    """A server's state; compares equal to its value ("up", "down", ...) too."""
+
     UP = "up"
     DOWN = "down"
     DRAIN = "drain"  # keeps the connections it has, gets no new ones
