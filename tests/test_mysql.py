@@ -278,7 +278,13 @@ async def test_delayed_replica_sends_reads_to_the_primary_until_it_catches_up(tm
             assert await role() == "primary"  # no usable replica: reads go to the primary
             assert "behind" in replica.detail
             sql(data, "replica-1", "STOP SLAVE", "CHANGE MASTER TO MASTER_DELAY=0", "START SLAVE")
+            # fine again, but on probation: reported "recovering", not "up", while skipped
+            await until(lambda: replica.state == "up", timeout=20)
+            if not replica.usable:
+                assert db.health()["replicas"] == {"replica-1": "recovering"}
+                assert await role() == "primary"
             await until(lambda: replica.usable, timeout=20)
+            assert db.health()["replicas"] == {"replica-1": "up"}
             assert await role() == "replica"
         finally:
             await db.close()

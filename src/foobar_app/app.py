@@ -107,6 +107,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object like "
                                             '{"name": "...", "note": "..."}')
@@ -132,6 +134,11 @@ def _fields(data: dict[str, Any]) -> tuple[str, str]:
                            field)
         if "\x00" in value:
             raise ApiError(400, "invalid_value", f"{field} must not contain NUL characters", field)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not storable text
+            raise ApiError(400, "invalid_value", f"{field} must be valid Unicode text "
+                                                 "(no lone surrogates)", field) from None
     if not name.strip():
         raise ApiError(400, "invalid_value", "name must not be empty", "name")
     return name, note
@@ -143,7 +150,10 @@ def _fields(data: dict[str, Any]) -> tuple[str, str]:
 async def create_item(request: web.Request) -> web.Response:
     form = request.content_type == "application/x-www-form-urlencoded"
     if form:  # the HTML page's form
-        posted = await request.post()
+        try:
+            posted = await request.post()
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "invalid_form", "the form is not valid UTF-8 text") from None
         data = {k: v for k, v in posted.items() if k in ("name", "note")}
     else:
         data = await _json_object(request)

@@ -181,8 +181,7 @@ def _cluster(args: argparse.Namespace) -> int:
             print(f"{PROG}: stopped {', '.join(stopped) if stopped else 'nothing (nothing ran)'}",
                   flush=True)
     except ClusterError as e:
-        return _fail(str(e).splitlines()[0] + (" (see the node's error.log)"
-                                              if "\n" in str(e) else ""))
+        return _fail(str(e).splitlines()[0])  # the first line names the log to look at
     return 0
 
 

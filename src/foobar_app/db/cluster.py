@@ -183,6 +183,9 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
                                f"run `cluster down --dir {dir}` first")
         raise ClusterError(f"{dir}: holds a stopped cluster; remove the directory to start afresh")
     dir.mkdir(parents=True, exist_ok=True)
+    for old in [dir / "primary", *dir.glob("replica-*")]:  # what a failed `up` left (its logs)
+        if old.is_dir():
+            shutil.rmtree(old)
     password = secrets.token_urlsafe(18)
     repl_password = secrets.token_urlsafe(18)
     nodes = [Node("primary", "primary", 1, _free_port(), str(dir / "primary"))]
@@ -209,6 +212,8 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     except BaseException:
         with contextlib.suppress(Exception):
             cluster_down(dir)
+        # no cluster.json: the next `up` starts afresh; the nodes' logs stay for a look
+        (dir / "cluster.json").unlink(missing_ok=True)
         raise
     _save(dir, data)
     return data
@@ -242,10 +247,11 @@ def _install(install_bin: str, node: Node, timeout: float) -> None:
             rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 timeout=timeout, cwd=node.path).returncode
         except subprocess.TimeoutExpired:
-            raise ClusterError(f"{node.name}: mariadb-install-db took over {timeout:.0f}s:\n"
-                               f"{_tail(log)}") from None
+            raise ClusterError(f"{node.name}: mariadb-install-db took over {timeout:.0f}s "
+                               f"(see {log})\n{_tail(log)}") from None
     if rc != 0:
-        raise ClusterError(f"{node.name}: mariadb-install-db failed (exit {rc}):\n{_tail(log)}")
+        raise ClusterError(f"{node.name}: mariadb-install-db failed with exit status {rc} "
+                           f"(see {log})\n{_tail(log)}")
 
 
 def _start(server_bin: str, node: Node, general_log: bool, timeout: float) -> None:
@@ -265,16 +271,16 @@ def _start(server_bin: str, node: Node, general_log: bool, timeout: float) -> No
     while True:
         rc = proc.poll()
         if rc is not None:
-            raise ClusterError(f"{node.name}: mariadbd exited with {rc} while starting:\n"
-                               f"{_tail(node.error_log)}")
+            raise ClusterError(f"{node.name}: mariadbd exited with status {rc} while starting "
+                               f"(see {node.error_log})\n{_tail(node.error_log)}")
         try:
             with contextlib.closing(node.admin(timeout=1.0)):
                 return
         except pymysql.err.MySQLError:
             pass
         if time.monotonic() > deadline:
-            raise ClusterError(f"{node.name}: mariadbd not ready after {timeout:.0f}s:\n"
-                               f"{_tail(node.error_log)}")
+            raise ClusterError(f"{node.name}: mariadbd not ready after {timeout:.0f}s "
+                               f"(see {node.error_log})\n{_tail(node.error_log)}")
         time.sleep(0.05)
 
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,13 @@ from .base import DatabaseError, DatabaseUnavailable, IntegrityError, QueryTimeo
 
 __all__ = ["MysqlDatabase", "MysqlOptions", "dsn_from_cluster", "parse_mysql_dsn"]
 
+# CREATE TABLE IF NOT EXISTS and the like raise server notes as Python warnings: not ours to print
+warnings.filterwarnings("ignore", category=pymysql.Warning)
+
 log = logging.getLogger("foobar_app.db")
 
 HEARTBEAT_TABLE = "foobar_heartbeat"
+_NO_BEAT = "no heartbeat replicated yet"
 _CONNECTION_ERRORS = {2003, 2006, 2013, 2055, 1927, 1053}  # lost, gone, refused, shutdown
 
 
@@ -162,6 +167,10 @@ class MysqlNode:
         return self.used if self.role == "replica" else self.state == "up"
 
     def status(self) -> str:
+        """"up" only when the router may use it: a replica that is fine again but still on
+        probation (fewer than replica_rise good checks) is "recovering"."""
+        if self.role == "replica" and self.state == "up" and not self.used:
+            return "recovering"
         return self.state
 
     async def open(self) -> None:
@@ -247,6 +256,14 @@ class MysqlDatabase:
         for node in (self.primary, *self.replicas):
             await node.open()  # pools connect lazily: a node that is down does not stop us
         await self.check()  # know every node's state before serving
+        # a replica that replicates but has not seen a heartbeat yet (the first one was just
+        # written) is not lagging: give the first beats a moment to arrive
+        for _ in range(10):
+            if not any(r.detail == _NO_BEAT for r in self.replicas):
+                break
+            await asyncio.sleep(self.options.heartbeat_interval / 2)
+            await asyncio.gather(*(self._look(r, self.primary.state == "down")
+                                   for r in self.replicas if r.detail == _NO_BEAT))
         self._task = asyncio.get_running_loop().create_task(self._monitor())
 
     async def _monitor(self) -> None:
@@ -328,7 +345,7 @@ class MysqlDatabase:
         elif problem is not None:
             self._set(r, "broken", problem)
         elif lag is None:
-            self._set(r, "lagging", "no heartbeat replicated yet")
+            self._set(r, "lagging", _NO_BEAT)
         elif lag > opts.max_replication_lag:
             sbm = status[0].get("Seconds_Behind_Master") if status else "unknown"
             self._set(r, "lagging", f"heartbeat {lag:.1f}s behind (Seconds_Behind_Master {sbm})")
@@ -337,6 +354,7 @@ class MysqlDatabase:
 
     def _set(self, r: MysqlNode, state: str, detail: str) -> None:
         old_used = r.used
+        first = not r.checked_once
         r.state = state
         r.detail = detail
         if state != "up":
@@ -347,9 +365,12 @@ class MysqlDatabase:
             # the first check after start counts as enough: nothing to flap from yet
             if r.good >= self.options.replica_rise or not r.checked_once:
                 r.used = True
-        r.checked_once = True
+        if state != "lagging" or detail != _NO_BEAT:
+            r.checked_once = True  # (no heartbeat yet at start-up is no history to flap from)
         if r.used != old_used:
-            log.warning("replica %s %s: %s", r.name, "back in use" if r.used else "skipped", detail)
+            what = ("in use" if first else "back in use") if r.used else "skipped"
+            log.log(logging.INFO if r.used else logging.WARNING, "replica %s %s: %s", r.name, what,
+                    detail)
 
     async def close(self) -> None:
         if self._task is not None:
