@@ -168,6 +168,30 @@ async def test_passive_observation_marks_a_server_down_before_its_next_check():
     assert st["ok"]
 
 
+async def test_after_a_passive_down_checks_run_at_downinter():
+    seen: list[float] = []
+
+    async def app(req: Request) -> bytes:
+        if req.url == "/health":
+            seen.append(asyncio.get_running_loop().time())
+            return http_response(200, b"ok")
+        return http_response(500, b"boom")
+
+    async with ScriptedServer("s1", app) as s1:
+        cfg = lb_config([s1.address], backend={
+            "check": {"path": "/health", "inter": "3s", "downinter": "200ms", "jitter": 0},
+            "observe": "layer7", "error_limit": 2})
+        async with running_lb(cfg) as lb:
+            await wait_for(lambda: len(seen) >= 1, timeout=5)
+            for _ in range(2):
+                await http_get(*lb.address)
+            assert lb.server("app", "s1").state is State.DOWN
+            down_at = asyncio.get_running_loop().time()
+            n = len(seen)
+            await wait_for(lambda: len(seen) > n, timeout=2)  # not the 3s inter still pending
+            assert seen[n] - down_at < 1.0
+
+
 async def test_layer4_observation_counts_refused_connections():
     dead = f"{LOOPBACK}:{free_port()}"
     async with ScriptedServer("good") as good:

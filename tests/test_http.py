@@ -361,6 +361,7 @@ async def test_no_matching_rule_and_no_default_backend_is_503():
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
 ])
 async def test_bad_requests_get_the_right_status_and_close(raw, status):
     async with ScriptedServer("a") as a, running_lb(lb_config([a.address])) as lb:
@@ -385,6 +386,19 @@ async def test_408_when_the_head_does_not_complete_in_time():
             # a connection that never sends a byte is closed without a 408
             out = await raw_exchange(*lb.address, b"", timeout=3)
             assert out == b""
+
+
+async def test_408_when_the_client_stalls_in_its_body_for_timeout_client():
+    async with ScriptedServer("a") as a:
+        cfg = lb_config([a.address], frontend={"timeout": {"client": "300ms"}})  # http_request 10s
+        async with running_lb(cfg) as lb:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            out = await raw_exchange(*lb.address, b"POST /stall HTTP/1.1\r\nHost: a\r\n"
+                                                  b"Content-Length: 1000\r\n\r\n" + b"x" * 100,
+                                     timeout=5)
+            assert parse_responses(out)[0].status == 408
+            assert 0.25 < loop.time() - t0 < 2.5  # timeout client, not http_request
 
 
 async def test_502_on_an_invalid_response_and_503_when_no_server_answers():

@@ -193,6 +193,7 @@ class Backend:
                 self.name, server.name, state, why, active, backup, left)
         if not server.usable:
             self.pool.drop(server)
+        self.health.wake(server)  # its checks now run at the interval of its new state
         if active == 0 and backup == 0:
             log.error("backend %s has no server available!", self.name)
             self._fail_queue()

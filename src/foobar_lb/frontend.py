@@ -63,6 +63,7 @@ def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
 class Frontend:
     __slots__ = (
         "cfg",
+        "client_timeout",
         "default",
         "forwarded_proto",
         "http_keep_alive",
@@ -92,6 +93,7 @@ class Frontend:
         self.max_headers = cfg.limits.max_headers
         self.max_header_size = cfg.limits.max_header_size
         self.http_request = cfg.timeouts.http_request or 86400.0
+        self.client_timeout = cfg.timeouts.client or 86400.0
         self.http_keep_alive = cfg.timeouts.http_keep_alive or 86400.0
         self.default = backends[cfg.default_backend] if cfg.default_backend else None
         self.rules: list[tuple[bytes | None, bool, bytes | None, Backend]] = []

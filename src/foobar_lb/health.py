@@ -53,6 +53,7 @@ class Health:
         self.backend = backend
         self.rng = rng or random.Random()
         self.tasks: list[asyncio.Task] = []
+        self.wakeups: dict[Server, asyncio.Event] = {}
         self.observe = backend.cfg.observe
         self.error_limit = backend.cfg.error_limit
 
@@ -68,18 +69,35 @@ class Health:
         self.tasks.clear()
 
     async def _run(self, server: Server) -> None:
-        check = server.check
         loop = asyncio.get_running_loop()
+        wake = self.wakeups[server] = asyncio.Event()
         # the first check of each server at a random point of the first interval
-        await asyncio.sleep(self.rng.uniform(0, check.inter))
+        await self._sleep(wake, self.rng.uniform(0, self._interval(server, jitter=False)), server)
         while True:
             t0 = loop.time()
             ok, detail = await self.probe(server)
             took = loop.time() - t0
             self.report(server, ok, detail, took)
-            await asyncio.sleep(self._interval(server))
+            await self._sleep(wake, self._interval(server), server)
 
-    def _interval(self, server: Server) -> float:
+    async def _sleep(self, wake: asyncio.Event, delay: float, server: Server) -> None:
+        """Sleep `delay`; when the server's state changes meanwhile (passive observation, its
+        process exited), sleep the interval of its new state from then on instead."""
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), delay)
+        except TimeoutError:
+            return
+        wake.clear()
+        await asyncio.sleep(self._interval(server))
+
+    def wake(self, server: Server) -> None:
+        """The server's state changed by other means than its checks: reschedule them."""
+        ev = self.wakeups.get(server)
+        if ev is not None:
+            ev.set()
+
+    def _interval(self, server: Server, jitter: bool = True) -> float:
         c = server.check
         top = c.rise + c.fall - 1
         if server.health == 0:
@@ -88,7 +106,7 @@ class Health:
             base = c.inter
         else:
             base = c.fastinter
-        if c.jitter:
+        if c.jitter and jitter:
             base *= 1.0 + self.rng.uniform(-c.jitter, c.jitter)
         return base
 

@@ -161,8 +161,8 @@ class LoadBalancer:
             await self.stop(grace=0)
             raise
         for name, fe in self.frontends.items():
-            log.info("frontend %s (%s) listening on %s", name, fe.mode,
-                     ", ".join(_fmt(a) for a in self.addresses[name]))
+            log.debug("frontend %s (%s) listening on %s", name, fe.mode,
+                      ", ".join(_fmt(a) for a in self.addresses[name]))
 
     def _check_managed_ports(self) -> None:
         """A managed server's port must be free, or its process could never listen there."""

@@ -56,6 +56,7 @@ _ERROR_TEXT = {
     502: "The server returned an invalid or incomplete response.",
     503: "No server is available to handle this request.",
     504: "The server didn't respond in time.",
+    505: "Only HTTP/1.0 and HTTP/1.1 are served here.",
 }
 
 
@@ -394,7 +395,10 @@ class HttpSession(ClientSide):
             raise _Reject(431)
         method = parser.get_method()
         r.method = method
-        r.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        r.http11 = version == "1.1"
+        if not r.http11 and version != "1.0":  # HTTP/0.9 or a major version of 2 and up
+            raise _Reject(505)
         r.keep_alive = parser.should_keep_alive()
         r.upgrade = parser.should_upgrade()
         r.is_head = method == b"HEAD"
@@ -501,6 +505,11 @@ class HttpSession(ClientSide):
         parts.append(plan.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
         r.head = b"".join(parts)
         r.headers = None  # not needed any more
+        if r.chunked or (cl is not None and cl.strip() != b"0"):
+            # a body follows: from now on the client may be silent for `timeout client` at most
+            when = self.last_rx + fe.client_timeout
+            if self.th is None or self.th_when > when:
+                self._arm(when)
         q = self.q
         q.append(r)
         if len(q) == 1:
