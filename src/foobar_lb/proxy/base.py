@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["ClientSide", "LazyTimer"]
+__all__ = ["ClientSide", "LazyTimer", "pass_eof"]
+
+
+def pass_eof(peer_done: bool, peer: asyncio.Transport | None) -> bool:
+    """A FIN arrived on one leg of a relay: pass it on to the other leg (`peer`). The return
+    value is eof_received's: True keeps this leg open for writing; False closes it, when the
+    other way is done already (`peer_done`) or a half-close cannot be passed on."""
+    if peer_done or peer is None:
+        return False
+    if peer.can_write_eof():
+        peer.write_eof()
+        return True
+    return False
 
 
 class LazyTimer(asyncio.Protocol):

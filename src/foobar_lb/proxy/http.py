@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from ..frontend import Frontend
-from .base import ClientSide, LazyTimer
+from .base import ClientSide, LazyTimer, pass_eof
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -295,12 +295,7 @@ class HttpSession(ClientSide):
         if self.mode == _MODE_TUNNEL:
             self.eof_in = True
             up = self.up
-            if up is None or up.eof_in or up.transport is None:
-                return False  # both ways are done
-            if up.transport.can_write_eof():
-                up.transport.write_eof()
-                return True
-            return False
+            return pass_eof(up is None or up.eof_in, up.transport if up is not None else None)
         self.closing = True
         self._block(_BLOCK_STOP)
         return bool(self.q)  # keep the connection open while a response is owed
@@ -1297,13 +1292,9 @@ class UpstreamHttp(LazyTimer):
     # -- end of the server connection -----------------------------------------------------------
     def eof_received(self) -> bool:
         s = self.session
-        if self.tunnel and s is not None and s.transport is not None:
+        if self.tunnel and s is not None:
             self.eof_in = True
-            if s.eof_in:  # both ways are done
-                return False
-            if s.transport.can_write_eof():
-                s.transport.write_eof()
-                return True
+            return pass_eof(s.eof_in, s.transport)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

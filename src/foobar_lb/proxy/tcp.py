@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from .base import ClientSide
+from .base import ClientSide, pass_eof
 
 if TYPE_CHECKING:
     from ..backend import Backend, Waiter
@@ -165,12 +165,7 @@ class TcpSession(ClientSide):
         up = self.up
         if up is None:
             return True  # passed on once the server connection is up
-        if up.eof_in:
-            return False
-        if up.transport.can_write_eof():
-            up.transport.write_eof()
-            return True
-        return False
+        return pass_eof(up.eof_in, up.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
@@ -248,12 +243,7 @@ class TcpUpstream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof_in = True
         s = self.session
-        if s.eof_in:
-            return False
-        if s.transport.can_write_eof():
-            s.transport.write_eof()
-            return True
-        return False
+        return pass_eof(s.eof_in, s.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         s = self.session
