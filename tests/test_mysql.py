@@ -244,10 +244,10 @@ async def test_a_statement_past_query_timeout_is_abandoned_and_its_connection_cl
     db = await open_router(shared_cluster["primary"], shared_cluster["replicas"],
                            **{**FAST, "query_timeout": 0.5})
     try:
-        from foobar_app.db import QueryTimeout
+        from foobar_app.db import PrimaryUnavailable
 
         t0 = time.monotonic()
-        with pytest.raises(QueryTimeout):
+        with pytest.raises(PrimaryUnavailable, match=r"statement took over 0\.5s"):
             async with db.write() as s:
                 await s.fetchall("SELECT SLEEP(5)")
         assert time.monotonic() - t0 < 3
@@ -297,15 +297,17 @@ async def test_stopped_or_stalled_io_thread_and_stopped_sql_thread(tmp_path):
         replica = db.replicas[0]
         try:
             await until(lambda: replica.usable)
-            # a stalled IO thread: the primary stops answering (SIGSTOP); the replica's IO
-            # thread still says Yes and Seconds_Behind_Master reads 0, the heartbeat does not lie
+            # a stalled IO thread because the primary stopped answering (SIGSTOP): the replica's
+            # IO thread still says Yes and Seconds_Behind_Master reads 0; the app sees the
+            # primary hung, and the replica keeps serving what it has (nothing fresher exists)
             os.kill(data["nodes"]["primary"]["pid"], signal.SIGSTOP)
             try:
-                await until(lambda: replica.state == "lagging", timeout=15)
+                await until(lambda: db.primary.state == "hung", timeout=15)
+                await until(lambda: "primary hung" in replica.detail, timeout=5)
                 st = sql(data, "replica-1", "SHOW SLAVE STATUS")[0]
                 assert st["Slave_IO_Running"] == "Yes"
                 assert st["Seconds_Behind_Master"] in (0, None)
-                assert not replica.usable
+                assert replica.usable and db.health()["primary"] == "hung"
             finally:
                 os.kill(data["nodes"]["primary"]["pid"], signal.SIGCONT)
             await until(lambda: replica.usable, timeout=20)
@@ -365,7 +367,10 @@ async def test_a_dead_primary_makes_writes_503_while_reads_go_on(tmp_path):
                 await until(lambda: not db.primary.usable, timeout=10)
                 async with http.post(f"{url}/items", json={"name": "after"}) as r:
                     assert r.status == 503
-                    assert (await r.json())["error"]["code"] == "db_unavailable"
+                    assert r.headers["Retry-After"] == "1"
+                    assert (await r.json())["error"] == {
+                        "code": "primary_unavailable", "field": None, "committed": False,
+                        "message": "the primary cannot take this now: the primary (primary) is down"}
                 async with http.get(f"{url}/items") as r:
                     assert r.status == 200 and r.headers["X-DB-Role"] == "replica"
                     assert [i["name"] for i in (await r.json())["items"]] == ["before"]

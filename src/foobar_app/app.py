@@ -5,8 +5,15 @@ Rules of this module:
   transaction); nothing here knows which node runs what;
 - every response says which server made it (`X-Served-By`) and, when it touched the database,
   which role served it (`X-DB-Role: primary|replica`);
+- causal tokens: a request's token (header `X-Causal-Token`, else cookie `foobar_causal`) is
+  handed to the router, which makes its reads see that position (a malformed one is ignored);
+  every response to a write carries the write's position in `X-Causal-Token`, and the HTML
+  page's own form post puts it in the `foobar_causal` cookie;
 - every error is JSON `{"error": {"code", "message", "field"}}`; bad input is a 4xx, never a 500
-  or a traceback; a database that cannot serve is a 503.
+  or a traceback; a database that cannot serve is a 503: `primary_unavailable` (with
+  `"committed": false | "unknown"` for writes) when it needed the primary, `db_unavailable`
+  otherwise;
+- `/health` answers at once from the state the database monitor keeps; it never waits on a node.
 
 Routes: POST/GET /items, GET/PUT/DELETE /items/{id}, GET / (HTML), GET /health.
 """
@@ -21,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .db import DatabaseError, DatabaseUnavailable, Router, track_roles
+from .db import DatabaseError, DatabaseUnavailable, PrimaryUnavailable, Router, current_trace, track
 
 __all__ = ["DB", "NAME", "make_app"]
 
@@ -36,6 +43,8 @@ MAX_NOTE = 2000
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 MAX_ID = 2**63 - 1
+TOKEN_HEADER = "X-Causal-Token"
+TOKEN_COOKIE = "foobar_causal"
 
 SCHEMA = {
     "sqlite": """
@@ -160,12 +169,18 @@ async def create_item(request: web.Request) -> web.Response:
     name, note = _fields(data)
     now = _now()
     async with request.app[DB].write() as s:
+        # one statement: a lost connection after it leaves one unknown outcome, not two
         res = await s.execute(
             "INSERT INTO items (name, note, created_at, updated_at) VALUES (%s, %s, %s, %s)",
             (name, note, now, now))
-        item = await s.fetchone(f"SELECT {COLUMNS} FROM items WHERE id = %s", (res.lastrowid,))
+    item = {"id": res.lastrowid, "name": name, "note": note, "created_at": now, "updated_at": now}
     if form:
-        return web.Response(status=303, headers={"Location": "/"})
+        resp = web.Response(status=303, headers={"Location": "/"})
+        trace = current_trace()
+        if trace is not None and trace.token:  # the page's next request reads this write
+            resp.set_cookie(TOKEN_COOKIE, trace.token, max_age=3600, httponly=True,
+                            samesite="Lax", path="/")
+        return resp
     return web.json_response(item, status=201, headers={"Location": f"/items/{item['id']}"})
 
 
@@ -211,16 +226,11 @@ async def delete_item(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while some node can serve reads, from the monitor's state: a hung node never makes
+    this wait (the load balancer's check would time out and take the server out)."""
     db = request.app[DB]
     nodes = db.health()
     ok = db.can_read()
-    if ok:
-        try:
-            async with db.read() as s:
-                await s.fetchval("SELECT 1")
-        except (DatabaseUnavailable, DatabaseError) as e:
-            ok = False
-            nodes["error"] = str(e)
     body = {"status": "ok" if ok else "unavailable", "server": request.app[NAME], **nodes}
     return web.json_response(body, status=200 if ok else 503)
 
@@ -258,8 +268,10 @@ async def index(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _frame(request: web.Request, handler) -> web.StreamResponse:
-    """Errors as JSON, and the X-Served-By / X-DB-Role headers on every response."""
-    roles = track_roles()
+    """Errors as JSON, the X-Served-By / X-DB-Role headers on every response, and causal
+    tokens in and out."""
+    trace = track(request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE))
+    roles = trace.roles
     try:
         resp = await handler(request)
     except ApiError as e:
@@ -272,6 +284,18 @@ async def _frame(request: web.Request, handler) -> web.StreamResponse:
             resp = error_body(e.status, code, f"{e.reason}: {request.method} {request.path}")
             if e.status == 405:
                 resp.headers["Allow"] = e.headers.get("Allow", "")
+    except PrimaryUnavailable as e:
+        body: dict[str, Any] = {"code": "primary_unavailable", "field": None}
+        if e.committed == "unknown":
+            body["message"] = (f"the connection to the primary was lost after the write was "
+                               f"sent: it may or may not have been applied ({e}); read it back "
+                               f"before sending it again")
+        else:
+            body["message"] = f"the primary cannot take this now: {e}"
+        if e.committed is not None:
+            body["committed"] = e.committed
+        resp = web.json_response({"error": body}, status=503)
+        resp.headers["Retry-After"] = "1"
     except DatabaseUnavailable as e:
         resp = error_body(503, "db_unavailable", f"the database cannot serve this now: {e}")
         resp.headers["Retry-After"] = "1"
@@ -282,6 +306,8 @@ async def _frame(request: web.Request, handler) -> web.StreamResponse:
         log.exception("internal error on %s %s", request.method, request.path)
         resp = error_body(500, "internal", "internal error")
     resp.headers["X-Served-By"] = request.app[NAME]
+    if trace.token:
+        resp.headers[TOKEN_HEADER] = trace.token
     if roles:
         resp.headers["X-DB-Role"] = "primary" if "primary" in roles else "replica"
     return resp

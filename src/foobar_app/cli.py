@@ -1,4 +1,5 @@
-"""Command line: `python -m foobar_app serve` and `python -m foobar_app cluster up|status|down`.
+"""Command line: `python -m foobar_app serve` and `python -m foobar_app cluster ACTION`
+(up, start, status, down, switchover, failover, rejoin).
 
 Rule of this module: parse arguments and run; user mistakes (bad DSN, port taken, no MariaDB
 installed) are one line on stderr with exit status 2, never a traceback. SIGTERM and SIGINT
@@ -48,7 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-replication-lag", type=_seconds, default=5.0, metavar="DURATION",
                        help="MariaDB: a replica further behind is skipped (default 5s)")
     serve.add_argument("--heartbeat-interval", type=_seconds, default=0.5, metavar="DURATION",
-                       help="MariaDB: how often the heartbeat is written and lag read (default 500ms)")
+                       help="MariaDB: how often each node is checked and the heartbeat written; "
+                            "a node silent for twice this is hung (default 500ms)")
+    serve.add_argument("--causal-reads", choices=("session", "fast", "none"), default="session",
+                       help="reads carrying a causal token (X-Causal-Token or the foobar_causal "
+                            "cookie): session = a replica known to have it, else wait on one "
+                            "up to --causal-timeout, else the primary; fast = a replica known "
+                            "to have it, else the primary at once; none = ignore the token "
+                            "(default session)")
+    serve.add_argument("--causal-timeout", type=_seconds, default=1.0, metavar="DURATION",
+                       help="session mode: the longest a read waits for a replica to catch up "
+                            "before it goes to the primary (default 1s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"))
@@ -63,10 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=1, help="how many replicas (default 1)")
     up.add_argument("--general-log", action="store_true",
                     help="log every statement each node runs (DIR/NODE/general.log)")
-    for name, text in (("status", "each node's role, replication threads and lag"),
-                       ("down", "stop every node")):
+    up.add_argument("--semisync", action="store_true",
+                    help="semi-synchronous replication (AFTER_SYNC): a commit is acknowledged "
+                         "once a replica has it, so `failover` loses no acknowledged write")
+    for name, text in (("status", "each node's role, state, GTID position and lag"),
+                       ("down", "stop every node"),
+                       ("start", "start a stopped cluster again, with its data"),
+                       ("switchover", "move the primary role to a replica (the primary "
+                                      "reachable; loses nothing)"),
+                       ("failover", "promote the most advanced replica (the primary "
+                                    "unreachable)"),
+                       ("rejoin", "make a returning old primary (or any node) a replica")):
         c = csub.add_parser(name, help=text)
         c.add_argument("--dir", required=True)
+        if name == "switchover":
+            c.add_argument("--to", metavar="NAME", help="the replica to promote (default: the "
+                                                        "most advanced)")
+        if name == "rejoin":
+            c.add_argument("name", metavar="NAME", help="the node to rejoin")
     return p
 
 
@@ -118,16 +143,20 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     primary, replicas = args.db, args.replica
     try:
+        names = None
         if args.cluster:
-            from .db.mysql import dsn_from_cluster
+            from .db.mysql import cluster_nodes
 
-            primary, replicas = dsn_from_cluster(args.cluster)
+            found = cluster_nodes(args.cluster)  # every node; the app finds their roles itself
+            names = [name for name, _ in found]
+            primary, replicas = found[0][1], [dsn for _, dsn in found[1:]]
+        options: dict = {"causal_reads": args.causal_reads, "causal_timeout": args.causal_timeout}
         if primary.startswith("sqlite:"):
-            options = {"readers": args.readers}
+            options["readers"] = args.readers
         else:
-            options = {"pool_size": args.pool_size, "query_timeout": args.query_timeout,
-                       "max_replication_lag": args.max_replication_lag,
-                       "heartbeat_interval": args.heartbeat_interval}
+            options.update(pool_size=args.pool_size, query_timeout=args.query_timeout,
+                           max_replication_lag=args.max_replication_lag,
+                           heartbeat_interval=args.heartbeat_interval, names=names)
         db = await open_router(primary, replicas, **options)
     except ValueError as e:
         return _fail(str(e))
@@ -161,7 +190,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from .db.cluster import ClusterError, cluster_down, cluster_status, cluster_up
+    from .db import cluster as c
 
     if args.action is None:
         _parser().parse_args(["cluster", "--help"])
@@ -170,19 +199,54 @@ def _cluster(args: argparse.Namespace) -> int:
         if args.action == "up":
             if args.replicas < 0:
                 return _fail(f"--replicas {args.replicas}: expected 0 or more")
-            data = cluster_up(args.dir, args.replicas, general_log=args.general_log)
+            data = c.cluster_up(args.dir, args.replicas, general_log=args.general_log,
+                                semisync=args.semisync)
             print(json.dumps(data, indent=2), flush=True)
         elif args.action == "status":
-            rows = cluster_status(args.dir)
-            for row in rows:
+            for row in c.cluster_status(args.dir):
                 print(_status_line(row), flush=True)
+        elif args.action == "start":
+            started = c.cluster_start(args.dir)
+            print(f"{PROG}: started {', '.join(started) if started else 'nothing (all ran)'}",
+                  flush=True)
+        elif args.action == "switchover":
+            r = c.cluster_switchover(args.dir, args.to)
+            print(f"{PROG}: switchover done in {r['seconds']:.2f}s: {r['primary']} is the "
+                  f"primary (at {r['position']}); {r['previous']} was fenced first "
+                  f"({r['sessions_killed']} session(s) killed) and replicates from it; no "
+                  f"acknowledged write lost", flush=True)
+        elif args.action == "failover":
+            r = c.cluster_failover(args.dir)
+            print(f"{PROG}: failover done in {r['seconds']:.2f}s: {r['primary']} is the primary "
+                  f"(at {r['position'] or '-'}); {', '.join(r['replicas']) or 'no replica'} "
+                  f"repointed; {r['previous']} is fenced until `cluster rejoin`", flush=True)
+            print(f"{PROG}: {_loss_line(r)}", flush=True)
+        elif args.action == "rejoin":
+            r = c.cluster_rejoin(args.dir, args.name)
+            print(f"{PROG}: {r['node']} replicates from {r['primary']} (caught up at "
+                  f"{r['position']})", flush=True)
         else:
-            stopped = cluster_down(args.dir)
+            stopped = c.cluster_down(args.dir)
             print(f"{PROG}: stopped {', '.join(stopped) if stopped else 'nothing (nothing ran)'}",
                   flush=True)
-    except ClusterError as e:
+    except c.ClusterError as e:
         return _fail(str(e).splitlines()[0])  # the first line names the log to look at
     return 0
+
+
+def _loss_line(r: dict) -> str:
+    if r["lost"] is None:
+        told = (f"its last position is unknown (it is unreachable); every transaction it "
+                f"committed after {r['position'] or 'the start'} is lost")
+    elif r["lost"] == 0:
+        told = f"its binary log ends at {r['previous_position']}: nothing is lost"
+    else:
+        told = (f"its binary log ends at {r['previous_position']}: {r['lost']} transaction(s) "
+                f"committed there are not on {r['primary']} and are lost")
+    guard = ("semi-sync was on: none of them was acknowledged to a client while "
+             "Rpl_semi_sync_master_status was ON" if r["semisync"] else
+             "asynchronous replication: they may have been acknowledged to clients")
+    return f"{r['previous']}: {told} ({guard})"
 
 
 def _status_line(row: dict) -> str:
@@ -191,10 +255,14 @@ def _status_line(row: dict) -> str:
         return f"{head} stopped"
     if "error" in row:
         return f"{head} running, unreachable: {row['error']}"
-    if row["role"] != "replica":
-        return f"{head} running, read_only={int(row['read_only'])}, gtid {row['gtid'] or '-'}"
+    line = (f"{head} running, {row['state']}, read_only={int(row['read_only'])}, "
+            f"gtid {row['gtid'] or '-'}")
+    if "semisync" in row:
+        line += f", semi-sync {'ON' if row['semisync'] == 'ON' else 'OFF (asynchronous)'}"
+    if "io_thread" not in row:
+        return line
     lag = row.get("heartbeat_lag")
-    return (f"{head} running, read_only={int(row['read_only'])}, IO thread {row['io_thread']}, "
+    return (f"{line}, from port {row['master_port']}, IO thread {row['io_thread']}, "
             f"SQL thread {row['sql_thread']}, Seconds_Behind_Master "
             f"{row['seconds_behind_master']}, heartbeat lag "
             f"{'-' if lag is None else f'{lag:.2f}s'}"

@@ -15,11 +15,14 @@ from typing import Any, Protocol
 
 __all__ = [
     "Conn",
+    "ConnectionLost",
     "DatabaseError",
     "DatabaseUnavailable",
     "IntegrityError",
     "Node",
+    "PrimaryUnavailable",
     "QueryTimeout",
+    "ReadOnlyRefused",
     "Result",
 ]
 
@@ -40,8 +43,35 @@ class DatabaseUnavailable(Exception):
         self.role = role
 
 
-class QueryTimeout(DatabaseUnavailable):
-    """A statement ran past `query_timeout`; its connection was closed, not reused."""
+class ConnectionLost(DatabaseUnavailable):
+    """The connection broke while a statement was out: the server may have run it (`sent`), so
+    a write's outcome is unknown. Also raised when the node is found hung or dead while the
+    statement waits (the wait is cut short at once, not at the query timeout)."""
+
+    def __init__(self, message: str, role: str = "", sent: bool = True):
+        super().__init__(message, role)
+        self.sent = sent
+
+
+class QueryTimeout(ConnectionLost):
+    """A statement ran past `query_timeout`; its connection was closed, not reused (the server
+    may still finish it)."""
+
+
+class ReadOnlyRefused(DatabaseUnavailable):
+    """A write reached a read-only node (MariaDB error 1290): it was fenced or demoted; the
+    statement did not run."""
+
+
+class PrimaryUnavailable(DatabaseUnavailable):
+    """No primary can take this now (none, two writable ones, down, hung, or lost mid-write).
+
+    `committed`: None for a read that needed the primary, False when nothing was written,
+    "unknown" when the connection was lost after a write was sent (never retried blindly)."""
+
+    def __init__(self, message: str, committed: bool | str | None = False):
+        super().__init__(message, "primary")
+        self.committed = committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +93,10 @@ class Conn(Protocol):
 
     async def rollback(self) -> None: ...
 
+    async def position(self) -> str | None: ...  # the position of this connection's last write
+
+    async def wait_for(self, position: str, timeout: float) -> bool: ...  # applied within timeout?
+
 
 class Node(Protocol):
     name: str
@@ -71,7 +105,9 @@ class Node(Protocol):
     @property
     def usable(self) -> bool: ...
 
-    def status(self) -> str: ...  # "up", "down", "lagging", ...
+    def status(self) -> str: ...  # "up", "down", "hung", "lagging", ...
+
+    def has(self, position: dict[int, int]) -> bool: ...  # known to have applied it
 
     async def acquire(self) -> Conn: ...
 

@@ -1,21 +1,34 @@
 """A local MariaDB primary and replicas with real GTID replication, from the machine's binaries.
 
-    python -m foobar_app cluster up --dir DIR [--replicas N]
+    python -m foobar_app cluster up --dir DIR [--replicas N] [--semisync]
     python -m foobar_app cluster status --dir DIR
     python -m foobar_app cluster down --dir DIR
+    python -m foobar_app cluster start --dir DIR
+    python -m foobar_app cluster switchover --dir DIR [--to NAME]
+    python -m foobar_app cluster failover --dir DIR
+    python -m foobar_app cluster rejoin --dir DIR NAME
 
 Rules of this module:
 - everything lives under DIR: one data directory, socket, pid file and logs per node; nodes
-  listen on 127.0.0.1 only, on free ports; nothing reads the machine's option files
-  (`--no-defaults`) and no other MariaDB instance is touched;
-- the primary writes a binary log; each replica replicates from it with
-  `MASTER_USE_GTID=slave_pos`, runs `read_only=1`, and is verified replicating (both threads
-  running, the primary's users and database arrived) before `up` returns;
+  listen on 127.0.0.1 only, on free ports (kept for good: a node comes back on its port);
+  nothing reads the machine's option files (`--no-defaults`) and no other MariaDB instance is
+  touched;
+- every node writes a binary log (`log_slave_updates`), so any replica can be promoted; each
+  replica replicates with `MASTER_USE_GTID=slave_pos` and runs `read_only=1`, and is verified
+  replicating before a command returns; `--semisync` turns on semi-synchronous replication on
+  every node (`AFTER_SYNC`): a commit is acknowledged once a replica has it;
 - the application user has privileges on its database (and SLAVE MONITOR, to read replica
-  status) but neither SUPER nor READ_ONLY ADMIN, so `read_only` binds it on the replicas;
-- `up` writes DIR/cluster.json: {"primary": DSN, "replicas": [DSN, ...], "nodes": {...}};
-  `down` stops every node by the pid it recorded (SIGTERM, then SIGKILL) and leaves nothing
-  running or listening.
+  status) but neither SUPER nor READ_ONLY ADMIN, so `read_only` binds it on every non-primary;
+- DIR/cluster.json is the one record of the topology: {"primary": DSN, "replicas": [DSN, ...],
+  "nodes": {name: {"role": "primary" | "replica" | "fenced", "port", "pid", ...}}}; every
+  command that changes roles rewrites it (atomically) after the change is made;
+- no split brain: `switchover` fences the old primary (read_only=1, application sessions
+  killed) before it promotes anyone; `failover` (the primary unreachable) marks the old one
+  `fenced`, and `start` keeps a fenced node read-only, not replicating, until `rejoin` checks
+  it has no transaction the new primary lacks;
+- `down` stops every node by the pid it recorded (SIGTERM, then SIGKILL) and leaves nothing
+  running or listening; `start` (or `up` on a stopped cluster) brings the same nodes back on
+  their data.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,7 +49,10 @@ from typing import Any
 
 import pymysql
 
-__all__ = ["ClusterError", "MariaDBMissing", "cluster_down", "cluster_status", "cluster_up",
+from .gtid import Position, covers, parse_position
+
+__all__ = ["ClusterError", "MariaDBMissing", "cluster_down", "cluster_failover", "cluster_rejoin",
+           "cluster_start", "cluster_status", "cluster_switchover", "cluster_up",
            "find_binaries"]
 
 PACKAGE = "mariadb-server"
@@ -57,6 +74,17 @@ SERVER_OPTIONS = (
     "--gtid-strict-mode=1",
     "--log-slave-updates=1",
     "--slave-net-timeout=10",
+)
+# semi-synchronous replication (`up --semisync`), on every node so that any can be promoted: the
+# primary acknowledges a commit once a replica has it in its relay log (AFTER_SYNC: not visible
+# to others before either); with no replica answering for SEMISYNC_TIMEOUT_MS it falls back to
+# asynchronous replication (logged by the app servers, shown by `cluster status`)
+SEMISYNC_TIMEOUT_MS = 2000
+SEMISYNC_OPTIONS = (
+    "--rpl-semi-sync-master-enabled=ON",
+    "--rpl-semi-sync-slave-enabled=ON",
+    "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
+    f"--rpl-semi-sync-master-timeout={SEMISYNC_TIMEOUT_MS}",
 )
 
 
@@ -130,11 +158,34 @@ class Node:
     def general_log(self) -> Path:
         return self.path / "general.log"
 
-    def admin(self, timeout: float = 5.0) -> pymysql.connections.Connection:
+    def admin(self, timeout: float = 5.0, read_timeout: float | None = None
+              ) -> pymysql.connections.Connection:
         """root over the node's own socket (root has no password and no TCP access)."""
+        rt = timeout + 25 if read_timeout is None else read_timeout
         return pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=timeout,
-                               read_timeout=timeout + 25, write_timeout=timeout + 25,
+                               read_timeout=rt, write_timeout=rt,
                                autocommit=True, cursorclass=pymysql.cursors.DictCursor)
+
+    def sql(self, *statements: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Run statements as root; the rows of the last one."""
+        with contextlib.closing(self.admin(timeout)) as db, db.cursor() as c:
+            rows: list[dict[str, Any]] = []
+            for st in statements:
+                c.execute(st)
+                rows = list(c.fetchall())
+            return rows
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """Running and answering within `timeout` (a hung server counts as unreachable)."""
+        if not self.alive():
+            return False
+        try:
+            with contextlib.closing(self.admin(timeout, read_timeout=timeout)) as db, \
+                    db.cursor() as c:
+                c.execute("SELECT 1")
+            return True
+        except (pymysql.err.MySQLError, OSError):
+            return False
 
     def alive(self) -> bool:
         if not self.pid:
@@ -171,17 +222,20 @@ def _nodes(data: dict[str, Any]) -> list[Node]:
 
 
 def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
-               timeout: float = 60.0) -> dict[str, Any]:
-    """Create and start a primary and `replicas` replicas under `dir`; return cluster.json."""
+               semisync: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+    """Create and start a primary and `replicas` replicas under `dir`; return cluster.json.
+    On a directory that holds a stopped cluster, start it again with its data instead."""
     dir = Path(dir).resolve()
     server_bin, install_bin = find_binaries()
     if (dir / "cluster.json").exists():
         data = _load(dir)
-        running = [n.name for n in _nodes(data) if n.alive()]
-        if running:
-            raise ClusterError(f"{dir}: a cluster is already up here ({', '.join(running)}); "
+        nodes = _nodes(data)
+        if all(n.alive() for n in nodes):
+            raise ClusterError(f"{dir}: a cluster is already up here "
+                               f"({', '.join(n.name for n in nodes)}); "
                                f"run `cluster down --dir {dir}` first")
-        raise ClusterError(f"{dir}: holds a stopped cluster; remove the directory to start afresh")
+        cluster_start(dir, timeout=timeout)
+        return _load(dir)
     dir.mkdir(parents=True, exist_ok=True)
     for old in [dir / "primary", *dir.glob("replica-*")]:  # what a failed `up` left (its logs)
         if old.is_dir():
@@ -192,19 +246,21 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     nodes += [Node(f"replica-{i}", "replica", 1 + i, _free_port(), str(dir / f"replica-{i}"))
               for i in range(1, replicas + 1)]
     data: dict[str, Any] = {
-        "primary": f"mysql://{APP_USER}:{password}@{LOOPBACK}:{nodes[0].port}/{DATABASE}",
-        "replicas": [f"mysql://{APP_USER}:{password}@{LOOPBACK}:{n.port}/{DATABASE}"
-                     for n in nodes[1:]],
+        "primary": _dsn(password, nodes[0].port),
+        "replicas": [_dsn(password, n.port) for n in nodes[1:]],
         "nodes": {},
         "database": DATABASE,
         "user": APP_USER,
         "general_log": general_log,
+        "semisync": semisync,
+        "repl_user": REPL_USER,
+        "repl_password": repl_password,
     }
     try:
         for node in nodes:
             _install(install_bin, node, timeout)
-            _start(server_bin, node, general_log, timeout)
-            data["nodes"][node.name] = _describe(node)
+            _start(server_bin, node, general_log, timeout, semisync)
+            data["nodes"][node.name] = _describe(node, password)
             _save(dir, data)  # so that `down` can stop what already runs, whatever happens next
         _setup_primary(nodes[0], password, repl_password)
         for node in nodes[1:]:
@@ -219,9 +275,13 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     return data
 
 
-def _describe(node: Node) -> dict[str, Any]:
-    return {**asdict(node), "socket": node.socket, "error_log": str(node.error_log),
-            "general_log": str(node.general_log)}
+def _dsn(password: str, port: int) -> str:
+    return f"mysql://{APP_USER}:{password}@{LOOPBACK}:{port}/{DATABASE}"
+
+
+def _describe(node: Node, password: str) -> dict[str, Any]:
+    return {**asdict(node), "dsn": _dsn(password, node.port), "socket": node.socket,
+            "error_log": str(node.error_log), "general_log": str(node.general_log)}
 
 
 def _save(dir: Path, data: dict[str, Any]) -> None:
@@ -254,14 +314,17 @@ def _install(install_bin: str, node: Node, timeout: float) -> None:
                            f"(see {log})\n{_tail(log)}")
 
 
-def _start(server_bin: str, node: Node, general_log: bool, timeout: float) -> None:
+def _start(server_bin: str, node: Node, general_log: bool, timeout: float,
+           semisync: bool = False) -> None:
     p = node.path
     cmd = [server_bin, "--no-defaults", *_run_as_root_args(), f"--datadir={p / 'data'}",
            f"--socket={node.socket}", f"--port={node.port}", f"--bind-address={LOOPBACK}",
            f"--pid-file={p / 'mariadbd.pid'}", f"--log-error={node.error_log}", f"--tmpdir={p}",
            f"--server-id={node.server_id}", f"--log-bin={p / 'binlog'}", *SERVER_OPTIONS]
-    if node.role == "replica":
+    if node.role != "primary":  # replicas, and fenced nodes until they rejoin
         cmd += ["--read-only=1", "--skip-slave-start"]
+    if semisync:
+        cmd += SEMISYNC_OPTIONS
     if general_log:
         cmd += ["--general-log=1", f"--general-log-file={node.general_log}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -299,9 +362,7 @@ def _setup_primary(node: Node, password: str, repl_password: str) -> None:
 
 def _setup_replica(node: Node, primary: Node, repl_password: str, timeout: float) -> None:
     with contextlib.closing(node.admin()) as db, db.cursor() as c:
-        c.execute(f"CHANGE MASTER TO MASTER_HOST='{LOOPBACK}', MASTER_PORT={primary.port}, "
-                  f"MASTER_USER='{REPL_USER}', MASTER_PASSWORD='{repl_password}', "
-                  "MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1")
+        c.execute(_change_master(primary, repl_password))
         c.execute("START SLAVE")
         deadline = time.monotonic() + timeout
         while True:
@@ -320,11 +381,18 @@ def _setup_replica(node: Node, primary: Node, repl_password: str, timeout: float
             time.sleep(0.05)
 
 
+def _change_master(primary: Node, repl_password: str) -> str:
+    return (f"CHANGE MASTER TO MASTER_HOST='{LOOPBACK}', MASTER_PORT={primary.port}, "
+            f"MASTER_USER='{REPL_USER}', MASTER_PASSWORD='{repl_password}', "
+            "MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1")
+
+
 # -- status -------------------------------------------------------------------------------------
 
 
 def cluster_status(dir: str | Path) -> list[dict[str, Any]]:
-    """Each node: role, running, replication threads, Seconds_Behind_Master, heartbeat lag."""
+    """Each node: its role in cluster.json and as it behaves (read_only, replication), state,
+    GTID position, lag (heartbeat and Seconds_Behind_Master), semi-sync on the primary."""
     dir = Path(dir).resolve()
     data = _load(dir)
     out = []
@@ -333,25 +401,39 @@ def cluster_status(dir: str | Path) -> list[dict[str, Any]]:
                                "pid": node.pid, "running": node.alive()}
         if row["running"]:
             try:
-                row.update(_inspect(node))
-            except pymysql.err.MySQLError as e:
-                row["error"] = str(e)
+                row.update(_inspect(node, data))
+            except (pymysql.err.MySQLError, OSError) as e:
+                row["error"] = str(e) or type(e).__name__
         out.append(row)
     return out
 
 
-def _inspect(node: Node) -> dict[str, Any]:
-    with contextlib.closing(node.admin()) as db, db.cursor() as c:
-        c.execute("SELECT @@read_only AS ro, @@gtid_current_pos AS gtid")
+def _inspect(node: Node, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    with contextlib.closing(node.admin(2.0, read_timeout=2.0)) as db, db.cursor() as c:
+        c.execute("SELECT @@read_only AS ro, @@gtid_current_pos AS gtid, "
+                  "@@gtid_binlog_pos AS binlog, @@gtid_slave_pos AS slave, "
+                  "@@rpl_semi_sync_master_enabled AS ss")
         row = c.fetchone()
-        info: dict[str, Any] = {"read_only": bool(row["ro"]), "gtid": row["gtid"]}
-        if node.role != "replica":
-            return info
+        info: dict[str, Any] = {"read_only": bool(row["ro"]), "gtid": row["gtid"],
+                                "binlog_pos": row["binlog"], "slave_pos": row["slave"]}
         c.execute("SHOW SLAVE STATUS")
-        st = c.fetchone() or {}
+        st = c.fetchone()
+        if not row["ro"]:
+            info["state"] = "writable"
+            if row["ss"]:
+                c.execute("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_status'")
+                ss = c.fetchone()
+                info["semisync"] = ss["Value"] if ss else "OFF"
+        elif st is None:
+            info["state"] = "fenced" if node.role == "fenced" else "read-only, not replicating"
+        if st is None:
+            return info
         info.update(io_thread=st.get("Slave_IO_Running"), sql_thread=st.get("Slave_SQL_Running"),
+                    master_port=st.get("Master_Port"),
                     seconds_behind_master=st.get("Seconds_Behind_Master"),
                     last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "")
+        running = info["io_thread"] == "Yes" and info["sql_thread"] == "Yes"
+        info.setdefault("state", "replicating" if running else "replication broken")
         try:
             c.execute(f"SELECT TIMESTAMPDIFF(MICROSECOND, ts, NOW(6)) / 1000000 AS lag "
                       f"FROM `{DATABASE}`.foobar_heartbeat WHERE id = 1")
@@ -360,6 +442,317 @@ def _inspect(node: Node) -> dict[str, Any]:
         except pymysql.err.MySQLError:
             info["heartbeat_lag"] = None  # no app has written a heartbeat yet
         return info
+
+
+# -- start ----------------------------------------------------------------------------------------
+
+
+def cluster_start(dir: str | Path, timeout: float = 60.0) -> list[str]:
+    """Start the stopped nodes of the cluster under `dir` on their data and ports: the primary
+    writable, replicas read-only and replicating again, fenced nodes read-only and idle."""
+    dir = Path(dir).resolve()
+    data = _load(dir)
+    server_bin, _ = find_binaries()
+    nodes = sorted(_nodes(data), key=lambda n: n.role != "primary")
+    started = []
+    for node in nodes:
+        if node.alive():
+            continue
+        if not (node.path / "data").is_dir():
+            raise ClusterError(f"{node.name}: no data directory at {node.path / 'data'}; "
+                               "remove the directory and run `cluster up` to start afresh")
+        with socket.socket() as probe:
+            if probe.connect_ex((LOOPBACK, node.port)) == 0:
+                raise ClusterError(f"{node.name}: port {node.port} is taken by another program; "
+                                   "free it and run `cluster start` again")
+        _start(server_bin, node, bool(data.get("general_log")), timeout,
+               bool(data.get("semisync")))
+        data["nodes"][node.name]["pid"] = node.pid
+        _save(dir, data)
+        started.append(node)
+    for node in started:
+        if node.role == "replica":
+            node.sql("START SLAVE")
+    for node in started:
+        if node.role == "replica":
+            _wait_replicating(node, timeout)
+    return [n.name for n in started]
+
+
+def _wait_replicating(node: Node, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = (node.sql("SHOW SLAVE STATUS") or [{}])[0]
+        if st.get("Slave_IO_Running") == "Yes" and st.get("Slave_SQL_Running") == "Yes":
+            return
+        if time.monotonic() > deadline:
+            why = st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "not connected"
+            raise ClusterError(f"{node.name}: replication not running after {timeout:.0f}s "
+                               f"(IO {st.get('Slave_IO_Running')}, SQL "
+                               f"{st.get('Slave_SQL_Running')}): {why}")
+        time.sleep(0.05)
+
+
+# -- switchover, failover, rejoin -------------------------------------------------------------------
+
+
+def _primary_of(data: dict[str, Any], nodes: list[Node]) -> Node:
+    for n in nodes:
+        if n.role == "primary":
+            return n
+    raise ClusterError("cluster.json names no primary")
+
+
+def _repl_password(data: dict[str, Any], nodes: list[Node]) -> str:
+    if data.get("repl_password"):
+        return data["repl_password"]
+    for n in nodes:  # a cluster made before cluster.json kept it: a replica's master.info has it
+        with contextlib.suppress(OSError, IndexError):
+            return (n.path / "data" / "master.info").read_text().splitlines()[5]
+    raise ClusterError("cannot find the replication password (no repl_password in cluster.json)")
+
+
+def _pos(text: str | None) -> Position:
+    return parse_position(text) or {}
+
+
+def _ahead(a: Position, b: Position) -> int:
+    """How many transactions `a` has that `b` lacks (per-domain sequence numbers)."""
+    return sum(max(0, seq - b.get(d, 0)) for d, seq in a.items())
+
+
+def _retopology(data: dict[str, Any], primary: Node, nodes: list[Node],
+                fenced: tuple[str, ...] = ()) -> None:
+    """Write the new roles into `data` (saved by the caller)."""
+    password = data["primary"].rpartition("@")[0].rpartition(":")[2]
+    for n in nodes:
+        role = "primary" if n is primary else "fenced" if n.name in fenced else "replica"
+        n.role = role
+        data["nodes"][n.name]["role"] = role
+        data["nodes"][n.name]["fenced"] = role == "fenced"
+    data["primary"] = _dsn(password, primary.port)
+    data["replicas"] = [_dsn(password, n.port) for n in nodes if n.role == "replica"]
+    data["primary_node"] = primary.name
+
+
+def _repoint(node: Node, primary: Node, repl_password: str, own_binlog: bool = False) -> None:
+    statements = ["STOP SLAVE", "SET GLOBAL read_only = 1"]
+    if own_binlog:  # an old primary: what it has is its own binary log
+        statements.append("SET GLOBAL gtid_slave_pos = @@gtid_binlog_pos")
+    node.sql(*statements, _change_master(primary, repl_password), "START SLAVE")
+
+
+def _kill_sessions(c) -> int:
+    """Kill every application session (anything but root, replication and system threads)."""
+    c.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() "
+              f"AND USER NOT IN ('root', 'system user', 'event_scheduler', '{REPL_USER}', '')")
+    killed = 0
+    for row in c.fetchall():
+        with contextlib.suppress(pymysql.err.MySQLError):
+            c.execute(f"KILL CONNECTION {int(row['ID'])}")
+            killed += 1
+    return killed
+
+
+def cluster_switchover(dir: str | Path, to: str | None = None,
+                       timeout: float = 30.0) -> dict[str, Any]:
+    """Move the primary role to a replica with the old primary reachable: zero acknowledged
+    writes lost (the old one is fenced before anything is promoted)."""
+    dir = Path(dir).resolve()
+    data = _load(dir)
+    nodes = _nodes(data)
+    old = _primary_of(data, nodes)
+    if not old.reachable():
+        raise ClusterError(f"the primary {old.name} does not answer: use `cluster failover "
+                           f"--dir {dir}` instead")
+    by_name = {n.name: n for n in nodes}
+    if to is not None:
+        if to not in by_name:
+            raise ClusterError(f"--to {to}: no such node (nodes: {', '.join(by_name)})")
+        cand = by_name[to]
+        if cand is old:
+            raise ClusterError(f"--to {to}: it is already the primary")
+        if cand.role != "replica":
+            raise ClusterError(f"--to {to}: it is {cand.role}; rejoin it first")
+    else:
+        live = [n for n in nodes if n.role == "replica" and n.reachable()]
+        if not live:
+            raise ClusterError("no running replica to promote")
+        cand = max(live, key=lambda n: sum(_pos(n.sql("SELECT @@gtid_slave_pos AS p")[0]["p"])
+                                           .values()))
+    if not cand.reachable():
+        raise ClusterError(f"{cand.name} does not answer; start it first")
+    st = (cand.sql("SHOW SLAVE STATUS") or [{}])[0]
+    if st.get("Slave_SQL_Running") != "Yes":
+        raise ClusterError(f"{cand.name}: its replication is not running "
+                           f"({st.get('Last_SQL_Error') or 'SQL thread stopped'})")
+    repl_password = _repl_password(data, nodes)
+    t0 = time.monotonic()
+    # 1. fence the old primary: no write can commit there any more
+    with contextlib.closing(old.admin()) as db, db.cursor() as c:
+        c.execute("SET GLOBAL read_only = 1")
+        killed = _kill_sessions(c)
+        c.execute("SELECT @@gtid_binlog_pos AS p")
+        target = c.fetchone()["p"]
+    # 2. the candidate applies everything the old primary wrote
+    try:
+        waited = cand.sql(f"SELECT MASTER_GTID_WAIT('{target}', {timeout}) AS w",
+                          timeout=timeout + 5)[0]["w"]
+        if waited != 0:
+            raise ClusterError(f"{cand.name} did not apply {target} within {timeout:g}s; "
+                               f"switchover abandoned, {old.name} is the primary again")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            old.sql("SET GLOBAL read_only = 0")
+        raise
+    # 3. promote it, 4. repoint the others (the old primary included) to it
+    cand.sql("STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0")
+    others = [n for n in nodes if n is not cand and (n is old or n.role == "replica")]
+    for n in others:
+        if n.reachable():
+            _repoint(n, cand, repl_password, own_binlog=n is old)
+    _retopology(data, cand, nodes,
+                fenced=tuple(n.name for n in nodes if n.role == "fenced"))
+    _save(dir, data)
+    for n in others:
+        if n.reachable():
+            _wait_replicating(n, timeout)
+    return {"primary": cand.name, "previous": old.name, "position": target,
+            "sessions_killed": killed, "seconds": round(time.monotonic() - t0, 3),
+            "replicas": [n.name for n in others]}
+
+
+def _binlog_position(node: Node) -> str | None:
+    """The last GTID in a stopped or unreachable node's binary log, read from its files."""
+    tool = _which("mariadb-binlog", "mysqlbinlog")
+    index = node.path / "binlog.index"
+    if tool is None or not index.is_file():
+        return None
+    files = [line.strip() for line in index.read_text().splitlines() if line.strip()]
+    last: dict[int, str] = {}
+    for f in files[-2:]:
+        path = Path(f) if Path(f).is_absolute() else node.path / "data" / f
+        try:
+            out = subprocess.run([tool, "--no-defaults", str(path)], capture_output=True,
+                                 text=True, timeout=30, errors="replace").stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for m in re.finditer(r"Gtid list \[([0-9,\- ]*)\]|\bGTID (\d+-\d+-\d+)", out):
+            for g in re.findall(r"\d+-\d+-\d+", m.group(1) or m.group(2)):
+                d, _, seq = (int(x) for x in g.split("-"))
+                if d not in last or seq >= int(last[d].split("-")[2]):
+                    last[d] = g
+    return ",".join(last[d] for d in sorted(last)) or None
+
+
+def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Promote the most advanced replica when the primary is unreachable; the old primary is
+    marked fenced. Says how many transactions the old primary has that the new one lacks."""
+    dir = Path(dir).resolve()
+    data = _load(dir)
+    nodes = _nodes(data)
+    old = _primary_of(data, nodes)
+    if old.reachable():
+        raise ClusterError(f"the primary {old.name} answers: use `cluster switchover --dir "
+                           f"{dir}` (it loses nothing)")
+    live = [n for n in nodes if n.role == "replica" and n.reachable()]
+    if not live:
+        raise ClusterError("no running replica to promote")
+    t0 = time.monotonic()
+    positions: dict[str, str] = {}
+    for n in live:
+        # stop fetching (the primary is gone), then let the relay log be applied in full
+        n.sql("STOP SLAVE IO_THREAD")
+        st = (n.sql("SHOW SLAVE STATUS") or [{}])[0]
+        received = st.get("Gtid_IO_Pos") or ""
+        if received and st.get("Slave_SQL_Running") == "Yes":
+            n.sql(f"SELECT MASTER_GTID_WAIT('{received}', {timeout}) AS w", timeout=timeout + 5)
+        n.sql("STOP SLAVE")
+        positions[n.name] = n.sql("SELECT @@gtid_slave_pos AS p")[0]["p"]
+    best = max(live, key=lambda n: (all(covers(_pos(positions[n.name]), _pos(positions[m.name]))
+                                        for m in live), sum(_pos(positions[n.name]).values())))
+    best.sql("RESET SLAVE ALL", "SET GLOBAL read_only = 0")
+    repl_password = _repl_password(data, nodes)
+    others = [n for n in live if n is not best]
+    for n in others:
+        _repoint(n, best, repl_password)
+    _retopology(data, best, nodes, fenced=(old.name, *(n.name for n in nodes
+                                                        if n.role == "fenced")))
+    _save(dir, data)
+    for n in others:
+        _wait_replicating(n, timeout)
+    old_pos = None if old.alive() else _binlog_position(old)
+    lost = None if old_pos is None else _ahead(_pos(old_pos), _pos(positions[best.name]))
+    return {"primary": best.name, "previous": old.name, "position": positions[best.name],
+            "previous_position": old_pos, "lost": lost, "semisync": bool(data.get("semisync")),
+            "seconds": round(time.monotonic() - t0, 3), "replicas": [n.name for n in others]}
+
+
+def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Make `name` (an old primary, or any node) a replica of the current primary, refused when
+    it has transactions the primary lacks (they would be lost, or break replication)."""
+    dir = Path(dir).resolve()
+    data = _load(dir)
+    nodes = _nodes(data)
+    by_name = {n.name: n for n in nodes}
+    if name not in by_name:
+        raise ClusterError(f"{name}: no such node (nodes: {', '.join(by_name)})")
+    node, primary = by_name[name], _primary_of(data, nodes)
+    if node is primary:
+        raise ClusterError(f"{name} is the primary")
+    if not primary.reachable():
+        raise ClusterError(f"the primary {primary.name} does not answer")
+    if not node.alive():
+        server_bin, _ = find_binaries()
+        if node.role == "primary":
+            node.role = "fenced"
+        _start(server_bin, node, bool(data.get("general_log")), timeout,
+               bool(data.get("semisync")))
+        data["nodes"][name]["pid"] = node.pid
+        _save(dir, data)
+    with contextlib.closing(node.admin()) as db, db.cursor() as c:
+        c.execute("SET GLOBAL read_only = 1")  # fenced first, whatever comes next
+        _kill_sessions(c)
+        c.execute("STOP SLAVE")
+        c.execute("SELECT @@gtid_binlog_pos AS b, @@gtid_current_pos AS cur")
+        mine = c.fetchone()
+    theirs = primary.sql("SELECT @@gtid_binlog_pos AS b")[0]["b"]
+    extra = _ahead(_pos(mine["b"]), _pos(theirs))
+    if extra:
+        _fence_record(dir, data, name)
+        raise ClusterError(f"rejoin refused: {name} has {extra} transaction(s) the primary "
+                           f"{primary.name} lacks (its binlog at {mine['b']}, the primary at "
+                           f"{theirs}); they were never replicated. Save what you need from it, "
+                           f"then rebuild it; it stays fenced (read-only)")
+    repl_password = _repl_password(data, nodes)
+    node.sql("RESET SLAVE ALL", f"SET GLOBAL gtid_slave_pos = '{mine['cur']}'",
+             _change_master(primary, repl_password), "START SLAVE")
+    deadline = time.monotonic() + timeout
+    while True:
+        st = (node.sql("SHOW SLAVE STATUS") or [{}])[0]
+        if st.get("Last_IO_Errno") or st.get("Last_SQL_Errno"):
+            why = st.get("Last_IO_Error") or st.get("Last_SQL_Error")
+            node.sql("STOP SLAVE", "RESET SLAVE ALL")
+            _fence_record(dir, data, name)
+            raise ClusterError(f"rejoin refused: {name} diverged from {primary.name}: {why}; "
+                               "it stays fenced (read-only)")
+        running = st.get("Slave_IO_Running") == "Yes" and st.get("Slave_SQL_Running") == "Yes"
+        if running and node.sql(f"SELECT MASTER_GTID_WAIT('{theirs}', 0.2) AS w")[0]["w"] == 0:
+            break
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{name}: not caught up with {primary.name} after {timeout:g}s")
+        time.sleep(0.05)
+    node.role = "replica"
+    _retopology(data, primary, nodes, fenced=tuple(n.name for n in nodes
+                                                    if n.role == "fenced" and n is not node))
+    _save(dir, data)
+    return {"node": name, "primary": primary.name, "position": theirs}
+
+
+def _fence_record(dir: Path, data: dict[str, Any], name: str) -> None:
+    data["nodes"][name]["role"] = "fenced"
+    data["nodes"][name]["fenced"] = True
+    _save(dir, data)
 
 
 # -- down ---------------------------------------------------------------------------------------

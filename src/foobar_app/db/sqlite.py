@@ -101,6 +101,14 @@ class _Conn:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
+    async def position(self) -> str | None:
+        """A causal token for the last write. One file has no replication lag: every reader
+        sees every committed write, so any token is satisfied at once; this one only counts."""
+        return f"0-0-{self._db.total_changes}"
+
+    async def wait_for(self, position: str, timeout: float) -> bool:
+        return True
+
     async def close(self) -> None:
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._db.close)
@@ -120,6 +128,9 @@ class _Node:
 
     def status(self) -> str:
         return "up"
+
+    def has(self, position: dict[int, int]) -> bool:
+        return True  # one file: a committed write is visible to every reader
 
 
 class _Writer(_Node):
