@@ -81,7 +81,6 @@ SERVER_OPTIONS = (
 # asynchronous replication (logged by the app servers, shown by `cluster status`)
 SEMISYNC_TIMEOUT_MS = 2000
 SEMISYNC_OPTIONS = (
-    "--rpl-semi-sync-master-enabled=ON",
     "--rpl-semi-sync-slave-enabled=ON",
     "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
     f"--rpl-semi-sync-master-timeout={SEMISYNC_TIMEOUT_MS}",
@@ -259,12 +258,15 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     try:
         for node in nodes:
             _install(install_bin, node, timeout)
-            _start(server_bin, node, general_log, timeout, semisync)
+            _start(server_bin, node, general_log, timeout, semisync, semisync_master=False)
             data["nodes"][node.name] = _describe(node, password)
             _save(dir, data)  # so that `down` can stop what already runs, whatever happens next
         _setup_primary(nodes[0], password, repl_password)
         for node in nodes[1:]:
             _setup_replica(node, nodes[0], repl_password, timeout)
+        if semisync:
+            for node in nodes:
+                node.sql("SET GLOBAL rpl_semi_sync_master_enabled = ON")
     except BaseException:
         with contextlib.suppress(Exception):
             cluster_down(dir)
@@ -315,7 +317,7 @@ def _install(install_bin: str, node: Node, timeout: float) -> None:
 
 
 def _start(server_bin: str, node: Node, general_log: bool, timeout: float,
-           semisync: bool = False) -> None:
+           semisync: bool = False, semisync_master: bool = True) -> None:
     p = node.path
     cmd = [server_bin, "--no-defaults", *_run_as_root_args(), f"--datadir={p / 'data'}",
            f"--socket={node.socket}", f"--port={node.port}", f"--bind-address={LOOPBACK}",
@@ -325,6 +327,9 @@ def _start(server_bin: str, node: Node, general_log: bool, timeout: float,
         cmd += ["--read-only=1", "--skip-slave-start"]
     if semisync:
         cmd += SEMISYNC_OPTIONS
+        # (`up` turns the primary's side on once the replicas run: its own setup statements
+        # would otherwise each wait for an acknowledgement no replica can give yet)
+        cmd.append(f"--rpl-semi-sync-master-enabled={'ON' if semisync_master else 'OFF'}")
     if general_log:
         cmd += ["--general-log=1", f"--general-log-file={node.general_log}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -638,7 +643,7 @@ def _binlog_position(node: Node) -> str | None:
         except (OSError, subprocess.TimeoutExpired):
             continue
         for m in re.finditer(r"Gtid list \[([0-9,\- ]*)\]|\bGTID (\d+-\d+-\d+)", out):
-            for g in re.findall(r"\d+-\d+-\d+", m.group(1) or m.group(2)):
+            for g in re.findall(r"\d+-\d+-\d+", m.group(m.lastindex)):
                 d, _, seq = (int(x) for x in g.split("-"))
                 if d not in last or seq >= int(last[d].split("-")[2]):
                     last[d] = g
