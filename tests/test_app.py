@@ -103,6 +103,27 @@ async def test_html_page_lists_items_and_its_form_adds_one(app_url, http):
     assert "<form" in page and "server-9" in page
 
 
+async def test_causal_tokens_on_sqlite_are_accepted_and_trivially_satisfied(app_url, http):
+    async with http.post(f"{app_url}/items", json={"name": "t"}) as r:
+        assert r.status == 201
+        token = r.headers["X-Causal-Token"]
+    assert token.startswith("0-0-")
+    async with http.put(f"{app_url}/items/1", json={"name": "u"}) as r:
+        assert r.status == 200 and "X-Causal-Token" in r.headers  # a transaction is a write
+    async with http.get(f"{app_url}/items") as r:
+        assert "X-Causal-Token" not in r.headers  # reads hand out none
+    for sent in (token, "0-1-999999999", "not a token", "0-0-1,0-0-2"):
+        async with http.get(f"{app_url}/items/1", headers={"X-Causal-Token": sent}) as r:
+            assert r.status == 200 and r.headers["X-DB-Role"] == "replica"
+            assert (await r.json())["name"] == "u"
+    # the page's form post hands its token to the page's next request in a cookie
+    async with http.post(f"{app_url}/items", data={"name": "form"}, allow_redirects=False) as r:
+        assert r.status == 303
+        cookie = r.cookies["foobar_causal"]
+        assert cookie.value == r.headers["X-Causal-Token"] and cookie["httponly"]
+        assert cookie["path"] == "/"
+
+
 async def test_health_reports_each_node(app_url, http):
     async with http.get(f"{app_url}/health") as r:
         assert r.status == 200

@@ -239,7 +239,8 @@ def _loss_line(r: dict) -> str:
         told = (f"its last position is unknown (it is unreachable); every transaction it "
                 f"committed after {r['position'] or 'the start'} is lost")
     elif r["lost"] == 0:
-        told = f"its binary log ends at {r['previous_position']}: nothing is lost"
+        return (f"{r['previous']}: its binary log ends at {r['previous_position']}, all on "
+                f"{r['primary']}: nothing is lost")
     else:
         told = (f"its binary log ends at {r['previous_position']}: {r['lost']} transaction(s) "
                 f"committed there are not on {r['primary']} and are lost")
