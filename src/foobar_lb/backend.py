@@ -1,43 +1,31 @@
 """Backends at run time: the servers of a [backends.NAME] section, its balancer, pool and queue.
 
 Rule of this module: a Backend is the meeting point the proxies use (pick, take, release, wait,
-observe) and holds no per-request state beyond its queue of waiting requests. Server state
-changes go through `set_state`, which tells the algorithms, logs the change once with the
-reason, empties the pool of a server that went down and serves the queue when one comes up.
+observe) and holds no per-request state beyond its queue of waiting requests. It does not
+decide server states: `apply_state` is how the state machine's decisions (in this process, or
+pushed by the master) reach the algorithms, the pool and the queue, and what live traffic
+observes goes to the `observer` (the state machine, or the link to the master in a worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 from .balancing import Balancer
 from .config import BackendConfig
-from .health import Health
 from .proxy.upstream import Pool
 from .servers import Server, State
+from .shared import S_REQUESTS
 
-__all__ = ["Backend", "StateChange", "Waiter"]
+__all__ = ["Backend", "Waiter"]
 
 log = logging.getLogger("foobar_lb")
 
-
-@dataclass(frozen=True, slots=True)
-class StateChange:
-    """One server state change, as logged (kept in `LoadBalancer.events`)."""
-
-    time: float  # time.time()
-    backend: str
-    server: str
-    old: State
-    new: State
-    reason: str
-    active_left: int
-    backup_left: int
+QUEUE_POLL = 0.01  # a queue waiting on group-wide slots looks again this often
 
 
 class Waiter:
@@ -59,17 +47,16 @@ class Waiter:
 
 class Backend:
     __slots__ = (
+        "_qpoll",
         "_qtimer",
         "algorithm",
         "balancer",
         "by_name",
         "cfg",
-        "events",
-        "health",
-        "listeners",
         "mode",
         "name",
         "notify",
+        "observer",
         "pool",
         "queue",
         "retries",
@@ -77,7 +64,10 @@ class Backend:
         "timeouts",
     )
 
-    def __init__(self, cfg: BackendConfig, events: deque[StateChange] | None = None):
+    def __init__(self, cfg: BackendConfig, observer: Any = None,
+                 prepare: Callable[[Server], None] | None = None):
+        """`prepare(server)` is called on each new server before the algorithms see it (to
+        carry a state over, give it its counters and slots)."""
         self.cfg = cfg
         self.name = cfg.name
         self.mode = cfg.mode
@@ -88,6 +78,8 @@ class Backend:
             if scfg.command:  # a managed server is down until its process answers its check
                 server.state = State.DOWN
                 server.health = max(0, scfg.check.rise - 1)
+            if prepare is not None:
+                prepare(server)
         self.by_name = {s.name: s for s in self.servers}
         self.balancer = Balancer(self.servers, cfg.balance, allbackups=cfg.allbackups)
         self.algorithm = self.balancer.algorithm
@@ -95,9 +87,9 @@ class Backend:
         self.pool = Pool(cfg.pool_max_idle, cfg.pool_idle_timeout)
         self.queue: deque[Waiter] = deque()
         self._qtimer: asyncio.TimerHandle | None = None
-        self.events = events if events is not None else deque(maxlen=1000)
-        self.listeners: list[Callable[[StateChange], None]] = []
-        self.health = Health(self)
+        self._qpoll: asyncio.TimerHandle | None = None
+        # observed_error(backend, server, what, layer7) and observed_ok(backend, server)
+        self.observer = observer
 
     # -- picking and counting --------------------------------------------------------------
     def pick(self, key: bytes | None, avoid: Server | None = None,
@@ -111,14 +103,23 @@ class Backend:
             return algo.pick(key)
         return self.balancer.pick(key, avoid if self.cfg.redispatch else None)
 
-    def take(self, server: Server) -> None:
+    def take(self, server: Server) -> bool:
+        """Take a slot of `server` for a request or connection; False when a group-wide
+        limit was reached meanwhile by another worker (the caller waits in the queue)."""
+        slots = server.slots
+        if slots is not None and not slots.take():
+            return False
         server.active += 1
-        server.total += 1
+        server.ctr[server.cbase + S_REQUESTS] += 1
         if self.notify:
             self.balancer.notify_taken(server)
+        return True
 
     def release(self, server: Server) -> None:
         server.active -= 1
+        slots = server.slots
+        if slots is not None:
+            slots.give()
         if self.notify:
             self.balancer.notify_dropped(server)
         if self.queue:
@@ -153,6 +154,14 @@ class Backend:
                 break
             q.popleft()
             w.done(server)
+        if q and self._qpoll is None and any(s.slots is not None for s in self.servers):
+            # slots given back by other workers wake nobody here: look again shortly
+            self._qpoll = asyncio.get_running_loop().call_later(QUEUE_POLL, self._poll_queue)
+
+    def _poll_queue(self) -> None:
+        self._qpoll = None
+        if self.queue:
+            self._serve_queue()
 
     def _expire(self) -> None:
         self._qtimer = None
@@ -175,50 +184,40 @@ class Backend:
             if not w.cancelled:
                 w.done(None)
 
-    # -- state ------------------------------------------------------------------------------
-    def set_state(self, server: Server, state: State, reason: str = "") -> None:
-        old = server.state
-        if old is state:
+    # -- state (decided by the state machine) ------------------------------------------------
+    def apply_state(self, server: Server, state: State) -> None:
+        """`server` is now in `state`: tell the algorithms, empty its pool if it may not take
+        traffic, and serve (or, with nothing left up, fail) the queue."""
+        if server.state is state:
             return
-        self.balancer.set_state(server, state, reason)
-        server.last_change = time.monotonic()
-        active = sum(1 for s in self.servers if s.usable and not s.backup)
-        backup = sum(1 for s in self.servers if s.usable and s.backup)
-        change = StateChange(time.time(), self.name, server.name, old, state, reason, active, backup)
-        self.events.append(change)
-        why = f": {reason}" if reason else ""
-        left = "left" if state is not State.UP else "online"
-        log.log(logging.INFO if state is State.UP else logging.WARNING,
-                "server %s/%s is %s%s, %d active and %d backup servers %s",
-                self.name, server.name, state, why, active, backup, left)
+        self.balancer.set_state(server, state)
         if not server.usable:
             self.pool.drop(server)
-        self.health.wake(server)  # its checks now run at the interval of its new state
-        if active == 0 and backup == 0:
-            log.error("backend %s has no server available!", self.name)
+        if not self.balancer.any_up():
             self._fail_queue()
         elif self.queue:
             self._serve_queue()
-        for cb in self.listeners:
-            cb(change)
 
     # -- passive observation ----------------------------------------------------------------
     def observe_error(self, server: Server, what: str, layer7: bool = False) -> None:
         server.failures += 1
-        self.health.error(server, what, layer7)
+        if self.observer is not None:
+            self.observer.observed_error(self, server, what, layer7)
 
     def observe_status(self, server: Server, status: int) -> None:
         """A response status from `server`: 5xx (but 501 and 505) count as layer7 errors."""
-        if status >= 500 and status not in (501, 505) and self.health.observe == "layer7":
-            self.health.error(server, f"status {status}", layer7=True)
-        else:
+        if status >= 500 and status not in (501, 505):
+            if self.cfg.observe == "layer7" and self.observer is not None:
+                self.observer.observed_error(self, server, f"status {status}", True)
+        elif server.errors:
             server.errors = 0
-
-    def start(self, spawn) -> None:
-        self.health.start(spawn)
+            if self.observer is not None:
+                self.observer.observed_ok(self, server)
 
     def close(self) -> None:
-        self.health.stop()
+        if self._qpoll is not None:
+            self._qpoll.cancel()
+            self._qpoll = None
         if self._qtimer is not None:
             self._qtimer.cancel()
             self._qtimer = None

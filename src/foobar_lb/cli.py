@@ -1,7 +1,8 @@
-"""Command line: `python -m foobar_lb serve|check`.
+"""Command line: `python -m foobar_lb serve|check|reload|stats`.
 
-Rule of this module: parse arguments, load configuration, hand over to `runtime`; report user
-mistakes as one line on stderr with exit status 2 and never a traceback.
+Rule of this module: parse arguments, load configuration, hand over to the master (`serve`) or
+talk to a running one (`reload`, `stats`); report user mistakes as one line on stderr with exit
+status 2 and never a traceback. It does no work itself.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
-import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,10 @@ from pathlib import Path
 from . import __version__
 from .balancing import algorithm_names
 from .config import Config, ConfigError, load_config, parse_config, quick_config
-from .runtime import ListenError, LoadBalancer, new_event_loop
+from .listeners import ListenError
+from .managed import missing_program
+from .master import Master, StartError, ask, control_path, say
+from .runtime import new_event_loop
 
 __all__ = ["main"]
 
@@ -26,10 +30,26 @@ PROG = "foobar-lb"
 DEFAULT_CONFIG = "foobar.toml"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line with this (sub)command's usage, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: expected 1 to 256")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="foobar_lb: an asyncio HTTP/TCP load balancer")
+    p = _Parser(prog=PROG, description="foobar_lb: an asyncio HTTP/TCP load balancer")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the load balancer",
                            description="Run from a configuration file (--config, or ./foobar.toml), "
@@ -45,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="quick form: http (default) or tcp")
     serve.add_argument("--algorithm", default="roundrobin", metavar="NAME",
                        help="quick form: balancing algorithm (" + ", ".join(algorithm_names()) + ")")
+    serve.add_argument("--workers", "-w", type=_workers, metavar="N",
+                       help="worker processes (overrides global.workers; default 1)")
+    serve.add_argument("--pid-file", metavar="PATH",
+                       help="write the master's pid here; its control socket (for `reload` and "
+                            "`stats`) goes beside it, with the suffix .sock")
     serve.add_argument("--data-dir", metavar="DIR",
                        help="where managed servers keep their data ({data_dir}; default "
                             "global.data_dir, ./foobar-data)")
@@ -53,15 +78,25 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a configuration file (exit 0 valid, 2 invalid)")
     check.add_argument("--config", "-c", metavar="FILE", required=True)
+
+    reload = sub.add_parser("reload", help="make a running master re-read its configuration",
+                            description="Exit 0 once the new configuration serves; 2 with the "
+                                        "error when it is invalid (the old one keeps serving).")
+    reload.add_argument("--pid-file", metavar="PATH", required=True)
+
+    stats = sub.add_parser("stats", help="print a running group's servers and counters as JSON")
+    stats.add_argument("--pid-file", metavar="PATH", required=True)
     return p
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return 2
 
 
 def _load(args: argparse.Namespace) -> Config:
+    algos = algorithm_names()
     quick = args.bind or args.backend
     if quick:
         if args.config:
@@ -70,104 +105,90 @@ def _load(args: argparse.Namespace) -> Config:
         if not args.bind or not args.backend:
             missing = "--bind" if not args.bind else "--backend"
             raise ConfigError("", f"the quick form needs {missing} too", "command line")
-        return quick_config(args.bind, args.backend, args.mode, args.algorithm)
+        return quick_config(args.bind, args.backend, args.mode, args.algorithm, algos)
     if args.config:
-        return load_config(args.config)
+        return load_config(args.config, algos)
     if Path(DEFAULT_CONFIG).is_file():
-        return load_config(DEFAULT_CONFIG)
+        return load_config(DEFAULT_CONFIG, algos)
     # nothing given: the whole default stack (examples/stack.toml, shipped in the package)
     stack = resources.files("foobar_lb") / "stack.toml"
-    return parse_config(stack.read_text(encoding="utf-8"), "examples/stack.toml")
+    return parse_config(stack.read_text(encoding="utf-8"), "examples/stack.toml", algos)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command is None:
-        _parser().print_help()
-        return 2
-    try:
-        cfg = _load(args) if args.command == "serve" else load_config(args.config)
-    except ConfigError as e:
-        return _fail(str(e))
-    if args.command == "check":
-        n = sum(len(b.servers) for b in cfg.backends.values())
-        print(f"{cfg.source}: ok ({len(cfg.frontends)} frontends, {len(cfg.backends)} backends, "
-              f"{n} servers)")
-        return 0
-    level = (args.log_level or cfg.settings.log_level).upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_serve(cfg, args.data_dir))
-    except KeyboardInterrupt:
-        return 130
-
-
-async def _serve(cfg: Config, data_dir: str | None) -> int:
-    lb = LoadBalancer(cfg, data_dir=data_dir)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            print(f"{PROG}: {signal.Signals(signum).name}: stopping, letting requests in flight "
-                  f"finish (up to {cfg.settings.grace:g}s; signal again to stop now)", flush=True)
-            stop.set()
-        else:
-            for s in list(lb.sessions):
-                if s.transport is not None:
-                    s.transport.abort()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    starting = asyncio.ensure_future(lb.start())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():  # a signal while the managed servers were starting
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ListenError):
-            await starting
-        await lb.stop(grace=0)
-        print(f"{PROG}: stopped", flush=True)
-        return 0
-    try:
-        starting.result()
-    except ListenError as e:
-        stopped.cancel()
-        if cfg.source is None:  # the quick form: name the option, not the generated key
-            return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
-        return _fail(f"{cfg.source}: {e}")
-    _banner(lb)
-    await stopped
-    await lb.stop()
-    print(f"{PROG}: stopped", flush=True)
+def _check(cfg: Config) -> int:
+    for bname, bcfg in cfg.backends.items():
+        for i, scfg in enumerate(bcfg.servers):
+            if scfg.command:
+                argv0 = scfg.command[0].replace("{python}", sys.executable)
+                why = missing_program(argv0)
+                if why:
+                    return _fail(f"{cfg.source}: backends.{bname}.servers[{i}].command: "
+                                 f"cannot run \"{argv0}\": {why}")
+    n = sum(len(b.servers) for b in cfg.backends.values())
+    say(f"{cfg.source}: ok ({len(cfg.frontends)} frontends, {len(cfg.backends)} backends, "
+        f"{n} servers)")
     return 0
 
 
-def _banner(lb: LoadBalancer) -> None:
-    out = []
-    for name, fe in lb.frontends.items():
-        where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in lb.addresses[name])
-        out.append(f"{PROG}: frontend {name} ({fe.mode}) listening on {where}")
-    for name, be in lb.backends.items():
-        servers = ", ".join(f"{s.name} {s.address}" + (" (backup)" if s.backup else "")
-                            for s in be.servers)
-        out.append(f"{PROG}: backend {name} ({be.cfg.balance}): {servers}")
-    for key, sup in lb.supervisors.items():
-        state = sup.server.state
-        out.append(f"{PROG}: app server {key} on http://{sup.server.address}/ "
-                   f"(pid {sup.pid}, {state}): {' '.join(sup.argv)}")
-    if lb.supervisors:
-        data_dir = Path(lb.data_dir or lb.config.settings.data_dir).resolve()
-        out.append(f"{PROG}: data directory {data_dir}")
-    for name in lb.frontends:
-        for host, port in lb.addresses[name]:
-            shown = f"[{host}]" if ":" in host else host
-            if lb.frontends[name].mode == "http":
-                out.append(f"{PROG}: ready: http://{shown}:{port}/")
-    out.append(f"{PROG}: press Ctrl-C (or send SIGTERM) to stop")
-    print("\n".join(out), flush=True)
+def _talk(pid_file: str, cmd: str) -> dict | None:
+    path = control_path(pid_file)
+    try:
+        return ask(pid_file, cmd)
+    except FileNotFoundError:
+        _fail(f"{path}: no control socket (is `serve --pid-file {pid_file}` running?)")
+    except ConnectionRefusedError:
+        _fail(f"{path}: nobody answers (the master is gone?)")
+    except TimeoutError:
+        _fail(f"{path}: no answer within 35s")
+    except (OSError, ValueError) as e:
+        _fail(f"{path}: {e}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # say it with the usage of the command that got them
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        target = sub.choices.get(args.command, parser) if args.command else parser
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "reload":
+        reply = _talk(args.pid_file, "reload")
+        if reply is None:
+            return 2
+        if not reply.get("ok"):
+            return _fail(reply.get("message", "reload failed"))
+        say(f"{PROG}: {reply.get('message')}")
+        return 0
+    if args.command == "stats":
+        reply = _talk(args.pid_file, "stats")
+        if reply is None:
+            return 2
+        say(json.dumps(reply["stats"], indent=2))
+        return 0
+    try:
+        cfg = _load(args) if args.command == "serve" else load_config(args.config,
+                                                                      algorithm_names())
+    except ConfigError as e:
+        return _fail(str(e))
+    if args.command == "check":
+        return _check(cfg)
+    level = (args.log_level or cfg.settings.log_level).upper()
+    logging.raiseExceptions = False  # a log line that cannot be written is dropped
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    master = Master(cfg, data_dir=args.data_dir, pid_file=args.pid_file, workers=args.workers)
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(master.run())
+    except KeyboardInterrupt:
+        return 130
+    except StartError as e:
+        return _fail(str(e))
+    except ListenError as e:
+        if cfg.source is None:  # the quick form: name the option, not the generated key
+            return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
+        return _fail(f"{cfg.source}: {e}")

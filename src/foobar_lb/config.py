@@ -209,13 +209,40 @@ class BackendConfig:
     pool_idle_timeout: float = 5.0
 
 
+def default_backlog() -> int:
+    """The kernel's somaxconn (what listen() is capped at), and at least 4096 (HAProxy's)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(int(f.read().strip()), 4096)
+    except (OSError, ValueError):
+        return 4096
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalConfig:
-    grace: float = 10.0
+    grace: float = 10.0  # SIGTERM: how long requests in flight get to finish
     log_level: str = "info"
-    maxconn: int = 20000  # client connections served at once; more wait (not read) for a slot
+    maxconn: int = 20000  # client connections served at once (whole group); more wait unread
     data_dir: str = "foobar-data"  # {data_dir} in managed servers' commands
     startup_timeout: float = 30.0  # how long managed servers get to come up before we serve
+    workers: int | str = 1  # worker processes; "auto": the CPUs this process may use
+    hard_stop_after: float = 30.0  # reload: old workers are stopped this long after it
+    backlog: int = 0  # listen backlog; 0: default_backlog()
+    user: str | None = None  # drop root to this user after binding
+    group: str | None = None
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            import os
+
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+        return int(self.workers)
+
+    @property
+    def listen_backlog(self) -> int:
+        return self.backlog or default_backlog()
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +251,14 @@ class Config:
     backends: Mapping[str, BackendConfig]
     settings: GlobalConfig = field(default_factory=GlobalConfig)
     source: str | None = None  # the file it came from, for messages
+
+    def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
+        return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
+                                  self.source))
+
+
+def _rebuild_config(frontends, backends, settings, source) -> Config:
+    return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,22 +653,27 @@ class _Defaults:
     limits: Limits = field(default_factory=Limits)
 
 
-def _balance(value: Any, path: str) -> str:
-    from .balancing import algorithm_names
-
-    names = algorithm_names()
-    if isinstance(value, str) and value in names:
-        return value
-    raise _bad(path, value, "one of " + ", ".join(f'"{n}"' for n in names))
+# The algorithm names a configuration may use: the caller passes the registry's list in
+# (`config_from_dict(..., algorithms=...)`), so this module never imports run-time code.
+BUILTIN_ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "random", "source", "first")
 
 
-def _defaults(value: Any, path: str) -> _Defaults:
+def _balance(names: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def conv(value: Any, path: str) -> str:
+        if isinstance(value, str) and value in names:
+            return value
+        raise _bad(path, value, "one of " + ", ".join(f'"{n}"' for n in names))
+
+    return conv
+
+
+def _defaults(value: Any, path: str, algos: tuple[str, ...]) -> _Defaults:
     t = _Table(value, path, ("mode", "balance", "retries", "redispatch", "forwardfor",
                              "forwarded_proto", "timeout", "limits"))
     base = _Defaults()
     return _Defaults(
         mode=t.get("mode", _choice(MODES), base.mode),
-        balance=t.get("balance", _balance, base.balance),
+        balance=t.get("balance", _balance(algos), base.balance),
         retries=t.get("retries", _int(0, 100), base.retries),
         redispatch=t.get("redispatch", _bool, base.redispatch),
         forwardfor=t.get("forwardfor", _forwardfor, base.forwardfor),
@@ -664,7 +704,8 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     )
 
 
-def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
+def _backend(name: str, value: Any, path: str, d: _Defaults,
+             algos: tuple[str, ...]) -> BackendConfig:
     t = _Table(value, path, ("servers", "mode", "balance", "timeout", "retries", "redispatch",
                              "request_headers", "response_headers", "check", "observe",
                              "error_limit", "allbackups", "maxqueue", "http_reuse", "pool_max_idle",
@@ -692,7 +733,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
         name=name,
         servers=t.need("servers", servers, 'a list of servers like [{ address = "127.0.0.1:8081" }]'),
         mode=t.get("mode", _choice(MODES), d.mode),
-        balance=t.get("balance", _balance, d.balance),
+        balance=t.get("balance", _balance(algos), d.balance),
         timeouts=t.get("timeout", lambda v, p: _timeouts(v, p, d.timeouts, BACKEND_TIMEOUTS),
                        d.timeouts),
         retries=t.get("retries", _int(0, 100), d.retries),
@@ -722,8 +763,17 @@ def _backend(name: str, value: Any, path: str, d: _Defaults) -> BackendConfig:
     )
 
 
+def _workers(value: Any, path: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+        return value
+    raise _bad(path, value, 'a number of worker processes from 1 to 256, or "auto"')
+
+
 def _global(value: Any, path: str) -> GlobalConfig:
-    t = _Table(value, path, ("grace", "log_level", "maxconn", "data_dir", "startup_timeout"))
+    t = _Table(value, path, ("grace", "log_level", "maxconn", "data_dir", "startup_timeout",
+                             "workers", "hard_stop_after", "backlog", "user", "group"))
     d = GlobalConfig()
     return GlobalConfig(
         grace=t.get("grace", _duration, d.grace),
@@ -731,6 +781,11 @@ def _global(value: Any, path: str) -> GlobalConfig:
         maxconn=t.get("maxconn", _int(1, 10_000_000), d.maxconn),
         data_dir=t.get("data_dir", _str, d.data_dir),
         startup_timeout=t.get("startup_timeout", _duration, d.startup_timeout),
+        workers=t.get("workers", _workers, d.workers),
+        hard_stop_after=t.get("hard_stop_after", _duration, d.hard_stop_after),
+        backlog=t.get("backlog", _int(1, 1 << 20), d.backlog),
+        user=t.get("user", _str, None),
+        group=t.get("group", _str, None),
     )
 
 
@@ -743,14 +798,17 @@ def _named_tables(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
-    """Build a Config from a dict shaped like the TOML file."""
+def config_from_dict(data: Mapping[str, Any], source: str | None = None,
+                     algorithms: tuple[str, ...] | list[str] | None = None) -> Config:
+    """Build a Config from a dict shaped like the TOML file; `algorithms`: the balancing
+    algorithm names allowed (default: the built-in ones)."""
+    algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
         top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends"))
-        d = top.get("defaults", _defaults, _Defaults())
+        d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
         backends = {
-            name: _backend(name, raw, f"backends.{name}", d)
+            name: _backend(name, raw, f"backends.{name}", d, algos)
             for name, raw in top.need("backends", _named_tables, "a [backends.NAME] section").items()
         }
         frontends = {
@@ -762,6 +820,7 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Conf
             raise ConfigError("frontends", ": empty; expected at least one [frontends.NAME]")
         for fe in frontends.values():
             _check_references(fe, backends)
+        _check_binds(frontends)
         return Config(
             frontends=MappingProxyType(frontends),
             backends=MappingProxyType(backends),
@@ -772,6 +831,20 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Conf
         e.source = source
         e.args = (e.line(),)
         raise
+
+
+def _check_binds(frontends: dict[str, FrontendConfig]) -> None:
+    """Two frontends (or one twice) on one address: the second could never bind."""
+    seen: dict[tuple[str, int], str] = {}
+    for fe in frontends.values():
+        for i, addr in enumerate(fe.bind):
+            if addr.port == 0:
+                continue
+            path = f"frontends.{fe.name}.bind" + (f"[{i}]" if len(fe.bind) > 1 else "")
+            for (host, port), other in seen.items():
+                if port == addr.port and (host == addr.host or not host or not addr.host):
+                    raise _bad(path, str(addr), f"an address not already used by {other}")
+            seen[(addr.host, addr.port)] = path
 
 
 def _check_references(fe: FrontendConfig, backends: dict[str, BackendConfig]) -> None:
@@ -793,15 +866,16 @@ def _check_references(fe: FrontendConfig, backends: dict[str, BackendConfig]) ->
         raise ConfigError(f"{base}.rules", ": host and path rules need mode \"http\"")
 
 
-def parse_config(text: str, source: str | None = None) -> Config:
+def parse_config(text: str, source: str | None = None,
+                 algorithms: tuple[str, ...] | list[str] | None = None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"invalid TOML: {e}", source) from None
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, algorithms)
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, algorithms: tuple[str, ...] | list[str] | None = None) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -809,11 +883,12 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", "no such file", str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("", f"cannot read: {getattr(e, 'strerror', None) or e}", str(p)) from None
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), algorithms)
 
 
 def quick_config(bind: list[str], backends: list[str], mode: str = "http",
-                 algorithm: str = "roundrobin") -> Config:
+                 algorithm: str = "roundrobin",
+                 algorithms: tuple[str, ...] | list[str] | None = None) -> Config:
     """The configuration behind `serve --bind A --backend B ...`; mistakes name the option."""
     data = {
         "frontends": {"main": {"bind": bind, "mode": mode, "default_backend": "main"}},
@@ -824,7 +899,7 @@ def quick_config(bind: list[str], backends: list[str], mode: str = "http",
         }},
     }
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, None, algorithms)
     except ConfigError as e:
         option = e.path
         for prefix, opt in (("frontends.main.bind", "--bind"), ("backends.main.servers", "--backend"),

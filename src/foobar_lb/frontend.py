@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .backend import Backend
 from .config import FrontendConfig, HeaderRules
+from .shared import F_SIZE
 
 __all__ = ["Frontend", "HeaderPlan"]
 
@@ -62,8 +63,10 @@ def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
 
 class Frontend:
     __slots__ = (
+        "cbase",
         "cfg",
         "client_timeout",
+        "ctr",
         "default",
         "forwarded_proto",
         "http_keep_alive",
@@ -86,6 +89,9 @@ class Frontend:
         self.cfg = cfg
         self.name = cfg.name
         self.mode = cfg.mode
+        # counters (shared.F_*): cells of this process's counter block, from `cbase` on
+        self.ctr = memoryview(bytearray(F_SIZE * 8)).cast("q")
+        self.cbase = 0
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
         # flat copies for the hot path (0 timeouts mean none: a day stands for never)

@@ -1,7 +1,9 @@
-"""The running load balancer: event loop, listeners, sessions, graceful stop.
+"""The load balancer as a library: everything in one process, for tests and embedding.
 
-Rule of this module: it wires configuration to listeners and owns the process-level concerns
-(which event loop, which sockets, when to stop); it holds no balancing or protocol logic.
+Rule of this module: `LoadBalancer` wires the same pieces the master and its workers use
+(build, listeners, admission, the state machine, checks, managed servers, `worker.Serving`)
+into one process and one event loop; it adds no behaviour of its own. Worker processes,
+reload and signals belong to `master.py`.
 
     lb = LoadBalancer("foobar.toml")        # or a Config, or a dict shaped like the file
     await lb.start()                        # inside a running loop; binds every frontend
@@ -13,25 +15,28 @@ Rule of this module: it wires configuration to listeners and owns the process-le
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, StateChange
-from .config import Address, Config, config_from_dict, load_config
+from .admission import Admission
+from .backend import Backend
+from .balancing import algorithm_names
+from .build import build
+from .checks import Checks
+from .config import Config, config_from_dict, load_config
 from .frontend import Frontend
-from .managed import Supervisor, expand_command
-from .proxy.http import HttpSession
-from .proxy.tcp import TcpSession
+from .listeners import ListenError, bind, bind_config
+from .managed import Supervisor, expand_command, uses_data_dir
 from .servers import Server, State
+from .serving import Serving
+from .shared import Counters, Layout, LocalSlots
+from .state import StateChange, StateMachine
 
-__all__ = ["ListenError", "LoadBalancer", "new_event_loop"]
+__all__ = ["ListenError", "LoadBalancer", "StateChange", "new_event_loop"]
 
 log = logging.getLogger("foobar_lb")
 
@@ -45,47 +50,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-class ListenError(Exception):
-    """A frontend address could not be bound; `path` is its key path in the configuration."""
-
-    def __init__(self, path: str, address: Address, reason: str):
-        self.path = path
-        self.address = address
-        self.reason = reason
-        super().__init__(f"{path} = \"{address}\": cannot listen: {reason}")
-
-
-def _bind(path: str, addr: Address, listen: bool = True) -> socket.socket:
-    try:
-        return _listen_socket(addr, backlog=1024, listen=listen)
-    except OSError as e:
-        reason = (e.strerror or str(e)).lower()
-        if e.errno in (errno.EACCES, errno.EPERM):
-            reason = "permission denied (ports below 1024 need privileges)"
-        elif e.errno == errno.EADDRINUSE:
-            reason = "address already in use"
-        raise ListenError(path, addr, reason) from None
-
-
-def _listen_socket(addr: Address, backlog: int, listen: bool = True) -> socket.socket:
-    host = addr.host or "0.0.0.0"
-    infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, socktype, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, socktype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and host == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class LoadBalancer:
     """foobar_lb as a library: build it from a configuration, start it inside a running loop."""
 
@@ -94,25 +58,26 @@ class LoadBalancer:
         if isinstance(config, Config):
             self.config = config
         elif isinstance(config, Mapping):
-            self.config = config_from_dict(config)
+            self.config = config_from_dict(config, None, algorithm_names())
         elif isinstance(config, (str, Path, os.PathLike)):
-            self.config = load_config(config)
+            self.config = load_config(config, algorithm_names())
         else:
             raise TypeError("LoadBalancer() takes a Config, a dict or a path to a TOML file")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.backends: dict[str, Backend] = {}
         self.frontends: dict[str, Frontend] = {}
         self.addresses: dict[str, list[tuple[str, int]]] = {}
-        self.sessions: set[Any] = set()  # client connections being served
-        self.parked: deque[Any] = deque()  # accepted beyond global maxconn, not read yet
-        self.tasks: set[asyncio.Task] = set()  # connects and checks (kept referenced)
-        self.events: deque[StateChange] = deque(maxlen=1000)  # server state changes, newest last
-        self._listeners: list[Callable[[StateChange], None]] = []
-        self._servers: list[asyncio.AbstractServer] = []
-        self._stopping: asyncio.Future | None = None
+        self.machine = StateMachine()
+        self.events: deque[StateChange] = self.machine.events  # state changes, newest last
+        self.checks = Checks(self.machine.check_result)
+        self.machine.hooks.append(lambda be, server, change: self.checks.wake(server))
+        self.serving: Serving | None = None
+        self.tasks: set[asyncio.Task] = set()  # checks and managed servers (kept referenced)
         self.started = False
         self.data_dir = data_dir  # overrides global.data_dir ({data_dir} in managed commands)
         self.supervisors: dict[str, Supervisor] = {}  # "backend/server" -> its process
+        self.counters = Counters()
+        self.layout = Layout()
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,45 +86,37 @@ class LoadBalancer:
         self.loop = loop = asyncio.get_running_loop()
         cfg = self.config
         # bind first: a port that is taken is reported before anything else starts
-        socks: list[tuple[Frontend | None, str, socket.socket]] = []
+        socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
-            for name, fcfg in cfg.frontends.items():
-                for i, addr in enumerate(fcfg.bind):
-                    path = f"frontends.{name}.bind" + (f"[{i}]" if len(fcfg.bind) > 1 else "")
-                    socks.append((None, name, _bind(path, addr)))
             self._check_managed_ports()
         except BaseException:
-            for _, _, sock in socks:
+            for sock in socks.values():
                 sock.close()
             raise
-        self.backends = {name: Backend(b, self.events) for name, b in cfg.backends.items()}
-        for be in self.backends.values():
-            be.listeners = self._listeners
-        self.frontends = {name: Frontend(f, self.backends) for name, f in cfg.frontends.items()}
+        built = build(cfg, layout=self.layout, counters=self.counters, observer=self.machine)
+        self.backends = built.backends
+        self.frontends = built.frontends
+        self.serving = Serving(loop, built, Admission(loop, LocalSlots(cfg.settings.maxconn)))
         self.started = True
         _raise_fd_limit(cfg.settings.maxconn)
         for be in self.backends.values():
-            be.start(self.spawn)
+            self.checks.start(be, self.spawn)
         self._start_managed()
         if self.supervisors:
             try:
                 await self._wait_managed(cfg.settings.startup_timeout)
             except asyncio.CancelledError:
-                for _, _, sock in socks:
+                for sock in socks.values():
                     sock.close()
                 await self.stop(grace=0)
                 raise
         # accept only now: clients that connected meanwhile waited in the listen backlog
         try:
-            for _, name, sock in socks:
-                fe = self.frontends[name]
-                srv = await loop.create_server(self._factory(fe), sock=sock)
-                self._servers.append(srv)
-                host, port = sock.getsockname()[:2]
-                self.addresses.setdefault(name, []).append((host, port))
+            await self.serving.listen(socks, cfg.settings.listen_backlog)
         except BaseException:
             await self.stop(grace=0)
             raise
+        self.addresses = self.serving.addresses
         for name, fe in self.frontends.items():
             log.debug("frontend %s (%s) listening on %s", name, fe.mode,
                       ", ".join(_fmt(a) for a in self.addresses[name]))
@@ -170,7 +127,7 @@ class LoadBalancer:
             for i, scfg in enumerate(bcfg.servers):
                 if scfg.command:
                     path = f"backends.{bname}.servers[{i}].address"
-                    _bind(path, scfg.address, listen=False).close()
+                    bind(path, scfg.address, 1, listen=False).close()
 
     def _start_managed(self) -> None:
         data_dir = Path(self.data_dir or self.config.settings.data_dir).resolve()
@@ -178,9 +135,11 @@ class LoadBalancer:
             for server, scfg in zip(be.servers, be.cfg.servers, strict=True):
                 if not scfg.command:
                     continue
-                data_dir.mkdir(parents=True, exist_ok=True)
+                if uses_data_dir(scfg.command):
+                    data_dir.mkdir(parents=True, exist_ok=True)
                 argv = expand_command(scfg.command, be.name, server, data_dir)
-                sup = Supervisor(be, server, argv, dict(scfg.env))
+                sup = Supervisor(be, server, argv, dict(scfg.env),
+                                 on_exit=self.machine.process_exited)
                 self.supervisors[f"{be.name}/{server.name}"] = sup
                 sup.start(self.spawn)
 
@@ -191,52 +150,30 @@ class LoadBalancer:
             if self.loop.time() > deadline:
                 late = ", ".join(f"{s.backend}/{s.name} ({s.check_status or 'no answer'})"
                                  for s in waiting if s.state is not State.UP)
-                log.warning("not up after %gs, serving anyway: %s", timeout, late)
+                log.warning("not ready: not up after %gs: %s", timeout, late)
                 return
             await asyncio.sleep(0.05)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
-        """Run a background step (a server connect) and keep it referenced until it ends."""
+        """Run a background task (a check, a managed server) and keep it referenced."""
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    # -- global maxconn: sessions beyond it are accepted but not read until a slot frees ---------
-    def admit(self, session: Any) -> bool:
-        """Called by a new session; False means it is parked (its reading is paused)."""
-        if len(self.sessions) < self.config.settings.maxconn and not self.parked:
-            self.sessions.add(session)
-            return True
-        session.transport.pause_reading()
-        # uvloop starts reading after connection_made returns: pause again right after it
-        self.loop.call_soon(_pause_if_parked, self, session)
-        self.parked.append(session)
-        return False
+    @property
+    def sessions(self) -> set[Any]:
+        """Client connections being served."""
+        return self.serving.sessions if self.serving is not None else set()
 
-    def leave(self, session: Any) -> None:
-        """Called when a session's connection is gone."""
-        if session in self.sessions:
-            self.sessions.discard(session)
-            limit = self.config.settings.maxconn
-            while self.parked and len(self.sessions) < limit:
-                nxt = self.parked.popleft()
-                if nxt.transport.is_closing():
-                    continue
-                self.sessions.add(nxt)
-                nxt.transport.resume_reading()
-                nxt.admitted()
-        else:
-            with contextlib.suppress(ValueError):
-                self.parked.remove(session)
+    @property
+    def parked(self) -> deque[Any]:
+        """Client connections accepted beyond global maxconn, not read yet."""
+        return self.serving.admission.parked if self.serving is not None else deque()
 
     def on_state_change(self, callback: Callable[[StateChange], None]) -> None:
         """Call `callback(change)` after every server state change (see `events`)."""
-        self._listeners.append(callback)
-
-    def _factory(self, fe: Frontend) -> Callable[[], asyncio.Protocol]:
-        cls = HttpSession if fe.mode == "http" else TcpSession
-        return lambda: cls(self, fe)
+        self.machine.listeners.append(callback)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish (up to `grace` seconds), close."""
@@ -245,32 +182,16 @@ class LoadBalancer:
         self.started = False
         if grace is None:
             grace = self.config.settings.grace
-        await self._close_listeners()
-        while self.parked:
-            self.parked.popleft().transport.abort()
-        for s in list(self.sessions):
-            s.shutdown()
-        for be in self.backends.values():
-            be.health.stop()
-        deadline = self.loop.time() + grace
-        while self.sessions and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for s in list(self.sessions):
-            if s.transport is not None:
-                s.transport.abort()
-        self.sessions.clear()
+        serving = self.serving
+        await serving.stop()
+        self.checks.stop()
+        await serving.finish(self.loop.time() + grace)
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
         for task in list(self.tasks):
             task.cancel()
-        for be in self.backends.values():
-            be.close()
+        serving.close()
         await asyncio.sleep(0)
-
-    async def _close_listeners(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        self._servers.clear()
 
     async def __aenter__(self) -> LoadBalancer:
         await self.start()
@@ -294,11 +215,6 @@ class LoadBalancer:
 
     def server(self, backend: str, name: str) -> Server:
         return self.backends[backend].by_name[name]
-
-
-def _pause_if_parked(lb: LoadBalancer, session: Any) -> None:
-    if session in lb.parked and not session.transport.is_closing():
-        session.transport.pause_reading()
 
 
 def _raise_fd_limit(maxconn: int) -> None:

@@ -11,6 +11,7 @@ import enum
 import zlib
 
 from .config import CheckConfig, ServerConfig
+from .shared import S_FAILURES, S_REQUESTS, S_SIZE
 
 __all__ = ["Server", "State"]
 
@@ -33,10 +34,11 @@ class Server:
         "address",
         "backend",
         "backup",
+        "cbase",
         "check",
         "check_status",
+        "ctr",
         "errors",
-        "failures",
         "hash_seed",
         "health",
         "host",
@@ -44,8 +46,8 @@ class Server:
         "maxconn",
         "name",
         "port",
+        "slots",
         "state",
-        "total",
         "weight",
     )
 
@@ -71,9 +73,14 @@ class Server:
         self.backup = backup
         self.maxconn = maxconn
         self.state = state
-        self.active = 0  # requests (http) or connections (tcp) in flight right now
-        self.total = 0  # requests or connections ever given to it
-        self.failures = 0  # failed attempts (connect errors, broken responses)
+        self.active = 0  # requests (http) or connections (tcp) in flight right now (this process)
+        # group-wide slots when maxconn is shared by worker processes (shared.SemSlots); None:
+        # `active` against `maxconn` is the limit (one process)
+        self.slots = None
+        # counters (shared.S_*): cells of this process's counter block, from `cbase` on; a
+        # server made on its own gets private ones
+        self.ctr = memoryview(bytearray(S_SIZE * 8)).cast("q")
+        self.cbase = 0
         self.errors = 0  # consecutive errors seen by passive observation
         # active checks: HAProxy's hysteresis, one counter from 0 (down) to rise+fall-1 (fully up);
         # servers start fully up, so it takes `fall` failed checks to put one down
@@ -98,13 +105,33 @@ class Server:
         )
 
     @property
+    def total(self) -> int:
+        """Requests or connections ever given to it (by this process)."""
+        return self.ctr[self.cbase + S_REQUESTS]
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.ctr[self.cbase + S_REQUESTS] = value
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts (connect errors, broken responses)."""
+        return self.ctr[self.cbase + S_FAILURES]
+
+    @failures.setter
+    def failures(self, value: int) -> None:
+        self.ctr[self.cbase + S_FAILURES] = value
+
+    @property
     def usable(self) -> bool:
         """May receive new traffic: up and with a weight above zero."""
         return self.state is State.UP and self.weight > 0
 
     @property
     def full(self) -> bool:
-        """Has reached its maxconn (0 means no limit)."""
+        """Has reached its maxconn (0 means no limit), in this process or the whole group."""
+        if self.slots is not None:
+            return self.slots.free() <= 0
         return 0 < self.maxconn <= self.active
 
     def __repr__(self) -> str:

@@ -29,7 +29,7 @@ class Algo(Algorithm):
             up = self.up
             i = self._i
             s = up[i]
-            if not s.maxconn or s.active < s.maxconn:
+            if not s.maxconn or not s.full:
                 self._i = i + 1 if i + 1 < len(up) else 0
                 return s
         score = self._score

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from ..frontend import Frontend
+from ..shared import F_1XX, F_REQUESTS
 from .base import ClientSide, LazyTimer, pass_eof
 from .upstream import Pool
 
@@ -584,11 +585,8 @@ class HttpSession(ClientSide):
             return
         be = r.backend
         server = be.pick(self.peer_key)
-        if server is None:
-            # every usable server is full (maxconn): wait in the backend's queue, in order
-            self.waiter = be.wait(self.peer_key, partial(self._granted, r), self.loop.time())
-            if self.waiter is None:  # nothing up, queue full or queueing off
-                self._send_error(r, 503)
+        if server is None or not be.take(server):
+            self._wait_slot(r)
             return
         if self.served and r.idempotent and not r.upgrade:
             # the usual case, inline: an idle pooled connection to the server, head sent now
@@ -596,16 +594,18 @@ class HttpSession(ClientSide):
                 now = self.loop.time()
             conn = be.pool.acquire(server, now)
             if conn is not None:
-                server.active += 1
-                server.total += 1
-                if be.notify:
-                    be.balancer.notify_taken(server)
                 r.server = server
                 r.attempts += 1
                 conn.reused = True
                 self._attach(conn, r, now)
                 return
-        self._use(r, server, now=now)
+        self._use(r, server, now=now, taken=True)
+
+    def _wait_slot(self, r: Req) -> None:
+        """Every usable server is full (maxconn): wait in the backend's queue, in order."""
+        self.waiter = r.backend.wait(self.peer_key, partial(self._granted, r), self.loop.time())
+        if self.waiter is None:  # nothing up, queue full or queueing off
+            self._send_error(r, 503)
 
     def _granted(self, r: Req, server: Server | None) -> None:
         """The backend queue's answer: a server with a free slot, or None (503)."""
@@ -617,11 +617,14 @@ class HttpSession(ClientSide):
         else:
             self._use(r, server)
 
-    def _use(self, r: Req, server: Server, fresh: bool = False, now: float = 0.0) -> None:
+    def _use(self, r: Req, server: Server, fresh: bool = False, now: float = 0.0,
+             taken: bool = False) -> None:
         be = r.backend
+        if not taken and not be.take(server):
+            self._wait_slot(r)  # another worker took the last group-wide slot meanwhile
+            return
         if not now:
             now = self.loop.time()
-        be.take(server)
         r.server = server
         r.attempts += 1
         conn = None
@@ -801,6 +804,9 @@ class HttpSession(ClientSide):
         if transport is None or transport.is_closing():
             return
         r.responded = True
+        fe = self.fe
+        fe.ctr[fe.cbase + F_REQUESTS] += 1
+        fe.ctr[fe.cbase + F_1XX - 1 + status // 100] += 1
         keep = (status in _ERR_KEEP and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & _BLOCK_STOP))
         if keep:
@@ -929,6 +935,12 @@ class HttpSession(ClientSide):
                 up.detach(reusable=False)
 
     # -- shutdown ---------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Stop after the next response (reload): it says `Connection: close`; an idle
+        connection closes only once it has been idle for `timeout http_keep_alive`, so a
+        client never races a close with its next request."""
+        self.closing = True
+
     def shutdown(self) -> None:
         """Stop after the request in flight (graceful stop): idle connections close now."""
         self.closing = True
@@ -1177,6 +1189,10 @@ class UpstreamHttp(LazyTimer):
         self.status = status
         if status == 101 and not r.upgrade:
             raise _Reject(502)
+        fe = s.fe
+        cells = fe.ctr
+        cells[fe.cbase + F_REQUESTS] += 1
+        cells[fe.cbase + F_1XX - 1 + status // 100] += 1
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)

@@ -105,7 +105,11 @@ class TcpSession(ClientSide):
             self._use(server)
 
     def _use(self, server: Server) -> None:
-        self.be.take(server)
+        if not self.be.take(server):  # another worker took the last group-wide slot meanwhile
+            self.waiter = self.be.wait(self.peer_key, self._granted, self.loop.time())
+            if self.waiter is None:
+                self._close()
+            return
         self.server = server
         self.attempts += 1
         self.lb.spawn(self._connect(server))
@@ -198,6 +202,9 @@ class TcpSession(ClientSide):
         self.closing = True
         if not self.transport.is_closing():
             self.transport.close()
+
+    def drain(self) -> None:
+        """Reload: a TCP connection is left to finish (until hard_stop_after)."""
 
     def shutdown(self) -> None:
         """Graceful stop: a TCP connection is left to finish (until the grace period ends)."""

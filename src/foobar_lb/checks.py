@@ -1,15 +1,14 @@
-"""Health: active checks and passive observation decide whether a server is up.
+"""Checks: probing servers and scheduling the probes (HAProxy's check.c in spirit).
 
-Rules of this module (HAProxy's checks.c in spirit):
-- checks only flip server state, through `Backend.set_state`; they never relay traffic;
-- hysteresis is one counter per server from 0 (down) to rise+fall-1 (fully up): a failure takes
-  one off while it is above `rise`, else the server goes down and the counter to 0; a success
-  adds one, and reaching `rise` puts the server up with the counter at the top;
+Rules of this module:
+- a probe (tcp: the connection is made; http: and the answer has an expected status) only
+  reports its result, with what it saw, through `report(backend, server, ok, detail, took)`;
+  the state machine (`state.py`) decides what the result means;
 - intervals: `inter` while fully up, `fastinter` while changing, `downinter` while down, each
-  stretched or shrunk at random by `jitter` so checks of many servers do not fire in step;
-- passive observation counts consecutive errors seen on real traffic (connection failures;
-  with layer7 also 5xx answers and server timeouts): `error_limit` of them put a server down at
-  once, and only its checks bring it back.
+  stretched or shrunk at random by `jitter` so checks of many servers do not fire in step; a
+  server whose state changed by other means (observation, its process exited) is rescheduled
+  at the interval of its new state (`wake`).
+It never imports the backend, never changes a state itself and never relays traffic.
 """
 
 from __future__ import annotations
@@ -17,18 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import httptools
 
-from .servers import Server, State
+from .servers import Server
 
-if TYPE_CHECKING:
-    from .backend import Backend
+__all__ = ["Checks"]
 
-__all__ = ["Health"]
-
-log = logging.getLogger("foobar_lb.health")
+log = logging.getLogger("foobar_lb.checks")
 
 _MAX_RESPONSE_HEAD = 16384
 
@@ -46,29 +43,32 @@ class _Status:
         self.status = self.parser.get_status_code()
 
 
-class Health:
-    """Active checks and passive observation for the servers of one backend."""
+Report = Callable[[Any, Server, bool, str, float], None]
 
-    def __init__(self, backend: Backend, rng: random.Random | None = None):
-        self.backend = backend
+
+class Checks:
+    """Active checks of the servers of some backends (anything with `servers`)."""
+
+    def __init__(self, report: Report, rng: random.Random | None = None):
+        self.report = report
         self.rng = rng or random.Random()
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: dict[Server, asyncio.Task] = {}
         self.wakeups: dict[Server, asyncio.Event] = {}
-        self.observe = backend.cfg.observe
-        self.error_limit = backend.cfg.error_limit
 
-    # -- active checks -------------------------------------------------------------------
-    def start(self, spawn) -> None:
-        for server in self.backend.servers:
-            if server.check is not None:
-                self.tasks.append(spawn(self._run(server)))
+    def start(self, backend: Any, spawn) -> None:
+        for server in backend.servers:
+            if server.check is not None and server not in self.tasks:
+                self.tasks[server] = spawn(self._run(backend, server))
 
-    def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.tasks.clear()
+    def stop(self, servers=None) -> None:
+        """Stop the checks of `servers` (default: all)."""
+        for server in list(self.tasks) if servers is None else servers:
+            task = self.tasks.pop(server, None)
+            if task is not None:
+                task.cancel()
+            self.wakeups.pop(server, None)
 
-    async def _run(self, server: Server) -> None:
+    async def _run(self, backend: Any, server: Server) -> None:
         loop = asyncio.get_running_loop()
         wake = self.wakeups[server] = asyncio.Event()
         # the first check of each server at a random point of the first interval
@@ -77,7 +77,7 @@ class Health:
             t0 = loop.time()
             ok, detail = await self.probe(server)
             took = loop.time() - t0
-            self.report(server, ok, detail, took)
+            self.report(backend, server, ok, detail, took)
             await self._sleep(wake, self._interval(server), server)
 
     async def _sleep(self, wake: asyncio.Event, delay: float, server: Server) -> None:
@@ -153,42 +153,3 @@ class Health:
         finally:
             if writer is not None:
                 writer.close()
-
-    def report(self, server: Server, ok: bool, detail: str, took: float) -> None:
-        """Apply one check result to the server's health counter and state."""
-        c = server.check
-        top = c.rise + c.fall - 1
-        server.check_status = detail
-        reason = f"{detail} (check took {took * 1000:.0f}ms)"
-        if ok:
-            if server.health < top:
-                server.health += 1
-                if server.health >= c.rise:
-                    server.health = top
-                    if server.state is State.DOWN:
-                        server.errors = 0
-                        self.backend.set_state(server, State.UP, reason)
-                elif server.state is State.DOWN:
-                    log.info("server %s/%s check passed (%d more to go up): %s", self.backend.name,
-                             server.name, c.rise - server.health, reason)
-        elif server.health > c.rise:
-            server.health -= 1
-            log.info("server %s/%s check failed (%d more to go down): %s", self.backend.name,
-                     server.name, server.health - c.rise + 1, reason)
-        else:
-            server.health = 0
-            if server.state is State.UP:
-                self.backend.set_state(server, State.DOWN, reason)
-
-    # -- passive observation --------------------------------------------------------------
-    def error(self, server: Server, what: str, layer7: bool = False) -> None:
-        """Real traffic saw `server` fail (a connection error, or with layer7 a 5xx/timeout)."""
-        if self.observe == "none" or (layer7 and self.observe != "layer7"):
-            return
-        server.errors += 1
-        if server.errors >= self.error_limit and server.state is State.UP and server.check:
-            n = server.errors
-            server.errors = 0
-            server.health = 0
-            self.backend.set_state(
-                server, State.DOWN, f"{n} consecutive errors on live traffic (last: {what})")

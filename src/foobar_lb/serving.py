@@ -1,0 +1,154 @@
+"""Serving: one generation of accepting and proxying in one process.
+
+Rule of this module: a `Serving` holds the built frontends and backends, the asyncio servers on
+the listening sockets it is handed, admission, and the sessions; it is what the proxy
+Protocols see as their context (`loop`, `admit`, `leave`, `spawn`). It stops accepting, drains
+(reload: each connection closes after its next response, or once idle for
+`timeout http_keep_alive`) or shuts down (stop: idle connections close at once), and aborts
+what is left at a deadline. It applies server states it is told; it never binds a socket,
+runs a check or decides a state. A worker process runs one; so does the library, in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .admission import Admission
+from .build import Built
+from .listeners import key_of
+from .proxy.http import HttpSession
+from .proxy.tcp import TcpSession
+from .servers import State
+
+__all__ = ["Serving"]
+
+
+class Serving:
+    """One generation of serving in this process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, built: Built, admission: Admission):
+        self.loop = loop
+        self.built = built
+        self.frontends = built.frontends
+        self.backends = built.backends
+        self.admission = admission
+        self.admit = admission.admit
+        self.leave = admission.leave
+        self.tasks: set[asyncio.Task] = set()  # connects (kept referenced until they end)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.listening: list[tuple[int, type, Any]] = []  # (fd, session class, frontend)
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+
+    @property
+    def sessions(self) -> set[Any]:
+        return self.admission.sessions
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run a background step (a server connect) and keep it referenced until it ends."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def listen(self, socks: dict[tuple, socket.socket], backlog: int) -> None:
+        """Accept on the frontends' sockets (keyed like `listeners.key_of`)."""
+        for name, fe in self.frontends.items():
+            cls = HttpSession if fe.mode == "http" else TcpSession
+            for i, addr in enumerate(fe.cfg.bind):
+                sock = socks[key_of(name, i, addr)]
+                srv = await self.loop.create_server(_factory(self, cls, fe), sock=sock,
+                                                    backlog=backlog)
+                self.servers.append(srv)
+                self.listening.append((sock.fileno(), cls, fe))
+                host, port = sock.getsockname()[:2]
+                self.addresses.setdefault(name, []).append((host, port))
+
+    def stop_accepting(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        self.servers.clear()
+
+    def drain(self) -> None:
+        """Reload: accept no more; each connection ends after its next response."""
+        self.stop_accepting()
+        self.admission.close()
+        for s in list(self.sessions):
+            s.drain()
+
+    async def stop(self) -> None:
+        """Stop: accept no more; idle connections close now, busy ones after their request.
+        Connections the kernel had already accepted for us (in the listen backlog) are taken
+        and served too (one request each), rather than reset when the socket closes."""
+        queued = []
+        for fd, cls, fe in self.listening:
+            try:
+                queued.append((socket.socket(fileno=os.dup(fd)), cls, fe))
+            except OSError:
+                continue
+        self.shutdown()
+        for sock, cls, fe in queued:
+            with sock:
+                sock.setblocking(False)
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except OSError:  # nothing more waiting (or the socket is gone)
+                        break
+                    conn.setblocking(False)
+                    await self.loop.connect_accepted_socket(_last_call(self, cls, fe), conn)
+
+    def shutdown(self) -> None:
+        """Accept no more; idle connections close now, busy ones after their request."""
+        self.stop_accepting()
+        self.admission.close()
+        for s in list(self.sessions):
+            s.shutdown()
+
+    async def finish(self, deadline: float) -> int:
+        """Wait until every session has ended or `deadline` (loop time); abort the rest and
+        return how many were cut."""
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.abort()
+
+    def abort(self) -> int:
+        cut = 0
+        for s in list(self.sessions):
+            if s.transport is not None and not s.transport.is_closing():
+                cut += 1
+                s.transport.abort()
+        self.sessions.clear()
+        return cut
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for be in self.backends.values():
+            be.close()
+
+    def apply(self, backend: str, server: str, state: str, health: int) -> None:
+        """A state change decided by the master."""
+        be = self.backends.get(backend)
+        srv = be.by_name.get(server) if be is not None else None
+        if srv is not None:
+            srv.health = health
+            be.apply_state(srv, State(state))
+
+
+def _factory(serving: Serving, cls: type, fe: Any) -> Callable[[], asyncio.Protocol]:
+    return lambda: cls(serving, fe)
+
+
+def _last_call(serving: Serving, cls: type, fe: Any) -> Callable[[], asyncio.Protocol]:
+    """A session that serves one request and closes (`Connection: close`)."""
+
+    def make() -> asyncio.Protocol:
+        session = cls(serving, fe)
+        session.drain()
+        return session
+
+    return make

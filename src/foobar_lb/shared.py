@@ -1,0 +1,210 @@
+"""Memory shared by the master and its workers: group-wide limits and group-wide counters.
+
+Rules of this module:
+- a limit of the whole worker group (a server's `maxconn`, the global `maxconn`) is a POSIX
+  semaphore in a shared memory region the master creates (memfd) and every worker maps;
+  taking a slot is `sem_trywait` and giving it back `sem_post`: atomic, never blocking, and
+  without a system call while nobody sleeps on it (nobody ever does);
+- counters are 64-bit cells in one region per worker process, written by that worker only
+  (no lock) and summed by the master when read; a worker that exits (or is killed) leaves its
+  cells behind, and the master folds them into the totals, so group counters never go down;
+- a single process (the `LoadBalancer` library) uses the same shapes over private memory.
+It knows nothing of HTTP, servers' states or sockets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Hashable
+
+__all__ = [
+    "Counters",
+    "Layout",
+    "LocalSlots",
+    "Region",
+    "SemSlots",
+    "SemTable",
+]
+
+# A server's counters, at these offsets of its block
+S_REQUESTS = 0  # requests (http) or connections (tcp) given to it
+S_FAILURES = 1  # failed attempts (connect errors, broken or late responses)
+S_SIZE = 8
+# A frontend's counters
+F_CONNECTIONS = 0  # client connections accepted
+F_REQUESTS = 1  # requests answered (any status, the proxy's own answers included)
+F_1XX = 2  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx
+F_SIZE = 8
+
+COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used
+SEM_SIZE = 32  # sizeof(sem_t) on 64-bit Linux
+SEM_CAPACITY = 8192
+
+
+class Region:
+    """A shared memory region: a memfd (handed to workers by descriptor) mapped here."""
+
+    __slots__ = ("_anchor", "addr", "fd", "mm", "size")
+
+    def __init__(self, size: int, fd: int | None = None):
+        if fd is None:
+            fd = os.memfd_create("foobar_lb", 0)  # not inheritable: passed on explicitly
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.size = size
+        self.mm = mmap.mmap(fd, size)
+        self._anchor = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(self._anchor)
+
+    def close(self) -> None:
+        self._anchor = None
+        self.mm.close()
+        os.close(self.fd)
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    for name, args in (("sem_init", (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint)),
+                       ("sem_trywait", (ctypes.c_void_p,)), ("sem_post", (ctypes.c_void_p,)),
+                       ("sem_getvalue", (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)))):
+        fn = getattr(libc, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    return libc
+
+
+_LIBC = None
+
+
+def libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = _libc()
+    return _LIBC
+
+
+class SemSlots:
+    """`limit` slots shared by every process that maps the region."""
+
+    __slots__ = ("_post", "_try", "_value", "addr", "limit")
+
+    def __init__(self, region: Region, index: int, limit: int):
+        c = libc()
+        self.addr = region.addr + index * SEM_SIZE
+        self.limit = limit
+        self._try = c.sem_trywait
+        self._post = c.sem_post
+        self._value = c.sem_getvalue
+
+    def take(self) -> bool:
+        return self._try(self.addr) == 0
+
+    def give(self) -> None:
+        self._post(self.addr)
+
+    def free(self) -> int:
+        v = ctypes.c_int()
+        self._value(self.addr, ctypes.byref(v))
+        return v.value
+
+
+class LocalSlots:
+    """The same interface within one process."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+    def free(self) -> int:
+        return self.limit - self.used
+
+
+class SemTable:
+    """The master's semaphores, one per key (a server, the global maxconn), kept for the
+    master's lifetime so that a reload carries the slots in use over."""
+
+    __slots__ = ("index", "limits", "region")
+
+    def __init__(self, region: Region | None = None):
+        self.region = region or Region(SEM_SIZE * SEM_CAPACITY)
+        self.index: dict[Hashable, int] = {}
+        self.limits: dict[Hashable, int] = {}
+
+    def slots(self, key: Hashable, limit: int) -> int:
+        """The index of `key`'s semaphore, created with `limit` slots or resized to it."""
+        i = self.index.get(key)
+        if i is None:
+            i = len(self.index)
+            if i >= SEM_CAPACITY:
+                raise RuntimeError(f"more than {SEM_CAPACITY} limited servers")
+            self.index[key] = i
+            self.limits[key] = limit
+            if libc().sem_init(self.region.addr + i * SEM_SIZE, 1, limit) != 0:
+                raise OSError(ctypes.get_errno(), "sem_init failed")
+            return i
+        old = self.limits[key]
+        if limit != old:  # a reload changed it: slots in use stay taken
+            self.limits[key] = limit
+            s = SemSlots(self.region, i, limit)
+            for _ in range(limit - old):
+                s.give()
+            for _ in range(old - limit):
+                s.take()  # as many as are free now; the rest shrink as they are given back
+        return i
+
+
+class Layout:
+    """Where each frontend's and server's counters are, the same in every process of a
+    group; offsets are never reused, so a reload keeps them by name."""
+
+    __slots__ = ("cells", "offsets")
+
+    def __init__(self) -> None:
+        self.offsets: dict[tuple[str, ...], int] = {}
+        self.cells = 0
+
+    def frontend(self, name: str) -> int:
+        return self._at(("frontend", name), F_SIZE)
+
+    def server(self, backend: str, name: str) -> int:
+        return self._at(("server", backend, name), S_SIZE)
+
+    def _at(self, key: tuple[str, ...], size: int) -> int:
+        off = self.offsets.get(key)
+        if off is None:
+            off = self.offsets[key] = self.cells
+            self.cells += size
+            if self.cells * 8 > COUNTER_BYTES:
+                raise RuntimeError("too many counters")
+        return off
+
+
+class Counters:
+    """One writer's cells (`cells[i] += n` on the hot path), over shared or private memory."""
+
+    __slots__ = ("cells", "region")
+
+    def __init__(self, region: Region | None = None):
+        self.region = region
+        if region is None:
+            self.cells = memoryview(bytearray(COUNTER_BYTES)).cast("q")
+        else:
+            self.cells = memoryview(region.mm).cast("q")
+
+    def close(self) -> None:
+        self.cells.release()
+        if self.region is not None:
+            self.region.close()
