@@ -348,14 +348,15 @@ class RawClient:
 
 
 async def http_get(host: str, port: int, path: str = "/", headers: dict[str, str] | None = None,
-                   method: str = "GET") -> Response:
+                   method: str = "GET", timeout: float = 5.0) -> Response:
     """One request on its own connection (Connection: close)."""
     headers = dict(headers or {})
     lines = [f"{method} {path} HTTP/1.1", "Connection: close"]
     if not any(k.lower() == "host" for k in headers):
         lines.append(f"Host: {host}:{port}")
     lines += [f"{k}: {v}" for k, v in headers.items()]
-    raw = await raw_exchange(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    raw = await raw_exchange(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode(),
+                             timeout=timeout)
     got = parse_responses(raw)
     assert got, f"no response to {method} {path}: {raw[:200]!r}"
     return got[0]
