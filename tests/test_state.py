@@ -58,7 +58,7 @@ def test_fall_then_rise_with_hysteresis_and_causes():
 def test_a_pass_while_going_down_climbs_back():
     be = backend({"rise": 2, "fall": 3})
     s1 = be.by_name["s1"]
-    sm, seen = machine()
+    sm, _ = machine()
     for ok in (False, False, True, False, False):
         sm.check_result(be, s1, ok, "x", 0)
     # 4 -> 3 -> 2, a pass while up and at rise or above is fully up again (HAProxy): 4 -> 3 -> 2

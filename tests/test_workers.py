@@ -131,10 +131,13 @@ async def test_ten_reloads_under_load_lose_nothing(tmp_path):
             results = []
             running = asyncio.ensure_future(load(port, connections=24, requests=6000,
                                                  fresh_every=2, seconds=90))
-            for _ in range(10):
+            text = lb.config.read_text()
+            for i in range(10):
                 await asyncio.sleep(0.3)
+                # the number of workers goes down and up again: no socket is ever closed
+                lb.config.write_text(text.replace("workers = 2", f"workers = {1 + i % 2}"))
                 os.kill(lb.pid, signal.SIGHUP)
-                await lb.wait_err(r"reload: serving", 20)
+                await lb.wait_err(rf"reload: serving .* with {1 + i % 2} workers", 20)
                 lb.err.clear()
             res = await running
             results.append(res)
@@ -142,7 +145,7 @@ async def test_ten_reloads_under_load_lose_nothing(tmp_path):
             assert res.ok == 6000
             stats = await lb.stats()
             assert stats["reloads"] == 10
-            print(f"\nforbar_lb, 10 reloads: {res.ok} requests, {res.errors} failed, "
+            print(f"\nfoobar_lb, 10 reloads: {res.ok} requests, {res.errors} failed, "
                   f"{res.connections} connections")
     if shutil.which("haproxy"):
         await _haproxy_reload_figure(tmp_path, a_port=free_port())
@@ -304,6 +307,51 @@ async def test_sigterm_lets_slow_requests_finish_and_leaves_no_process(tmp_path)
         finally:
             lb.kill_all()
             await lb.stop()
+
+
+async def test_a_second_signal_stops_at_once(tmp_path):
+    async def slow(req):
+        await asyncio.sleep(30)
+        return http_response(200, b"late")
+
+    async with ScriptedServer("s", slow) as s:
+        port = free_port()
+        cfg = cfg_for(port, [srv("s", s)], glob={"workers": 2, "grace": "20s"})
+        lb = LbProcess(tmp_path, cfg)
+        await lb.start()
+        pids = [lb.pid, *all_children(lb.pid)]
+        try:
+            pending = [asyncio.ensure_future(http_get(LOOPBACK, port, "/", timeout=30))
+                       for _ in range(4)]
+            while len(s.requests) < 4:
+                await asyncio.sleep(0.02)
+            os.kill(lb.pid, signal.SIGTERM)
+            await lb.wait_out("SIGTERM: stopping", 5)
+            t0 = time.monotonic()
+            os.kill(lb.pid, signal.SIGINT)
+            rc = await asyncio.wait_for(lb.proc.wait(), 10)
+            assert rc == 0
+            assert time.monotonic() - t0 < 5  # not the 20s grace
+            for p in pending:  # the requests in flight were cut
+                with pytest.raises((AssertionError, OSError)):
+                    await p
+            await asyncio.sleep(0.2)
+            assert [p for p in pids if alive(p)] == []
+        finally:
+            lb.kill_all()
+            await lb.stop()
+
+
+async def test_a_setting_that_cannot_change_live_fails_the_reload_naming_it(tmp_path):
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        async with LbProcess(tmp_path, cfg_for(port, [srv("a", a)])) as lb:
+            lb.config.write_text(lb.config.read_text() + '\n[global]\nuser = "nobody"\n')
+            rc, _, err = await lb.reload()
+            assert rc == 2
+            assert err == (f"foobar-lb: error: {lb.config}: global.user: cannot change on a "
+                           "reload (restart to change it)\n")
+            assert (await http_get(LOOPBACK, port, "/")).status == 200
 
 
 async def test_a_killed_worker_is_replaced_and_counters_never_go_down(tmp_path):
