@@ -231,6 +231,8 @@ def _cluster(args: argparse.Namespace) -> int:
                   flush=True)
     except c.ClusterError as e:
         return _fail(str(e).splitlines()[0])  # the first line names the log to look at
+    except (c.pymysql.err.MySQLError, OSError) as e:  # a node failed mid-command
+        return _fail(f"cluster {args.action}: a node did not answer as expected: {e}")
     return 0
 
 

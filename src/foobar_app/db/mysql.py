@@ -240,6 +240,7 @@ class MysqlNode:
         self.epoch = 0  # bumped each time the node is found hung or dead
         self.waits: set[asyncio.Timeout] = set()  # bounded waits in flight (cut short on loss)
         self.monitor: aiomysql.Connection | None = None
+        self.probing: asyncio.Future | None = None  # the monitor's check in flight
         self.on_change: Any = None  # the database's re-election hook
 
     @property
@@ -336,6 +337,11 @@ class MysqlNode:
             m.close()
 
     async def close(self) -> None:
+        if self.probing is not None:
+            self.probing.cancel()
+            with contextlib.suppress(BaseException):
+                await self.probing
+            self.probing = None
         await self.close_monitor()
         if self.pool is not None:
             self.pool.close()
@@ -472,19 +478,32 @@ class MysqlDatabase:
                 log.exception("database heartbeat")
 
     async def _check_node(self, node: MysqlNode) -> None:
+        """Wait for the node's answer at most twice the heartbeat interval: past that it is hung.
+        The probe itself goes on (bounded by connect + query timeout), so a hung node is not
+        flooded with new connections, and its answer, once it comes, counts at once."""
         limit = 2 * self.options.heartbeat_interval
+        if node.probing is None:
+            node.probing = asyncio.ensure_future(self._bounded_probe(node))
+        done, _ = await asyncio.wait({node.probing}, timeout=limit)
+        if not done:
+            node.lost("hung", f"no answer within {limit:g}s (twice the heartbeat interval)")
+            return
+        task, node.probing = node.probing, None
         try:
-            async with asyncio.timeout(limit):
-                info = await self._probe(node)
+            info = task.result()
         except TimeoutError:
             await node.close_monitor()
-            node.lost("hung", f"no answer within {limit:g}s (twice the heartbeat interval)")
+            node.lost("hung", "no answer within the connect and query timeouts")
             return
         except (pymysql.err.MySQLError, OSError) as e:
             await node.close_monitor()
             node.failed(str(e) or type(e).__name__)
             return
         self._apply(node, info)
+
+    async def _bounded_probe(self, node: MysqlNode) -> dict[str, Any]:
+        async with asyncio.timeout(self.options.connect_timeout + self.options.query_timeout):
+            return await self._probe(node)
 
     async def _probe(self, node: MysqlNode) -> dict[str, Any]:
         if node.monitor is None or node.monitor.closed:
