@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "every run records the other load it saw either way)")
     p.add_argument("--out", type=Path, default=OUT_DEFAULT, metavar="DIR",
                    help="where results.json, results.md and results.png go (default benchmarks/out/)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="foobar_lb worker processes (foobar_lb --workers N) and HAProxy threads "
+                        "(nbthread N) (default 1); pproxy stays one process. The proxy gets cores 1..N "
+                        "to itself when the machine has more than N cores; otherwise it is not pinned, "
+                        "shares the cores with wrk and nginx, and its figures are reported with no target")
     p.add_argument("--pproxy-loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="event loop pproxy runs on (default uvloop, what pproxy picks itself when it can)")
     p.add_argument("--quick", action="store_true",
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     wait_quiet = args.wait_quiet if args.wait_quiet is not None else base["wait_quiet"]
     if scenarios is None:
         scenarios = list(QUICK_SCENARIOS if args.quick else SCENARIOS)
-    if rounds < 1 or duration < 1 or warmup < 0 or idle_n < 1 or wait_quiet < 0:
-        _usage_error("--rounds, --duration and --idle-connections must be at least 1, "
+    workers = args.workers
+    if rounds < 1 or duration < 1 or warmup < 0 or idle_n < 1 or wait_quiet < 0 or workers < 1:
+        _usage_error("--rounds, --duration, --idle-connections and --workers must be at least 1, "
                      "--warmup and --wait-quiet at least 0")
     notes: list[str] = []
     if args.quick:
@@ -132,9 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     soft, hard = raise_nofile_limit()
-    pinning = Pinning.for_machine(tools.get("taskset"))
+    pinning = Pinning.for_machine(tools.get("taskset"), workers)
     if not pinning.enabled:
         notes.append("one core only: no pinning; wrk, nginx and the proxy share the CPU")
+    if not pinning.proxy_has_own_cores:
+        notes.append(f"workers {workers} on {pinning.cores} core(s): the proxy under test cannot have cores "
+                     "of its own; it is not pinned and the load generator (wrk, nginx"
+                     + (", foobar_app" if "e2e-app" in scenarios else "")
+                     + ") shares the cores with it, so its CPU and latency include that contention: "
+                     "figures are reported, with no target")
     if "idle-10k" in scenarios:
         allowed = max(100, min(soft, hard) - 1000)  # the runner and the proxy each hold one fd per connection
         if idle_n > allowed:
@@ -145,19 +157,28 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("pproxy is a plain TCP forwarder (tunnel://) to ONE backend (nginx server 1): "
                      f"it does not balance; it runs on {args.pproxy_loop} through "
                      "benchmarks/pproxy_launch.py "
-                     "(pproxy 2.7.9 cannot start by itself next to uvloop 0.23)")
+                     "(pproxy 2.7.9 cannot start by itself next to uvloop 0.23); it is one process "
+                     "whatever --workers")
     over_fd = "idle-10k" in scenarios and 2 * (idle_n + 200) + 300 > hard
-    notes.append("HAProxy: nbthread 1, maxconn 8000 (wrk scenarios); idle-10k: maxconn = connections + 200"
-                 + (", with ulimit-n at the hard limit and no strict-limits" if over_fd else ""))
-    notes.append("foobar_lb: one process (its own pid measured), uvloop; no health checks on either proxy; "
-                 "same timeouts (connect 5s, client 30s, server 30s; idle-10k: client and keep-alive 5m)")
+    notes.append(f"HAProxy: nbthread {workers}, maxconn 8000 (wrk scenarios); idle-10k: maxconn = "
+                 "connections + 200"
+                 + (", with ulimit-n at the hard limit and no strict-limits" if over_fd else "")
+                 + "; one process: its CPU (user, system) and RSS are those of that process, all its "
+                 "threads (read the same way, over its process tree)")
+    notes.append(f"foobar_lb: a master (which does not proxy) and {workers} worker process"
+                 + ("" if workers == 1 else "es") + ", uvloop; its CPU (user, system) and RSS are summed "
+                 "over the master and every worker (the started pid and all its descendants, "
+                 "/proc/PID/task/*/children, read at both ends of each run); no health checks on either "
+                 "proxy; same timeouts (connect 5s, client 30s, server 30s; idle-10k: client and "
+                 "keep-alive 5m)")
 
     workdir = Path(tempfile.mkdtemp(prefix="foobar-bench-"))
     procs = Processes(workdir)
     machine = machine_description(tools, pinning)
     with contextlib.suppress(OSError):
         machine["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    bench = Bench(procs, tools, pinning, workdir, hard, pproxy_loop=args.pproxy_loop, wait_quiet=wait_quiet)
+    bench = Bench(procs, tools, pinning, workdir, hard, pproxy_loop=args.pproxy_loop, workers=workers,
+                  wait_quiet=wait_quiet)
     results: dict[str, dict] = {}
     started = time.monotonic()
     old_term = signal.signal(signal.SIGTERM, _interrupt)
@@ -209,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "options": {"scenarios": scenarios, "targets": kinds, "rounds": rounds, "duration": duration,
                     "warmup": warmup, "idle_connections": idle_n, "wait_quiet": wait_quiet,
-                    "quick": args.quick,
+                    "quick": args.quick, "workers": workers,
                     "pproxy_loop": args.pproxy_loop},
         "notes": notes,
         "elapsed_seconds": round(time.monotonic() - started, 1),
         "results": results,
         "summaries": summaries,
     }
-    doc["targets"] = report.evaluate_targets(summaries, results)
+    doc["targets"] = report.evaluate_targets(summaries, results, judged=pinning.proxy_has_own_cores)
     md = report.write(doc, args.out)
     progress(f"benchmarks: wrote {args.out}/results.json, results.md, results.png "
              f"({doc['elapsed_seconds']:.0f}s of measuring)")

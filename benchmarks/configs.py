@@ -1,8 +1,10 @@
 """Configuration files for the processes of a benchmark, generated into the run's temporary dir.
 
 Rule: the proxies compared in one scenario get equivalent settings (round robin over the same
-servers, no health checks, the same timeouts, one thread / one event loop, keep-alive reuse of
-server connections "safe"), so a difference in the numbers is a difference in the proxies.
+servers, no health checks, the same timeouts, the same parallelism: N HAProxy threads for N
+foobar_lb worker processes, given to it as `--workers N` on its command line, each worker one
+event loop; keep-alive reuse of server connections "safe"), so a difference in the numbers is a
+difference in the proxies.
 """
 
 from __future__ import annotations
@@ -76,13 +78,13 @@ http {{
 
 
 def haproxy_cfg(path: Path, mode: str, port: int, servers: list[tuple[str, int]], timeouts: Timeouts,
-                maxconn: int, hard_nofile: int) -> Path:
-    """haproxy: one thread, one frontend, round robin over `servers`, no checks.
+                maxconn: int, hard_nofile: int, threads: int = 1) -> Path:
+    """haproxy: `threads` threads (nbthread), one frontend, round robin over `servers`, no checks.
 
     When `maxconn` needs more descriptors than the hard limit allows (the idle scenario), haproxy
     gets `ulimit-n` = the hard limit and `no strict-limits`, so it starts and warns instead.
     """
-    glob = ["    nbthread 1", f"    maxconn {maxconn}"]
+    glob = [f"    nbthread {threads}", f"    maxconn {maxconn}"]
     if 2 * maxconn + HAPROXY_FD_MARGIN > hard_nofile:
         glob += [f"    ulimit-n {hard_nofile}", "    no strict-limits"]
     dflt = [f"    mode {mode}", f"    timeout connect {timeouts.connect}",
@@ -110,7 +112,8 @@ def haproxy_cfg(path: Path, mode: str, port: int, servers: list[tuple[str, int]]
 
 def foobar_lb_toml(path: Path, mode: str, port: int, servers: list[tuple[str, int]],
                    timeouts: Timeouts) -> Path:
-    """foobar_lb: the same frontend and backend as haproxy's, in its TOML."""
+    """foobar_lb: the same frontend and backend as haproxy's, in its TOML (the worker count is
+    given on the command line, `--workers N`, so the configuration is the same for every N)."""
     tmo = [f'connect = "{timeouts.connect}"', f'client = "{timeouts.client}"',
            f'server = "{timeouts.server}"']
     if mode == "http" and timeouts.keep_alive:

@@ -4,7 +4,8 @@ Rule: every figure is a median over rounds (req/s also with its min-max); a rati
 foobar_lb's median over the reference's median (HAProxy in the same mode, measured in the same
 run), so "1.00x" means "as good as HAProxy" and the issue's targets read directly off it. A
 target whose scenario was not run, or whose reference was not measured, is "not measured",
-never met.
+never met; when the proxy had no cores of its own (as many workers as cores, or more), every
+figure is "reported (no target)", never met or missed. The worker count heads the report.
 """
 
 from __future__ import annotations
@@ -109,23 +110,30 @@ TARGETS = (
 )
 
 
-def evaluate_targets(summaries: dict[str, dict], results: dict[str, dict]) -> list[dict]:
+NOT_JUDGED = "the proxy shared the cores with the load generator"
+
+
+def evaluate_targets(summaries: dict[str, dict], results: dict[str, dict], judged: bool = True) -> list[dict]:
+    """One row per target; `judged` False (the proxy had no cores of its own): none is met or missed."""
     rows = []
     for tg in TARGETS:
         value = summaries.get(tg.scenario, {}).get(tg.target, {}).get(tg.key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             status = "not measured"
-        elif not tg.op:
+        elif not tg.op or not judged:
             status = "reported (no target)"
         elif (value <= tg.limit) if tg.op == "<=" else (value >= tg.limit):
             status = "met"
         else:
             status = "missed"
-        note = ""
+        notes = []
+        if tg.op and not judged and status != "not measured":
+            notes.append(NOT_JUDGED)
         if tg.scenario == "idle-10k" and tg.scenario in results and value is not None:
             n = results[tg.scenario]["connections"]
             if n != 10_000:
-                note = f"measured with {n} connections, not 10,000"
+                notes.append(f"measured with {n} connections, not 10,000")
+        note = "; ".join(notes)
         rows.append({"target": tg.text, "scenario": tg.scenario, "who": tg.target, "metric": tg.key,
                      "op": tg.op, "limit": tg.limit, "unit": tg.unit, "value": value,
                      "status": status, "note": note})
@@ -153,8 +161,12 @@ def markdown(doc: dict) -> str:
     out.append(f"- date: {m['date']}; machine: {m['cpu_model']}, {m['cores']} cores, {m['kernel']}, "
                f"Python {m['python']}, uvloop {m['uvloop']}")
     out.append(f"- {m['haproxy']}; {m['nginx']}; {m['wrk']}; pproxy {m['pproxy']}")
-    out.append(f"- pinning: {m['pinning']}")
     opts = doc["options"]
+    workers = m.get("workers", opts.get("workers", 1))
+    out.append(f"- workers: {workers} (foobar_lb --workers {workers}: a master and {workers} worker "
+               f"process{'' if workers == 1 else 'es'}, CPU and RSS summed over all of them; "
+               f"HAProxy nbthread {workers})")
+    out.append(f"- pinning: {m['pinning']}")
     out.append(f"- rounds: {opts['rounds']}, {opts['duration']:g} s per wrk run, warm-up "
                f"{opts['warmup']:g} s per target (not counted); runs interleaved (A B C A B C ...); "
                "figures are medians over rounds")
@@ -197,7 +209,10 @@ def markdown(doc: dict) -> str:
     out.append("")
     out.append("## Targets")
     out.append("")
-    out.append("Ratios are foobar_lb / HAProxy (same mode, same run) unless stated.")
+    out.append("Ratios are foobar_lb / HAProxy (same mode, same run) unless stated."
+               + ("" if m.get("proxy_has_own_cores", True) else
+                  f" With {workers} workers on {m['cores']} cores the proxy had no cores of its own: "
+                  "figures are reported, with no target."))
     out.append("")
     out.append("| target | wanted | measured | status |")
     out.append("| --- | --- | --- | --- |")
@@ -275,8 +290,11 @@ def plot(doc: dict, path: Path) -> None:
         ax.axvline(20, color="red", linestyle="--", linewidth=1, label="target 20 KiB (foobar_lb)")
         ax.set_xlabel("RSS KiB per idle keep-alive connection (median)")
         ax.legend(fontsize=8)
+    workers = doc["machine"].get("workers", 1)
     fig.suptitle(f"foobar_lb vs HAProxy / pproxy — {doc['machine']['cpu_model']}, "
-                 f"{doc['options']['rounds']} round(s) x {doc['options']['duration']:g}s", fontsize=10)
+                 f"{doc['options']['rounds']} round(s) x {doc['options']['duration']:g}s, "
+                 f"{workers} worker{'' if workers == 1 else 's'} / thread{'' if workers == 1 else 's'}",
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

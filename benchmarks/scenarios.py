@@ -2,8 +2,11 @@
 
 Rule: in a scenario every target runs at once behind the same backends, each on its own
 fresh process; each round runs every target once, in the same order (A B C A B C ...), after
-one unmeasured warm-up run per target. A target's CPU is read from /proc for its own pid
-only, around each run, and so is the CPU that anything else on the machine used meanwhile:
+one unmeasured warm-up run per target. A target's CPU (user and system) and RSS are read from
+/proc for its whole process tree (the pid started and every descendant: foobar_lb's master and
+all its workers, HAProxy's one process with its threads) at both ends of each run; a run that
+served requests with no measurable CPU (under one clock tick) fails, naming the target, rather
+than report 0. The CPU that anything else on the machine used meanwhile is read too:
 a run disturbed by such other load is measured again (at most REMEASURE_DISTURBED times,
 when waiting for quiet is on; the discarded runs are kept in the results). A target that
 dies, or a wrk run that fails, ends the benchmark: no number is made up.
@@ -30,14 +33,15 @@ from .tools import (
     Pinning,
     Proc,
     Processes,
-    children,
+    TreeCpu,
     core_busy_seconds,
     cpu_seconds,
-    cpu_ticks,
     free_port,
     http_request,
     probe,
-    rss_kib,
+    process_tree,
+    tree_cpu,
+    tree_rss_kib,
     wait_port,
 )
 
@@ -48,6 +52,11 @@ TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy")
 OTHER_LOAD_WARN = 10.0
 # how many times a disturbed run is measured again (when waiting for quiet is on)
 REMEASURE_DISTURBED = 2
+# after a target answers its first request: how long it may take to start all its processes and
+# go quiet (under SETTLE_CPU_PCT % of a core over a SETTLE_SAMPLE s sample) before it is measured
+SETTLE_TIMEOUT = 30.0
+SETTLE_CPU_PCT = 5.0
+SETTLE_SAMPLE = 0.25
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Bench:
     workdir: Path
     nofile_hard: int
     pproxy_loop: str = "uvloop"
+    workers: int = 1  # foobar_lb --workers N, HAProxy nbthread N
     wait_quiet: float = 0.0  # before each measured run, wait up to this long for other load to stop
     nginx: tuple[int, int] | None = None
     apps: tuple[int, int] | None = None
@@ -158,18 +168,20 @@ class Bench:
     def client_pids(self) -> list[int]:
         pids = []
         for p in self.client_side:
-            pids += [p.pid, *children(p.pid)]
+            pids += process_tree(p.pid)
         return pids
 
     def other_cpu(self, before: dict, after: dict, wall: float) -> dict[str, float]:
         """CPU (% of one core) used during a run by anything but this benchmark's own processes:
-        on the proxy's core and on the client's core when pinned, else on all cores together."""
+        on the proxy's cores and on the client's core when the proxy has cores of its own, else
+        on all cores together."""
         busy = {c: after["cores"][c] - before["cores"].get(c, after["cores"][c]) for c in after["cores"]}
         client = after["client"] - before["client"] + after["wrk"] - before["wrk"]
         proxy = after["proxy"] - before["proxy"]
-        if self.pinning.enabled:
-            pc, cc = int(self.pinning.proxy_cpus or 1), int(self.pinning.client_cpus or 0)
-            return {"proxy_core": _pct(busy.get(pc, 0.0) - proxy, wall),
+        if self.pinning.proxy_has_own_cores:
+            cc = int(self.pinning.client_cpus or 0)
+            on_proxy_cores = sum(busy.get(c, 0.0) for c in self.pinning.proxy_core_list)
+            return {"proxy_core": _pct(on_proxy_cores - proxy, wall),
                     "client_core": _pct(busy.get(cc, 0.0) - client, wall)}
         return {"all_cores": _pct(sum(busy.values()) - proxy - client, wall)}
 
@@ -204,12 +216,13 @@ class Bench:
         tag = f"{sc.name}-{target}-{port}"
         if kind == "haproxy":
             cfg = configs.haproxy_cfg(self.workdir / f"{tag}.cfg", sc.mode, port, servers, timeouts,
-                                      maxconn, self.nofile_hard)
+                                      maxconn, self.nofile_hard, threads=self.workers)
             argv = self.pinning.proxy([self.tools["haproxy"], "-db", "-f", str(cfg)])
             proc = self.procs.start(target, argv)
         elif kind == "foobar_lb":
             cfg = configs.foobar_lb_toml(self.workdir / f"{tag}.toml", sc.mode, port, servers, timeouts)
-            argv = self.pinning.proxy([sys.executable, "-m", "foobar_lb", "serve", "--config", str(cfg)])
+            argv = self.pinning.proxy([sys.executable, "-m", "foobar_lb", "serve", "--config", str(cfg),
+                                       "--workers", str(self.workers)])
             proc = self.procs.start(target, argv, env=self.python_env())
         elif kind == "pproxy":  # a plain TCP forwarder to ONE backend: it does not balance
             argv = self.pinning.proxy([
@@ -220,7 +233,28 @@ class Bench:
             raise BenchError(f"unknown target {target!r}")
         wait_port(proc, port)
         probe(proc, port, sc.path)
+        self.settle(proc, 1 + self.workers if kind == "foobar_lb" else 1)
         return proc, port
+
+    def settle(self, proc: Proc, processes: int) -> None:
+        """Wait until the target's tree has `processes` processes (foobar_lb: the master and its
+        workers; a first answer needs only one worker) and has gone quiet, so no start-up work
+        is counted in a measured run."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            if not proc.alive():
+                raise proc.failure(f"died while starting: {proc.describe_exit()}")
+            c0 = tree_cpu(proc.pid)
+            time.sleep(SETTLE_SAMPLE)
+            c1 = tree_cpu(proc.pid)
+            if (len(c1.pids) >= processes
+                    and 100 * (c1.seconds - c0.seconds) / SETTLE_SAMPLE < SETTLE_CPU_PCT):
+                return
+            if time.monotonic() > deadline:
+                raise proc.failure(
+                    f"not settled {SETTLE_TIMEOUT:.0f}s after its first answer: {len(c1.pids)} process(es) "
+                    f"(pids {', '.join(map(str, c1.pids))}; {processes} expected), "
+                    f"{100 * (c1.seconds - c0.seconds) / SETTLE_SAMPLE:.0f}% CPU")
 
 
 # -- wrk scenarios ----------------------------------------------------------------------------------
@@ -231,16 +265,22 @@ def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, dur
     argv = bench.pinning.client(wrk.command(bench.tools["wrk"], f"http://{LOOPBACK}:{port}{sc.path}",
                                             sc.connections, duration))
     client_pids = bench.client_pids()
-    before = _snapshot(proc.pid, client_pids)
-    u0, s0 = cpu_ticks(proc.pid)
+    c0 = tree_cpu(proc.pid)
+    before = _snapshot(c0, client_pids)
     t0 = time.monotonic()
     result, _ = wrk.run(argv, duration, label)
     wall = time.monotonic() - t0
     if not proc.alive():
         raise proc.failure(f"died during {label}: {proc.describe_exit()}")
-    u1, s1 = cpu_ticks(proc.pid)
-    after = _snapshot(proc.pid, client_pids)
-    du, ds = (u1 - u0) / CLK_TCK, (s1 - s0) / CLK_TCK
+    c1 = tree_cpu(proc.pid)
+    after = _snapshot(c1, client_pids)
+    if result.requests > 0 and c1.user + c1.system - c0.user - c0.system < 1:
+        raise BenchError(
+            f"{label}: {target} served {result.requests} requests but its processes used no measurable "
+            f"CPU (under one tick, 1/{CLK_TCK} s): read from pid {proc.pid} and its descendants "
+            f"(before: {', '.join(map(str, c0.pids))}; after: {', '.join(map(str, c1.pids))}); "
+            "the processes that proxy are not the ones measured, so no CPU figure is reported")
+    du, ds = (c1.user - c0.user) / CLK_TCK, (c1.system - c0.system) / CLK_TCK
     return {
         "target": target,
         "rps": result.rps,
@@ -255,7 +295,9 @@ def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, dur
         "cpu_pct": 100.0 * (du + ds) / wall,
         "user_us_per_req": 1e6 * du / result.requests,
         "system_us_per_req": 1e6 * ds / result.requests,
-        "rss_kib": rss_kib(proc.pid),
+        "rss_kib": tree_rss_kib(proc.pid),
+        "proxy_pids": list(c1.pids),  # the tree read at the end: the started pid first
+        "proxy_pids_at_start": list(c0.pids),
         "other_cpu_pct": bench.other_cpu(before, after, wall),
     }
 
@@ -264,9 +306,9 @@ def _pct(seconds: float, wall: float) -> float:
     return max(0.0, round(100 * seconds / wall, 1))  # tick rounding can make it a hair negative
 
 
-def _snapshot(proxy_pid: int, client_pids: list[int]) -> dict:
+def _snapshot(proxy: TreeCpu, client_pids: list[int]) -> dict:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
-    return {"cores": core_busy_seconds(), "proxy": cpu_seconds([proxy_pid]),
+    return {"cores": core_busy_seconds(), "proxy": proxy.seconds,
             "client": cpu_seconds(client_pids), "wrk": ru.ru_utime + ru.ru_stime}
 
 
@@ -283,7 +325,11 @@ def run_wrk_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int
         for t in targets:
             started[t] = bench.start_target(t, sc)
         pids = {t: p.pid for t, (p, _) in started.items()}
-        progress(f"{sc.name}: {', '.join(f'{t} pid {pid}' for t, pid in pids.items())}")
+        trees = {t: process_tree(pid) for t, pid in pids.items()}
+        progress(f"{sc.name}: " + ", ".join(
+            f"{t} pid {pid}" + (f" (+{len(trees[t]) - 1} descendant(s) measured with it)"
+                                if len(trees[t]) > 1 else "")
+            for t, pid in pids.items()))
         if warmup > 0:
             for t, (proc, port) in started.items():
                 _measure(bench, sc, t, proc, port, warmup, f"{sc.name} {t} warm-up")
@@ -332,13 +378,15 @@ def run_idle_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: in
             # a fresh process per measurement: memory freed by closed connections is not returned
             proc, port = bench.start_target(t, sc, timeouts=configs.IDLE_TIMEOUTS, maxconn=count + 200)
             try:
-                rss: Callable[[], int] = lambda p=proc: rss_kib(p.pid)  # noqa: E731
+                rss: Callable[[], int] = lambda p=proc: tree_rss_kib(p.pid)  # noqa: E731
                 res = idle.hold_idle(port, count, rss, time_limit=time_limit)
                 if not proc.alive():
                     raise proc.failure(f"died during {label}: {proc.describe_exit()}")
+                tree = process_tree(proc.pid)  # whose RSS was summed
             finally:
                 bench.procs.stop(proc)
-            run = {"round": r, "target": t, "pid": proc.pid, "wanted": res.wanted, "opened": res.opened,
+            run = {"round": r, "target": t, "pid": proc.pid, "proxy_pids": tree,
+                   "wanted": res.wanted, "opened": res.opened,
                    "failed": res.failed, "first_error": res.first_error,
                    "open_seconds": round(res.open_seconds, 2), "rss_before_kib": res.rss_before_kib,
                    "rss_after_kib": res.rss_after_kib, "kib_per_conn": res.kib_per_conn}

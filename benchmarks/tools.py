@@ -4,6 +4,8 @@ Rule: every process the runner starts goes through :class:`Processes`, which kno
 pid and stops it (SIGTERM, then SIGKILL) when the run ends, however it ends; nothing is ever
 stopped by name. Each child also gets a parent-death signal, so none outlives a runner that is
 killed outright. A child that fails to start, or dies, is reported with the tail of its output.
+A process's CPU and memory are those of its whole tree (the pid and every descendant, found
+through /proc/PID/task/*/children), as /proc shows it at the moment of reading.
 """
 
 from __future__ import annotations
@@ -93,38 +95,64 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Pinning:
-    """Which cores the load generator side and the proxy under test run on (None: no pinning)."""
+    """Which cores the load generator side and the proxy under test run on.
+
+    The client side (wrk, nginx, app servers) gets the first core; the proxy gets the next
+    `workers` cores, its own, when there are that many. When there are not (workers >= cores),
+    the proxy is not pinned: it shares every core, the client's included, and its figures are
+    reported with no target (`proxy_has_own_cores` is False).
+    """
 
     taskset: str | None
-    client_cpus: str | None  # wrk, nginx, app servers
-    proxy_cpus: str | None  # the proxy being measured
+    client_cpus: str | None  # wrk, nginx, app servers; None: not pinned
+    proxy_cpus: str | None  # the proxy being measured; None: not pinned (it shares every core)
+    cores: int = 1  # cores this runner may run on
+    workers: int = 1  # foobar_lb worker processes, HAProxy threads
 
     @classmethod
-    def for_machine(cls, taskset: str | None) -> Pinning:
-        """Cores 0 and 1 (the first two this process may run on) when there are two or more."""
+    def for_machine(cls, taskset: str | None, workers: int = 1) -> Pinning:
+        """Core 0 for the client side, cores 1..workers for the proxy (the first ones this process
+        may run on); the proxy unpinned when that many cores are not there."""
         try:
             cores = sorted(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             cores = list(range(os.cpu_count() or 1))
-        if len(cores) >= 2 and taskset:
-            return cls(taskset, str(cores[0]), str(cores[1]))
-        return cls(None, None, None)
+        if len(cores) < 2 or not taskset:
+            return cls(None, None, None, len(cores), workers)
+        proxy = ",".join(map(str, cores[1:1 + workers])) if workers < len(cores) else None
+        return cls(taskset, str(cores[0]), proxy, len(cores), workers)
 
     @property
     def enabled(self) -> bool:
         return self.taskset is not None
 
+    @property
+    def proxy_has_own_cores(self) -> bool:
+        """The proxy runs on cores nothing else of the benchmark runs on: its figures are judged."""
+        return self.taskset is not None and self.proxy_cpus is not None
+
+    @property
+    def proxy_core_list(self) -> list[int]:
+        return [int(c) for c in self.proxy_cpus.split(",")] if self.proxy_cpus else []
+
     def client(self, argv: list[str]) -> list[str]:
-        return [self.taskset, "-c", self.client_cpus, *argv] if self.taskset else argv
+        return [self.taskset, "-c", self.client_cpus, *argv] if self.taskset and self.client_cpus else argv
 
     def proxy(self, argv: list[str]) -> list[str]:
-        return [self.taskset, "-c", self.proxy_cpus, *argv] if self.taskset else argv
+        return [self.taskset, "-c", self.proxy_cpus, *argv] if self.taskset and self.proxy_cpus else argv
 
     def describe(self) -> str:
         if not self.enabled:
             return "no pinning (fewer than 2 cores): client, backends and proxies share the CPU"
-        return (f"wrk, nginx and the app servers on core {self.client_cpus} (taskset -c {self.client_cpus}), "
-                f"each proxy alone on core {self.proxy_cpus} (taskset -c {self.proxy_cpus})")
+        client = (f"wrk, nginx and the app servers on core {self.client_cpus} "
+                  f"(taskset -c {self.client_cpus})")
+        if self.proxy_has_own_cores:
+            many = "s" if "," in (self.proxy_cpus or "") else ""
+            return (f"{client}, each proxy alone on core{many} {self.proxy_cpus} "
+                    f"(taskset -c {self.proxy_cpus})")
+        return (f"{client}; the proxies are not pinned: with {self.workers} workers (threads) on "
+                f"{self.cores} cores they cannot have cores of their own and share every core, "
+                f"core {self.client_cpus} with the load generator")
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -293,10 +321,15 @@ def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0) -> None
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 on (comm, field 2, may hold spaces and parentheses)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2:].split()
+
+
 def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of a process in clock ticks: fields 14 and 15 of /proc/PID/stat."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    rest = raw[raw.rindex(")") + 2:].split()  # field 3 onwards; comm may hold spaces
+    rest = _stat_fields(pid)
     return int(rest[14 - 3]), int(rest[15 - 3])
 
 
@@ -320,6 +353,52 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """The pid and all its descendants (children of every thread, recursively), the pid first;
+    a process that is gone by the time it is read simply has no children."""
+    tree: list[int] = [pid]
+    seen = {pid}
+    i = 0
+    while i < len(tree):
+        for c in children(tree[i]):
+            if c not in seen:
+                seen.add(c)
+                tree.append(c)
+        i += 1
+    return tree
+
+
+@dataclass(frozen=True)
+class TreeCpu:
+    """CPU of a process tree at one moment, in clock ticks, and the pids it was read from.
+
+    user (system) = utime + cutime (stime + cstime) summed over the tree: a descendant that
+    ended and was waited for by its parent in the tree still counts, through the parent's
+    cutime/cstime; one that started meanwhile counts from 0. The difference of two readings is
+    the CPU the tree used between them, as /proc shows it.
+    """
+
+    user: int
+    system: int
+    pids: tuple[int, ...]
+
+    @property
+    def seconds(self) -> float:
+        return (self.user + self.system) / CLK_TCK
+
+
+def tree_cpu(pid: int) -> TreeCpu:
+    """Read the CPU of `pid` and all its descendants (a process that is gone counts 0)."""
+    user = system = 0
+    pids = process_tree(pid)
+    for p in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            rest = _stat_fields(p)
+            user += int(rest[14 - 3]) + int(rest[16 - 3])
+            system += int(rest[15 - 3]) + int(rest[17 - 3])
+    return TreeCpu(user, system, tuple(pids))
+
+
 def core_busy_seconds() -> dict[int, float]:
     """Busy time (all but idle and iowait) of each core since boot, from /proc/stat, in seconds."""
     busy: dict[int, float] = {}
@@ -337,6 +416,17 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"pid {pid}: no VmRSS in /proc/{pid}/status")
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS summed over `pid` and all its descendants, in KiB (pages shared between them, such as
+    the interpreter's, count once per process). A descendant that is gone (or a zombie, without
+    VmRSS) counts 0; the root itself must be there."""
+    total = rss_kib(pid)
+    for p in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError, ValueError, BenchError):
+            total += rss_kib(p)
+    return total
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -382,4 +472,6 @@ def machine_description(tools: dict[str, str], pinning: Pinning) -> dict:
         "pproxy": pproxy_version,
         "nofile_limit": {"soft": soft, "hard": hard},
         "pinning": pinning.describe(),
+        "workers": pinning.workers,
+        "proxy_has_own_cores": pinning.proxy_has_own_cores,
     }

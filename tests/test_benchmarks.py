@@ -1,7 +1,9 @@
 """The benchmark runner, run for real: `python -m benchmarks --quick` against haproxy and foobar_lb.
 
 A missing tool (wrk, haproxy, nginx, pproxy) fails this test with the runner's own message
-(how to install it); it is never skipped: the test command installs them.
+(how to install it); it is never skipped: the test command installs them. foobar_lb runs as a
+master and workers: its CPU must be read from all of them, so every run records a CPU per request
+above 0 and more than one process measured, and the report names the worker count.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
             assert run["latency_ms"]["p50"] > 0 and run["latency_ms"]["p99"] >= run["latency_ms"]["p50"]
         s = summary[target]
         assert s["rps"] > 0 and s["cpu_pct"] > 0 and s["cpu_us_per_req"] > 0
+
+    # foobar_lb's master never proxies: its CPU is that of the master and every worker, summed
+    for run in (r for r in result["runs"] if r["target"] == "foobar_lb"):
+        cpu = run["user_us_per_req"] + run["system_us_per_req"]
+        assert cpu > 0, f"foobar_lb recorded {cpu} us of CPU per request in round {run['round']}"
+        assert len(run["proxy_pids"]) >= 2, f"only {run['proxy_pids']} measured: not master and workers"
+        assert run["proxy_pids"][0] == result["pids"]["foobar_lb"]
+    assert doc["machine"]["workers"] == 1 and doc["options"]["workers"] == 1
+    assert any("summed over the master and every worker" in n for n in doc["notes"]), doc["notes"]
+    assert not any("its own pid measured" in n for n in doc["notes"])
     assert summary["foobar_lb"]["ratio_rps"] > 0
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["haproxy"].startswith("HAProxy")
 
@@ -51,5 +63,6 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
         assert (out / name).stat().st_size > 0, f"{name} is empty"
     md = (out / "results.md").read_text()
     assert "## http-small-c50" in md and "## Targets" in md
+    assert "- workers: 1 (foobar_lb --workers 1" in md and "HAProxy nbthread 1" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## http-small-c50" in proc.stdout  # the Markdown is printed too
