@@ -148,6 +148,9 @@ async def test_the_primary_killed_writes_503_reads_go_on_and_it_comes_back(tmp_p
             body = await _health(server.url)
             assert body["http_status"] == 200 and body["primary"] == "down"
             assert body["nodes"]["primary"]["state"] == "down"
+            assert body["nodes"]["primary"]["role"] == "primary"
+            assert re.fullmatch(r"0-1-\d+", body["nodes"]["replica-1"]["gtid"])
+            assert server.log().count("primary primary is down") == 1  # once per change
             # started again: writes succeed, the same app server process (no restart)
             assert cli("start", "--dir", str(data["dir"])).returncode == 0
             headers = await _until_writes(server.url, "back")
@@ -306,7 +309,7 @@ async def test_a_write_cut_after_it_was_sent_is_503_committed_unknown_never_retr
 # -- roles: fenced, two writable ---------------------------------------------------------------------
 
 
-async def test_a_read_only_primary_and_two_writable_nodes_are_503_never_500(tmp_path):
+async def test_a_read_only_primary_and_two_writable_nodes_are_503_never_500(tmp_path, caplog):
     with own_cluster(tmp_path) as data:
         # a heartbeat so slow that the write meets read_only itself (error 1290) first
         db = await open_router(data["primary"], data["replicas"], heartbeat_interval=30)
@@ -327,10 +330,15 @@ async def test_a_read_only_primary_and_two_writable_nodes_are_503_never_500(tmp_
             sql(data, "primary", "SET GLOBAL read_only = 0")
             sql(data, "replica-1", "SET GLOBAL read_only = 0")
             await db.database.check()
+            await db.database.check()
             status, body, _ = await _post(url, "split")
             assert status == 503 and body["error"]["code"] == "primary_unavailable"
             assert "two writable nodes (primary, replica-1)" in body["error"]["message"]
             assert (await _health(url))["http_status"] == 200
+            # logged once per change, not once per check
+            said = [r.getMessage() for r in caplog.records if "two writable" in r.getMessage()]
+            assert said == ["no primary: two writable nodes (primary, replica-1): writes refused "
+                            "until one is fenced (read_only=1)"]
             sql(data, "replica-1", "SET GLOBAL read_only = 1")
             await db.database.check()
             assert (await _post(url, "resolved"))[0] == 201
