@@ -418,11 +418,13 @@ async def test_switchover_under_write_load_loses_no_acknowledged_write(tmp_path)
                     o.status == 201 and o.headers["X-Causal-Token"].startswith("0-2-")
                     for o in ld.of("write", since=done_at)), timeout=5,
                     what="writes on the new primary")
+            moved = asyncio.get_running_loop().time() - done_at
             stop.set()
             await asyncio.gather(*tasks)
             data = reload(data)
             acked = set().union(*(ld.acked_names() for ld in loads))
-            print(f"\nswitchover: {switched.stdout.strip()}\n"
+            print(f"\nswitchover: {switched.stdout.strip()}; both app servers wrote to the new "
+                  f"primary {moved:.2f}s after it returned\n"
                   + "\n".join(f"{s.name}: {ld.summary()}" for s, ld in zip(servers, loads,
                                                                             strict=True)))
             for ld in loads:
