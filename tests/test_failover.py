@@ -550,3 +550,30 @@ async def test_failover_after_the_primary_is_killed_under_write_load(tmp_path, s
             # the app finds the new primary by itself
             headers = await _until_writes(server.url, "after-failover")
             assert headers["X-Causal-Token"].startswith("0-2-")
+
+
+async def test_a_semisync_fallback_is_logged_once_and_shown_by_status(tmp_path, caplog):
+    with own_cluster(tmp_path, semisync=True) as data:
+        db = await open_router(data["primary"], data["replicas"], heartbeat_interval=0.2)
+        try:
+            async with db.write() as s:
+                await s.execute("CREATE TABLE t (id INT PRIMARY KEY)")
+            await until(lambda: db.primary.semi_sync == "ON", what="semi-sync on")
+            assert "semi-sync ON" in cli("status", "--dir", str(data["dir"])).stdout
+            sql(data, "replica-1", "STOP SLAVE")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            async with db.write() as s:  # no replica acknowledges: waits, then falls back
+                await s.execute("INSERT INTO t VALUES (1)")
+            assert loop.time() - t0 >= 1.5  # the semi-sync timeout (2 s) was waited out
+            await until(lambda: db.primary.semi_sync == "OFF", what="fallback seen")
+            assert "semi-sync OFF (asynchronous)" in cli("status", "--dir", str(data["dir"])).stdout
+            for _ in range(3):
+                await db.database.check()
+            said = [r.getMessage() for r in caplog.records if "fell back" in r.getMessage()]
+            assert said == ["primary primary: semi-synchronous replication fell back to "
+                            "asynchronous (no replica acknowledged in time)"]
+            sql(data, "replica-1", "START SLAVE")
+            await until(lambda: db.primary.semi_sync == "ON", what="semi-sync back on")
+        finally:
+            await db.close()
