@@ -160,7 +160,11 @@ async def test_bad_or_unreachable_tokens_never_fail_a_read(tmp_path):
                 async with http.get(f"{server.url}/items?limit=1",
                                     headers={"X-Causal-Token": "0-1-999999"}) as r:
                     assert r.status == 200 and r.headers["X-DB-Role"] == "primary"
-                # a real one, once the replica has it: the replica
+                # spaces after commas, a domain the replica never saw: waited for, the primary
+                async with http.get(f"{server.url}/items?limit=1",
+                                    headers={"X-Causal-Token": f"{token}, 7-1-5"}) as r:
+                    assert r.status == 200 and r.headers["X-DB-Role"] == "primary"
+                # a real one: served, and the item is there
                 async with http.get(f"{server.url}/items?limit=1",
                                     headers={"X-Causal-Token": token}) as r:
                     assert r.status == 200 and (await r.json())["items"][0]["name"] == "t"

@@ -36,6 +36,7 @@ from typing import Any
 from .base import (
     Conn,
     ConnectionLost,
+    DatabaseError,
     DatabaseUnavailable,
     Node,
     PrimaryUnavailable,
@@ -62,7 +63,8 @@ class Trace:
     def __init__(self, token: str | None = None):
         self.roles: set[str] = set()
         self.want: Position | None = parse_position(token)  # unparsable: ignored
-        self.want_text = token.strip() if self.want else None
+        # as MASTER_GTID_WAIT wants it: no spaces
+        self.want_text = ",".join(p.strip() for p in token.split(",")) if self.want else None
         self.token: str | None = None
 
 
@@ -362,6 +364,10 @@ class Router:
                 except DatabaseUnavailable:
                     node.release(conn, broken=True)
                     continue
+                except DatabaseError as e:  # the server would not wait on it: the primary has it
+                    log.warning("MASTER_GTID_WAIT on %s refused %r: %s", node.name, text, e)
+                    node.release(conn)
+                    break
                 node.release(conn)
                 break  # it did not catch up in time: the primary has it
         return await self._acquire_primary(None)
