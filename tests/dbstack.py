@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,9 +258,3 @@ async def mixed_load(url: str, load: Load, stop: asyncio.Event, workers: int = 6
                 await asyncio.sleep(pause)
 
     await asyncio.gather(*(client(i) for i in range(workers)))
-
-
-async def run_during(load_coro: Awaitable[None], stop: asyncio.Event) -> asyncio.Task:
-    task = asyncio.ensure_future(load_coro)
-    await asyncio.sleep(0)
-    return task
