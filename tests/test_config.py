@@ -84,7 +84,8 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends"),
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
-     "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers"),
+     "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
+     "reject_underscore_headers"),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
      "backup, maxconn, check, command, env"),

@@ -241,7 +241,7 @@ async def test_hop_by_hop_headers_are_removed_both_ways():
             await c.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Private\r\n"
                          b"X-Private: 1\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: Basic Zm9v\r\n"
                          b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
-                         b"Upgrade: h2c\r\nX-End: kept\r\n\r\n")
+                         b"Upgrade: websocket\r\nX-End: kept\r\n\r\n")
             (resp,) = await c.read_responses(1)
         sent = {n.lower() for n, _ in a.requests[0].headers}
         for gone in ("connection", "x-private", "keep-alive", "proxy-authorization",
@@ -329,10 +329,14 @@ async def test_host_and_path_rules_pick_the_backend():
             assert await who("cdn.foobar.test", "/assets/x.css") == "web"
             assert await who("www.foobar.test", "/admin/users") == "admin"
             assert await who("api.foobar.test", "/admin") == "api"  # first matching rule wins
-            # absolute-form request target: its authority is the host
+            # absolute-form request target: its authority is the host (RFC 9112 3.2.2), and a
+            # Host field that says otherwise is refused
+            raw = await raw_exchange(*lb.address, b"GET http://api.foobar.test/v2 HTTP/1.1\r\n"
+                                                  b"Host: api.foobar.test\r\nConnection: close\r\n\r\n")
+            assert parse_responses(raw)[0].header("x-server") == "api"
             raw = await raw_exchange(*lb.address, b"GET http://api.foobar.test/v2 HTTP/1.1\r\n"
                                                   b"Host: www.foobar.test\r\nConnection: close\r\n\r\n")
-            assert parse_responses(raw)[0].header("x-server") == "api"
+            assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
 async def test_no_matching_rule_and_no_default_backend_is_503():
@@ -359,7 +363,7 @@ async def test_no_matching_rule_and_no_default_backend_is_503():
     (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
     (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
 ])

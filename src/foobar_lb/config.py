@@ -187,6 +187,7 @@ class FrontendConfig:
     forwarded_proto: bool = True
     request_headers: HeaderRules = field(default_factory=HeaderRules)
     response_headers: HeaderRules = field(default_factory=HeaderRules)
+    reject_underscore_headers: bool = False  # refuse any field name with "_" (400)
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,7 +687,8 @@ def _defaults(value: Any, path: str, algos: tuple[str, ...]) -> _Defaults:
 
 def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     t = _Table(value, path, ("bind", "mode", "default_backend", "rules", "timeout", "limits",
-                             "forwardfor", "forwarded_proto", "request_headers", "response_headers"))
+                             "forwardfor", "forwarded_proto", "request_headers", "response_headers",
+                             "reject_underscore_headers"))
     return FrontendConfig(
         name=name,
         bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),
@@ -701,6 +703,7 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
         forwarded_proto=t.get("forwarded_proto", _bool, d.forwarded_proto),
         request_headers=t.get("request_headers", _header_rules, HeaderRules()),
         response_headers=t.get("response_headers", _header_rules, HeaderRules()),
+        reject_underscore_headers=t.get("reject_underscore_headers", _bool, False),
     )
 
 

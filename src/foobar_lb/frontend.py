@@ -77,7 +77,9 @@ class Frontend:
         "max_uri",
         "mode",
         "name",
+        "no_plan",
         "plans",
+        "reject_underscore",
         "rules",
         "timeouts",
         "xff",
@@ -115,9 +117,13 @@ class Frontend:
         self.xff_except = ff.except_networks
         self.forwarded_proto = cfg.forwarded_proto
         self.xff_low = self.xff.lower() if self.xff is not None else None
+        self.reject_underscore = cfg.reject_underscore_headers
         self.plans: dict[str, HeaderPlan] = {}
         for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
             self.plans[be.name] = self._plan(be)
+        # for a request no rule routes (it gets 503): its head is still checked
+        drop = HOP_BY_HOP | {b"x-forwarded-proto"}
+        self.no_plan = HeaderPlan(drop, b"\r\n", HOP_BY_HOP, b"\r\n", _scan_pattern(HOP_BY_HOP))
 
     def _plan(self, be: Backend) -> HeaderPlan:
         req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)

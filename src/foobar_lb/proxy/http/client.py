@@ -1,0 +1,743 @@
+"""The client side of an HTTP connection: parsing, the pipeline, client deadlines.
+
+Rules of this module:
+- httptools (llhttp) does all the framing; `head.request_head` decides what a request becomes
+  (or that it is refused) before any byte of it can reach a server; nothing pipelined after a
+  refused request is parsed;
+- requests are answered in order: pipelined ones are parsed as they come but sent to a server
+  one at a time, the next when the one before it has its full response;
+- bodies stream and are never held whole: a destination's `pause_writing` pauses the source's
+  reading; what waits for a server connection is bounded and pauses the client when full;
+- a request may be retried on another server while no byte of its response has arrived: an
+  idempotent one whose body fitted in one buffer, any other one only if none of its bytes left;
+- nothing is formatted or logged per request on the hot path; the one timer is a lazy deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ...frontend import Frontend
+from ...shared import F_1XX, F_REQUESTS
+from ..base import ClientSide, pass_eof
+from .exchange import (
+    BLOCK_PARKED,
+    BLOCK_PENDING,
+    BLOCK_PIPELINE,
+    BLOCK_STOP,
+    BUFSIZE,
+    MODE_HTTP,
+    MODE_TUNNEL,
+    NO_BYTES,
+    PENDING_LIMIT,
+    PIPELINE_LIMIT,
+    Exchange,
+)
+from .head import (
+    CHUNK_END,
+    CRLF,
+    ERR_CLOSE,
+    ERR_KEEP,
+    IDEMPOTENT,
+    HeadError,
+    error_response,
+    request_head,
+    request_target,
+)
+from .server import UpstreamHttp
+
+if TYPE_CHECKING:
+    from ...backend import Waiter
+    from ...servers import Server
+
+__all__ = ["HttpSession"]
+
+log = logging.getLogger("foobar_lb.http")
+
+
+class _Stop(Exception):
+    """Raised in a callback: stop parsing (nothing after a refused or last request)."""
+
+
+_TOKEN_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/")
+_WELL_FORMED_VERSION = re.compile(rb"[^ ]+ [^ ]+ HTTP/[0-9]\.[0-9]\r\n")
+
+
+def _llhttp_status(e: httptools.HttpParserError, r: Exchange | None, data: bytes) -> int:
+    """The status for a request llhttp refused: 400, but 501 for a well-formed method it does
+    not know or a transfer coding it does not implement, and 505 for a well-formed version."""
+    if r is None or not r.head_done:
+        # the refused request's first bytes: after the last complete head in this read
+        start = data.rfind(b"\r\n\r\n")
+        rest = data[start + 4:] if start >= 0 and start + 4 < len(data) else data
+        rest = rest.lstrip(b"\r\n")
+        if isinstance(e, httptools.HttpParserInvalidMethodError):
+            return 501 if _TOKEN_METHOD.match(rest) else 400
+        if "version" in str(e).lower() and _WELL_FORMED_VERSION.match(rest):
+            return 505
+        if r is not None:
+            te = [v for n, v in r.headers if n.lower() == b"transfer-encoding"]
+            codings = [t.strip().lower() for t in b",".join(te).split(b",")]
+            if len(te) == 1 and len(codings) == 1 and codings[0] not in (b"", b"chunked"):
+                return 501
+    return 400
+
+
+class HttpSession(ClientSide):
+    """The client side of one connection in HTTP mode."""
+
+    __slots__ = (
+        "block",
+        "closing",
+        "eof_in",
+        "fe",
+        "head_bytes",
+        "hl",
+        "idle_since",
+        "last_rx",
+        "lb",
+        "loop",
+        "mode",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "peer_key",
+        "q",
+        "served",
+        "th",
+        "th_when",
+        "transport",
+        "tunnel_buf",
+        "up",
+        "waiter",
+        "wblocked_at",
+        "wbuf",
+        "xff_ip",
+    )
+
+    def __init__(self, lb, fe: Frontend):
+        self.lb = lb
+        self.fe = fe
+        self.loop = lb.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Exchange | None = None
+        self.q: deque[Exchange] = deque()
+        self.up: UpstreamHttp | None = None
+        self.mode = MODE_HTTP
+        self.block = 0
+        self.closing = False
+        self.eof_in = False
+        self.served = 0
+        self.head_bytes = 0
+        self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
+        self.peer_ip = ""
+        self.peer_key = b""
+        self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
+        self.wbuf: list[bytes] | None = None
+        self.tunnel_buf: list[bytes] | None = None
+        self.waiter: Waiter | None = None
+        self.th: asyncio.TimerHandle | None = None
+        self.th_when = 0.0
+        self.last_rx = 0.0
+        self.idle_since = 0.0
+        self.wblocked_at = 0.0
+
+    # -- connection events ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0]
+            self.peer_key = peer[0].encode()
+        if self.fe.forward_for(self.peer_ip):
+            self.xff_ip = self.peer_key
+        if self.lb.admit(self):
+            self.admitted()
+        else:  # parked, unread, until global maxconn has room
+            self.block |= BLOCK_PARKED
+
+    def admitted(self) -> None:
+        now = self.loop.time()
+        self.last_rx = self.idle_since = now
+        # the first request gets `http_request` from the accept on (HAProxy does the same)
+        self._arm(now + (self.fe.timeouts.http_request or 86400.0))
+        if self.block & BLOCK_PARKED:
+            self._unblock(BLOCK_PARKED)
+            held, self.tunnel_buf = self.tunnel_buf, None
+            for data in held or ():
+                self.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.detach(reusable=False)
+        for r in self.q:
+            self._finish_server(r)
+        self.q.clear()
+        self.parsing = None
+        self.parser = None
+
+    def eof_received(self) -> bool:
+        # a client may half-close after its request and still read the response
+        if self.mode == MODE_TUNNEL:
+            self.eof_in = True
+            up = self.up
+            return pass_eof(up is None or up.eof_in, up.transport if up is not None else None)
+        self.closing = True
+        self._block(BLOCK_STOP)
+        return bool(self.q)  # keep the connection open while a response is owed
+
+    def pause_writing(self) -> None:
+        self.wblocked_at = self.loop.time()
+        self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.paused = True
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.wblocked_at = 0.0
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.paused = False
+            up.last_rx = self.loop.time()
+            up.transport.resume_reading()
+
+    # -- reading requests --------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        if self.mode == MODE_TUNNEL:
+            self._tunnel_to_server(data)
+            return
+        parser = self.parser
+        if parser is None or self.block & (BLOCK_STOP | BLOCK_PARKED):
+            if self.block & BLOCK_PARKED and not self.block & BLOCK_STOP:
+                self.tunnel_buf = [*(self.tunnel_buf or ()), data]  # held until admitted
+            return  # a request was refused or this is the last one: nothing more is read
+        before = self.parsing
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade_data(data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, HeadError):
+                self._reject(ctx.status)
+            elif isinstance(ctx, _Stop):
+                pass
+            else:
+                log.error("internal error while parsing a request", exc_info=ctx or e)
+                self._reject(500)
+        except httptools.HttpParserError as e:
+            self._reject(_llhttp_status(e, self.parsing, data))
+        else:
+            r = self.parsing
+            if r is not None and not r.head_done and r is before:
+                # a head still incomplete after a whole read: bound what httptools holds for it
+                self.head_bytes += len(data)
+                if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
+                    self._reject(431)
+
+    def on_url(self, url: bytes) -> None:
+        # (no on_message_begin: the URL is the first thing of every request, so a request
+        # starts here; a URL split across reads comes in pieces)
+        r = self.parsing
+        if r is None:
+            if self.block & BLOCK_STOP:
+                raise _Stop
+            r = self.parsing = Exchange(self.last_rx)
+            self.hl = r.headers
+            self.head_bytes = 0
+            if not self.q:
+                when = r.t0 + self.fe.http_request
+                if self.th is None or self.th_when > when:
+                    self._arm(when)
+            r.url = url
+        else:
+            r.url += url
+        if len(r.url) > self.fe.max_uri:
+            raise HeadError(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # a header field, or a trailer field of a chunked body (limits: on_headers_complete)
+        self.hl.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        r = self.parsing
+        r.head_done = True
+        parser = self.parser
+        fe = self.fe
+        fields = r.headers
+        if len(fields) > fe.max_headers:
+            raise HeadError(431)
+        size = len(r.url) + sum(len(n) + len(v) + 4 for n, v in fields)
+        if size > fe.max_header_size:
+            raise HeadError(431)
+        method = parser.get_method()
+        r.method = method
+        version = parser.get_http_version()
+        r.http11 = http11 = version == "1.1"
+        if not http11 and version != "1.0":  # HTTP/0.9 or a major version of 2 and up
+            raise HeadError(505)
+        r.keep_alive = parser.should_keep_alive()
+        r.is_head = method == b"HEAD"
+        r.idempotent = method in IDEMPOTENT
+        if method == b"CONNECT":  # not a forward proxy
+            raise HeadError(501)
+        # route first, on the target's authority (absolute form) or Host, and the path
+        url = r.url
+        authority = None
+        if url[:1] != b"/" or fe.rules:
+            host = None
+            for n, v in fields:
+                if n.lower() == b"host":
+                    host = v.strip()
+                    break
+            rhost, path, authority = request_target(url, host)
+            be = fe.route(rhost, path) if fe.rules else fe.default
+        else:
+            be = fe.default
+        r.backend = be
+        plan = fe.plans[be.name] if be is not None else fe.no_plan
+        r.plan = plan
+        h = request_head(method, url, http11, fields, parser.should_upgrade(), plan,
+                         authority=authority, xff_name=fe.xff, xff_low=fe.xff_low,
+                         xff_ip=self.xff_ip, max_body=fe.limits.max_request_body,
+                         reject_underscore=fe.reject_underscore)
+        r.head = h.head
+        r.chunked = h.chunked
+        r.upgrade = h.upgrade
+        r.needs_host = h.needs_host
+        r.headers = None  # not needed any more
+        if h.chunked:
+            r.trailers = self.hl = []  # trailer fields, if any, come after the body
+        if be is None:
+            r.error = 503
+        if h.body:
+            # a body follows: from now on the client may be silent for `timeout client` at most
+            when = self.last_rx + fe.client_timeout
+            if self.th is None or self.th_when > when:
+                self._arm(when)
+        q = self.q
+        q.append(r)
+        if len(q) == 1:
+            self._start(r, self.last_rx)
+        elif len(q) > PIPELINE_LIMIT:
+            self._block(BLOCK_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        r = self.parsing
+        n = len(data)
+        r.body_size += n
+        limit = self.fe.limits.max_request_body
+        if limit and r.body_size > limit:
+            raise HeadError(413)
+        if r.error:
+            return
+        if r.chunked:
+            self._send_body(r, (b"%x\r\n" % n, data, CRLF), n + 12)
+        else:
+            self._send_body(r, (data,), n)
+
+    def on_message_complete(self) -> None:
+        r = self.parsing
+        self.parsing = None
+        if r.error:
+            return
+        r.complete = True
+        if r.chunked:
+            if r.trailers:
+                block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in r.trailers)
+                self._send_body(r, (b"0\r\n", block, CRLF), 5 + len(block))
+            else:
+                self._send_body(r, (CHUNK_END,), 5)
+        if not r.keep_alive or r.upgrade:
+            self._block(BLOCK_STOP)
+
+    # -- dispatching ---------------------------------------------------------------------------
+    def _queue(self, r: Exchange) -> None:
+        q = self.q
+        q.append(r)
+        if len(q) == 1:
+            self._start(r)
+        elif len(q) > PIPELINE_LIMIT:
+            self._block(BLOCK_PIPELINE)
+
+    def _start(self, r: Exchange, now: float = 0.0) -> None:
+        """Send `r` on its way (`now`: the loop time, when the caller has it fresh)."""
+        if r.error:
+            self._send_error(r, r.error)
+            return
+        be = r.backend
+        server = be.pick(self.peer_key)
+        if server is None or not be.take(server):
+            self._wait_slot(r)
+            return
+        if self.served and r.idempotent and not r.upgrade:
+            # the usual case, inline: an idle pooled connection to the server, head sent now
+            if not now:
+                now = self.loop.time()
+            conn = be.pool.acquire(server, now)
+            if conn is not None:
+                r.server = server
+                r.attempts += 1
+                conn.reused = True
+                self._attach(conn, r, now)
+                return
+        self._use(r, server, now=now, taken=True)
+
+    def _wait_slot(self, r: Exchange) -> None:
+        """Every usable server is full (maxconn): wait in the backend's queue, in order."""
+        self.waiter = r.backend.wait(self.peer_key, partial(self._granted, r), self.loop.time())
+        if self.waiter is None:  # nothing up, queue full or queueing off
+            self._send_error(r, 503)
+
+    def _granted(self, r: Exchange, server: Server | None) -> None:
+        """The backend queue's answer: a server with a free slot, or None (503)."""
+        self.waiter = None
+        if self.transport.is_closing() or not self.q or self.q[0] is not r:
+            return  # gone meanwhile: the slot stays free for the next one
+        if server is None:
+            self._send_error(r, 503)
+        else:
+            self._use(r, server)
+
+    def _use(self, r: Exchange, server: Server, fresh: bool = False, now: float = 0.0,
+             taken: bool = False) -> None:
+        be = r.backend
+        if not taken and not be.take(server):
+            self._wait_slot(r)  # another worker took the last group-wide slot meanwhile
+            return
+        if not now:
+            now = self.loop.time()
+        r.server = server
+        r.attempts += 1
+        conn = None
+        # http-reuse safe: a connection's first request, and any request that is not
+        # idempotent, gets a fresh server connection; later idempotent ones may reuse.
+        if not fresh and self.served and r.idempotent and not r.upgrade:
+            conn = be.pool.acquire(server, now)
+        if conn is not None:
+            conn.reused = True
+            self._attach(conn, r, now)
+        else:
+            self.lb.spawn(self._connect(r, server))
+
+    async def _connect(self, r: Exchange, server: Server) -> None:
+        be = r.backend
+        timeout = be.timeouts.connect or None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamHttp(be.pool, server, self.loop), server.host, server.port
+                )
+        except (OSError, TimeoutError) as e:
+            reason = "connection timeout" if isinstance(e, TimeoutError) else (
+                e.strerror or str(e)).lower()
+            if self.transport.is_closing() or not self.q or self.q[0] is not r:
+                self._finish_server(r)
+                return
+            self._attempt_failed(r, None, reason, connected=False)
+            return
+        if self.transport.is_closing() or not self.q or self.q[0] is not r:
+            # the client went away meanwhile: keep the fresh connection for someone else
+            self._finish_server(r)
+            conn.release()
+            return
+        self._attach(conn, r)
+
+    def _attach(self, conn: UpstreamHttp, r: Exchange, now: float = 0.0) -> None:
+        """Hand `r` to a connected server connection and send its head (and held body)."""
+        self.up = conn
+        conn.session = self
+        conn.req = r
+        conn.done = 0
+        conn.eof_ends = False
+        if not now:
+            now = self.loop.time()
+        conn.last_rx = now  # the server timer runs from now
+        timeout = r.backend.timeouts.server
+        if timeout and (conn.th is None or conn.th_when > now + timeout):
+            conn._arm(now + timeout)
+        head = r.head
+        if r.needs_host:
+            head = head[:-2] + b"host: " + r.server.address.encode() + b"\r\n\r\n"
+        if r.pending:
+            conn.transport.writelines([head, *r.pending])
+            r.pending = []
+            r.pending_size = 0
+            self._unblock(BLOCK_PENDING)
+        else:
+            conn.transport.write(head)
+        if self.mode == MODE_TUNNEL and self.tunnel_buf:
+            conn.transport.writelines(self.tunnel_buf)
+            self.tunnel_buf = None
+
+    def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
+        replay = r.replay
+        if replay is not None:
+            r.replay_size += n
+            if r.replay_size > BUFSIZE:
+                r.replay = None
+            elif replay is NO_BYTES:
+                r.replay = list(chunks)
+            else:
+                replay += chunks
+        up = self.up
+        if up is not None and up.req is r:
+            up.last_rx = self.last_rx  # the server is taking our bytes: it is alive
+            if len(chunks) == 1:
+                up.transport.write(chunks[0])
+            else:
+                up.transport.writelines(chunks)
+            return
+        if r.pending is NO_BYTES:
+            r.pending = list(chunks)
+        else:
+            r.pending += chunks
+        r.pending_size += n
+        if r.pending_size > PENDING_LIMIT:
+            self._block(BLOCK_PENDING)
+
+    def _attempt_failed(self, r: Exchange, conn: UpstreamHttp | None, reason: str,
+                        connected: bool, timeout: bool = False) -> None:
+        """The server attempt of the active request `r` failed: before any response byte came
+        (`r.got_response` false), or with a broken or late response."""
+        server = r.server
+        be = r.backend
+        if conn is not None and self.up is conn:
+            self.up = None
+        replayable = r.idempotent and r.replay is not None and not r.upgrade
+        stale = (conn is not None and conn.reused and connected and not timeout
+                 and not r.got_response)
+        if server is not None and not stale:
+            be.observe_error(server, reason, layer7=timeout or r.got_response)
+        self._finish_server(r)
+        if r.responded:
+            self._abort()  # part of the response went out: the client must see it broke
+            return
+        if r.got_response:
+            self._send_error(r, 502)
+            return
+        if timeout:
+            self._send_error(r, 504)
+            return
+        if stale and replayable and server is not None:
+            # a pooled connection the server had closed meanwhile: not the server's fault and
+            # not a retry; the same server again on a fresh connection
+            r.pending = list(r.replay)
+            r.pending_size = r.replay_size
+            r.attempts -= 1
+            self._use(r, server, fresh=True)
+            return
+        # may it go again? no request byte reached a server, or it is idempotent and whole
+        if (not connected or replayable) and r.attempts <= be.retries:
+            if connected:
+                r.pending = list(r.replay)
+                r.pending_size = r.replay_size
+            nxt = be.pick(self.peer_key, avoid=server, retry=True)
+            if nxt is not None:
+                log.debug("retrying %s on %s/%s after %s", r.method, be.name, nxt.name, reason)
+                self._use(r, nxt)
+                return
+        self._send_error(r, 503 if not connected else 502)
+
+    def _finish_server(self, r: Exchange) -> None:
+        server = r.server
+        if server is not None:
+            r.server = None
+            r.backend.release(server)
+
+    # -- responses ------------------------------------------------------------------------------
+    def response_done(self, r: Exchange, keep_client: bool) -> None:
+        """The whole response of the active request went to the client."""
+        self.up = None
+        server = r.server
+        if server is not None:
+            r.server = None
+            r.backend.release(server)
+        self.served += 1
+        q = self.q
+        if q and q[0] is r:
+            q.popleft()
+        if not keep_client or not r.complete:
+            self._close()
+            return
+        if self.block & BLOCK_PIPELINE:
+            self._unblock(BLOCK_PIPELINE)
+        if q:
+            self._start(q[0])
+        elif self.closing:
+            self._close()
+        else:
+            now = self.idle_since = self.loop.time()
+            if self.parsing is None:
+                when = now + self.fe.http_keep_alive
+            else:
+                when = self.parsing.t0 + self.fe.http_request
+            if self.th is None or self.th_when > when:
+                self._arm(when)
+
+    def _send_error(self, r: Exchange, status: int) -> None:
+        """Answer `r` ourselves (it must be the active request, with no response sent)."""
+        self._finish_server(r)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.detach(reusable=False)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        r.responded = True
+        fe = self.fe
+        fe.ctr[fe.cbase + F_REQUESTS] += 1
+        fe.ctr[fe.cbase + F_1XX - 1 + status // 100] += 1
+        keep = (status in ERR_KEEP and r.complete and r.keep_alive and not self.closing
+                and not r.upgrade and not (self.block & BLOCK_STOP))
+        if keep:
+            transport.write(ERR_KEEP[status])
+            self.response_done(r, True)
+        else:
+            transport.write(ERR_CLOSE.get(status) or error_response(status))
+            self._close()
+
+    def _reject(self, status: int) -> None:
+        """The request being parsed is refused: answer it in its turn, then close."""
+        self._block(BLOCK_STOP)
+        self.parser = None
+        r = self.parsing
+        self.parsing = None
+        if r is None:
+            r = Exchange(self.loop.time())
+        q = self.q
+        if q and q[0] is r:  # the active request went wrong in its body
+            if r.responded:
+                self._abort()
+            else:
+                self._send_error(r, status)
+            return
+        r.error = status
+        if r not in q:
+            self._queue(r)
+
+    def _close(self) -> None:
+        self.closing = True
+        self.block |= BLOCK_STOP
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def _abort(self) -> None:
+        self.closing = True
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    # -- upgrades (WebSocket and others): raw bytes both ways after a 101 -----------------------
+    def _upgrade_data(self, rest: bytes) -> None:
+        # httptools stopped after the head of an upgrade request: from here the client's bytes
+        # go to the server as they are, whatever its answer turns out to be
+        self.mode = MODE_TUNNEL
+        self.parser = None
+        if rest:
+            self._tunnel_to_server(rest)
+
+    def _tunnel_to_server(self, data: bytes) -> None:
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.transport.write(data)
+        else:
+            if self.tunnel_buf is None:
+                self.tunnel_buf = []
+            self.tunnel_buf.append(data)
+            if sum(map(len, self.tunnel_buf)) > PENDING_LIMIT:
+                self._block(BLOCK_PENDING)
+
+    # -- flow control and timers -----------------------------------------------------------------
+    def _block(self, why: int) -> None:
+        if not self.block and self.transport is not None:
+            self.transport.pause_reading()
+        self.block |= why
+
+    def _unblock(self, why: int) -> None:
+        if self.block & why:
+            self.block &= ~why
+            if not self.block and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _deadline(self) -> tuple[float, int] | None:
+        """The earliest client-side deadline in force and what happens then."""
+        t = self.fe.timeouts
+        best = None
+        if self.wblocked_at and t.client:
+            best = (self.wblocked_at + t.client, 3)
+        if self.mode == MODE_TUNNEL:
+            up = self.up
+            last = max(self.last_rx, up.last_rx if up is not None else 0.0)
+            tun = self.q[0].backend.timeouts.tunnel if self.q and self.q[0].backend else 0.0
+            d = (last + tun, 4) if tun else None
+        elif self.parsing is not None and not self.q:
+            r = self.parsing
+            if not r.head_done:
+                d = (r.t0 + t.http_request, 1) if t.http_request else None
+            else:
+                d = (self.last_rx + t.client, 2) if t.client else None
+        elif self.parsing is not None:
+            r = self.parsing
+            d = (self.last_rx + t.client, 2) if r.head_done and t.client else None
+        elif not self.q:
+            if self.served:
+                d = (self.idle_since + t.http_keep_alive, 0) if t.http_keep_alive else None
+            else:
+                d = (self.idle_since + t.http_request, 0) if t.http_request else None
+        else:
+            d = None
+        if d is not None and (best is None or d[0] < best[0]):
+            best = d
+        return best
+
+    def _on_timer(self) -> None:
+        self.th = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        d = self._deadline()
+        if d is None:
+            return
+        when, what = d
+        if self.loop.time() < when:
+            self.th_when = when
+            self.th = self.loop.call_at(when, self._on_timer)
+            return
+        if what == 0:  # idle keep-alive, or a connection that never sent a byte
+            self._close()
+        elif what in (1, 2):  # the head did not complete in time, or the body stalled
+            self._reject(408)
+        else:  # the client stopped reading, or the tunnel went quiet
+            self._abort()
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.detach(reusable=False)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Stop after the next response (reload): it says `Connection: close`; an idle
+        connection closes only once it has been idle for `timeout http_keep_alive`, so a
+        client never races a close with its next request."""
+        self.closing = True
+
+    def shutdown(self) -> None:
+        """Stop after the request in flight (graceful stop): idle connections close now."""
+        self.closing = True
+        if not self.q and (self.parsing is None or not self.parsing.head_done):
+            self._close()

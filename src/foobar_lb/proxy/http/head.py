@@ -1,0 +1,314 @@
+"""Heads: what a request head becomes for the server, and what a response head becomes for the
+client, as pure functions (h11's `_body_framing` in spirit).
+
+Rules of this module:
+- no I/O, no clock, no connection state: bytes and flags in, bytes and a decision out, so each
+  rule is unit-tested without sockets;
+- a request is refused here with the status the client gets (`HeadError`), before any byte of
+  it can reach a server: conflicting or malformed framing, a Host that is missing, repeated,
+  empty or contradicts an absolute-form target, names with `_` that would normalise to a framing
+  or hop-by-hop field, `h2c` upgrades, CONNECT (this is not a forward proxy), and `*` targets for
+  other methods than OPTIONS; llhttp (through httptools) has refused bare CR/LF, control bytes,
+  bad names, obs-fold and bad Content-Length values before we are called;
+- hop-by-hop fields go (RFC 9110 section 7.6.1, with the ones `Connection` names), ours are
+  written: framing, X-Forwarded-For/Proto, the header rules' lines;
+- the response's body framing towards the client is decided in one place, `response_framing`.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import httptools
+
+__all__ = [
+    "CHUNK",
+    "CHUNK_END",
+    "ERR_CLOSE",
+    "ERR_KEEP",
+    "NO_BODY",
+    "PASS",
+    "RAW",
+    "STATUS_LINES",
+    "UNTIL_CLOSE",
+    "HeadError",
+    "RequestHead",
+    "error_response",
+    "request_head",
+    "request_target",
+    "response_framing",
+    "tokens",
+]
+
+CRLF = b"\r\n"
+CHUNK_END = b"0\r\n\r\n"
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# Hop-by-hop fields (RFC 9110 7.6.1) and framing we redo ourselves; any Proxy-* goes too.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+     b"proxy-connection"})
+# names that a `_` spelling must never smuggle past a server that normalises `_` to `-`
+_GUARDED = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+
+# how a response body goes to the client: no body; as it comes (content-length); chunked by us
+# (the server's close ends it); as it comes, ended by our close (HTTP/1.0 clients); the server's
+# chunked encoding relayed byte for byte (trailers included)
+NO_BODY, PASS, CHUNK, UNTIL_CLOSE, RAW = range(5)
+
+
+class HeadError(Exception):
+    """The request is refused with `status` (and the connection closed)."""
+
+    def __init__(self, status: int, why: str = ""):
+        super().__init__(status, why)
+        self.status = status
+        self.why = why
+
+
+def tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+# what a request field means to us (looked up by lower-case name)
+_H_HOST, _H_CONNECTION, _H_TE, _H_EXPECT, _H_UPGRADE, _H_CL, _H_H2 = range(7)
+_SPECIAL = {
+    b"host": _H_HOST,
+    b"connection": _H_CONNECTION,
+    b"transfer-encoding": _H_TE,
+    b"expect": _H_EXPECT,
+    b"upgrade": _H_UPGRADE,
+    b"content-length": _H_CL,
+    b"http2-settings": _H_H2,
+}
+_CONN_PLAIN = (b"close", b"keep-alive", b"upgrade")
+
+
+class RequestHead:
+    """What `request_head` decided."""
+
+    __slots__ = ("body", "chunked", "expect_continue", "head", "needs_host", "upgrade")
+
+    def __init__(self, head: bytes, chunked: bool, body: bool, upgrade: bool,
+                 needs_host: bool, expect_continue: bool):
+        self.head = head  # the head for the server, ending with its empty line
+        self.chunked = chunked
+        self.body = body  # a body follows (chunked, or a content-length above 0)
+        self.upgrade = upgrade  # a valid upgrade request (Connection: upgrade and Upgrade)
+        self.needs_host = needs_host  # HTTP/1.0 without Host: the server's address is added
+        self.expect_continue = expect_continue
+
+
+def request_target(url: bytes, host_field: bytes | None) -> tuple[bytes | None, bytes, bytes | None]:
+    """(host for routing, lower case without port; path; the authority of an absolute-form
+    target, or None). An absolute-form target whose authority differs from the Host field is
+    refused (RFC 9112 3.2.2: the target's authority is the one)."""
+    authority = None
+    if url[:1] == b"/" or url == b"*":
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        host = host_field
+    else:
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise HeadError(400, "invalid request target") from None
+        if not parsed.host or parsed.schema not in (b"http", b"https"):
+            raise HeadError(400, "invalid request target")
+        authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
+        if parsed.host[:1] != b"[" and b":" in parsed.host:
+            authority = b"[%s]" % authority
+        path = parsed.path or b"/"
+        host = authority
+        if host_field is not None and host_field.lower() != authority.lower():
+            raise HeadError(400, "Host differs from the request target")
+    if host is not None:
+        host = host.lower()
+        if host[:1] == b"[":
+            host = host[: host.find(b"]") + 1]
+        else:
+            colon = host.rfind(b":")
+            if colon >= 0:
+                host = host[:colon]
+    return host, path, authority
+
+
+def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[bytes, bytes]],
+                 upgrade_flag: bool, plan, *, authority: bytes | None = None,
+                 xff_name: bytes | None = None, xff_low: bytes | None = None,
+                 xff_ip: bytes | None = None, max_body: int = 0,
+                 reject_underscore: bool = False) -> RequestHead:
+    """The head sent to the server for a request llhttp accepted, or HeadError.
+
+    `plan`: the frontend/backend pair's header plan (`req_drop`, lower-case names to drop;
+    `req_add`, lines to add, ending with the head's empty line). `authority`: the target's, for
+    an absolute-form request (it becomes the Host). `xff_ip`: the client address to append to
+    X-Forwarded-For (None: the field is passed on as it came, if at all)."""
+    if method == b"CONNECT":
+        raise HeadError(501, "CONNECT")
+    if url == b"*" and method != b"OPTIONS":
+        raise HeadError(400, "asterisk-form target without OPTIONS")
+    drop = plan.req_drop
+    nhost = 0
+    host_value = None
+    conn_tokens = None
+    te = None
+    nte = 0
+    expect = None
+    upgrade = None
+    xff = None
+    cl = None
+    parts = [method, b" ", url, b" HTTP/1.1\r\n"]
+    special = _SPECIAL
+    for name, value in fields:
+        low = name.lower()
+        kind = special.get(low)
+        if kind is not None:
+            if kind == _H_HOST:
+                nhost += 1
+                host_value = value
+                if authority is not None:
+                    continue  # replaced by the target's authority below
+            elif kind == _H_CONNECTION:
+                conn_tokens = tokens(value) + (conn_tokens or [])
+                continue
+            elif kind == _H_TE:
+                te = value if te is None else te + b"," + value
+                nte += 1
+                continue
+            elif kind == _H_EXPECT:
+                expect = value.strip().lower()
+                continue
+            elif kind == _H_UPGRADE:
+                upgrade = value.strip()
+                continue
+            elif kind == _H_H2:
+                raise HeadError(400, "HTTP2-Settings (h2c upgrade)")
+            else:  # content-length: llhttp refused bad values, duplicates and CL with TE
+                cl = value
+        elif low == xff_low:
+            v = value.strip()
+            xff = v if xff is None else xff + b", " + v
+            continue
+        elif b"_" in low:
+            norm = low.replace(b"_", b"-")
+            if norm in _GUARDED or norm[:6] == b"proxy-":
+                raise HeadError(400, "a field name with _ for a framing or hop-by-hop field")
+            if reject_underscore:
+                raise HeadError(400, "a field name with _")
+            if low in drop:
+                continue
+        elif low in drop or low[:6] == b"proxy-":
+            continue
+        parts += (name, b": ", value, CRLF)
+
+    if nhost > 1 or (http11 and nhost == 0 and authority is None):
+        raise HeadError(400, "missing or repeated Host")
+    if nhost and not host_value.strip():
+        raise HeadError(400, "empty Host")
+    chunked = False
+    if te is not None:
+        if not http11:
+            raise HeadError(400, "Transfer-Encoding in HTTP/1.0")
+        codings = [t.strip().lower() for t in te.split(b",")]
+        if nte == 1 and codings == [b"chunked"]:
+            chunked = True
+        elif nte == 1 and len(codings) == 1 and codings[0] and codings[0] != b"chunked":
+            raise HeadError(501, "unknown transfer coding")
+        else:
+            raise HeadError(400, "Transfer-Encoding other than a single chunked")
+    if cl is not None and max_body and int(cl) > max_body:
+        raise HeadError(413, "body too large")
+    if conn_tokens:
+        extra = [t for t in conn_tokens if t not in _CONN_PLAIN]
+        if extra:  # rare: Connection names more fields to drop; start over without them
+            if any(t in _GUARDED for t in extra):
+                raise HeadError(400, "Connection names a framing field")
+            del parts[4:]
+            for name, value in fields:
+                low = name.lower()
+                kind = special.get(low)
+                if (kind is not None and kind != _H_HOST and kind != _H_CL) or (
+                        kind == _H_HOST and authority is not None) or low == xff_low or (
+                        low in drop or low[:6] == b"proxy-" or low in extra):
+                    continue
+                parts += (name, b": ", value, CRLF)
+    expect_continue = False
+    if expect is not None and http11:  # HTTP/1.0 clients do not wait for 100 Continue
+        if expect != b"100-continue":
+            raise HeadError(417, "unknown expectation")
+        expect_continue = True
+        parts.append(b"expect: 100-continue\r\n")
+    if authority is not None:
+        parts += (b"host: ", authority, CRLF)
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    is_upgrade = False
+    if upgrade_flag and upgrade is not None and conn_tokens and b"upgrade" in conn_tokens:
+        if b"h2c" in tokens(upgrade):
+            raise HeadError(400, "Upgrade: h2c")
+        is_upgrade = True
+        parts += (b"connection: upgrade\r\nupgrade: ", upgrade, CRLF)
+    elif upgrade is not None and b"h2c" in tokens(upgrade):
+        raise HeadError(400, "Upgrade: h2c")
+    if xff_ip is not None:
+        parts += (xff_name, b": ", xff_ip if xff is None else xff + b", " + xff_ip, CRLF)
+    elif xff is not None:
+        parts += (xff_name, b": ", xff, CRLF)
+    parts.append(plan.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
+    body = chunked or (cl is not None and cl.strip() != b"0")
+    return RequestHead(b"".join(parts), chunked, body, is_upgrade,
+                       nhost == 0 and authority is None, expect_continue)
+
+
+def response_framing(status: int, is_head: bool, http11: bool, te_chunked: bool,
+                     has_cl: bool) -> tuple[int, bool]:
+    """How a final response's body goes to the client, and whether the server's close ends it:
+    (mode, eof_ends)."""
+    if is_head or status == 204 or status == 304 or 100 <= status < 200:
+        return NO_BODY, False
+    if te_chunked:
+        return (RAW if http11 else UNTIL_CLOSE), False
+    if has_cl:
+        return PASS, False
+    # delimited by the server's close: chunked for an HTTP/1.1 client, so that a truncation
+    # stays visible; an HTTP/1.0 client learns the end from our close
+    return (CHUNK if http11 else UNTIL_CLOSE), True
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy's own answers
+
+_ERROR_TEXT = {
+    400: "Your browser sent an invalid request.",
+    408: "Your browser didn't send a complete request in time.",
+    413: "The request body is larger than this server accepts.",
+    414: "The request URI is too long.",
+    417: "The expectation given in the Expect header cannot be met.",
+    431: "The request header fields are too large.",
+    500: "An internal error occurred.",
+    501: "The request uses a method or transfer coding this server does not implement.",
+    502: "The server returned an invalid or incomplete response.",
+    503: "No server is available to handle this request.",
+    504: "The server didn't respond in time.",
+    505: "Only HTTP/1.0 and HTTP/1.1 are served here.",
+}
+
+
+def error_response(status: int, keep_alive: bool = False) -> bytes:
+    """The proxy's own short answer, HAProxy style."""
+    phrase = HTTPStatus(status).phrase
+    body = (f"<html><body><h1>{status} {phrase}</h1>\n{_ERROR_TEXT.get(status, phrase)}\n"
+            "</body></html>\n").encode()
+    conn = b"keep-alive" if keep_alive else b"close"
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncache-control: no-cache\r\n"
+        b"content-type: text/html\r\nconnection: %s\r\n\r\n%s"
+        % (status, phrase.encode(), len(body), conn, body)
+    )
+
+
+ERR_CLOSE = {s: error_response(s) for s in _ERROR_TEXT}
+ERR_KEEP = {s: error_response(s, True) for s in (502, 503, 504)}
+STATUS_LINES = {
+    int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in HTTPStatus
+}
