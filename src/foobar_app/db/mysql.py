@@ -546,7 +546,7 @@ class MysqlDatabase:
             node.position = parse_position(node.gtid) or {}
             node.lag = 0.0
             semi = (info["ss_status"] or "OFF").upper() if info["ss_enabled"] else None
-            if node.semi_sync != semi and node is self._primary:
+            if node.semi_sync not in (None, semi) and node is self._primary:
                 if semi == "OFF":
                     log.warning("primary %s: semi-synchronous replication fell back to "
                                 "asynchronous (no replica acknowledged in time)", node.name)
