@@ -21,7 +21,13 @@ from .proxy.upstream import Pool
 from .servers import Server, State
 from .shared import S_REQUESTS
 
-__all__ = ["Backend", "Waiter"]
+__all__ = ["ASSIGNED", "FULL", "NO_SERVER", "QUEUED", "Backend", "Waiter"]
+
+# what `Backend.assign` did (HAProxy's SRV_STATUS_*)
+ASSIGNED = 0  # a server's slot is taken for the caller
+QUEUED = 1  # every usable server is full: the caller waits in the queue (its Waiter returned)
+NO_SERVER = 2  # no server is up
+FULL = 3  # the queue is full too, or queueing is off
 
 log = logging.getLogger("foobar_lb")
 
@@ -31,8 +37,8 @@ QUEUE_POLL = 0.01  # a queue waiting on group-wide slots looks again this often
 class Waiter:
     """A request (HTTP) or connection (TCP) waiting for a server with a free slot.
 
-    `done(server)` is called once: with a server when one has a free slot (the callee takes it
-    with `Backend.take`, or leaves it if its client is gone), or with None when `timeout queue`
+    `done(server)` is called once: with a server whose slot is taken for it (the callee gives it
+    back with `Backend.release` if its client is gone), or with None when `timeout queue`
     expires or no server is left up (the caller answers 503).
     """
 
@@ -90,6 +96,25 @@ class Backend:
         self._qpoll: asyncio.TimerHandle | None = None
         # observed_error(backend, server, what, layer7) and observed_ok(backend, server)
         self.observer = observer
+
+    # -- assignment: the one place a server's slot is taken ---------------------------------
+    def assign(self, key: bytes | None, done: Callable[[Server | None], None], now: float,
+               avoid: Server | None = None, retry: bool = False,
+               prefer: Server | None = None) -> tuple[int, Any]:
+        """HAProxy's assign_server_and_queue: pick a server (not `avoid`, when another is
+        usable; `prefer` first when it is usable and has room) and take its slot: (ASSIGNED,
+        server); else queue the caller, whose `done(server)` is called later with the slot
+        taken (or with None: timeout, nothing left up): (QUEUED, waiter); else (NO_SERVER or
+        FULL, None). A new request does not jump the queue; a retry may."""
+        if prefer is not None and prefer.usable and not prefer.full and self.take(prefer):
+            return ASSIGNED, prefer
+        server = self.pick(key, avoid, retry)
+        if server is not None and self.take(server):
+            return ASSIGNED, server
+        if not self.balancer.any_up():
+            return NO_SERVER, None
+        w = self.wait(key, done, now)
+        return (QUEUED, w) if w is not None else (FULL, None)
 
     # -- picking and counting --------------------------------------------------------------
     def pick(self, key: bytes | None, avoid: Server | None = None,
@@ -150,10 +175,10 @@ class Backend:
                 q.popleft()
                 continue
             server = self.balancer.pick(w.key)
-            if server is None:
+            if server is None or not self.take(server):
                 break
             q.popleft()
-            w.done(server)
+            w.done(server)  # with the slot taken
         if q and self._qpoll is None and any(s.slots is not None for s in self.servers):
             # slots given back by other workers wake nobody here: look again shortly
             self._qpoll = asyncio.get_running_loop().call_later(QUEUE_POLL, self._poll_queue)

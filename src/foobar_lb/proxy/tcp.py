@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from ..backend import ASSIGNED, QUEUED
 from .base import ClientSide, pass_eof
 
 if TYPE_CHECKING:
@@ -84,20 +85,21 @@ class TcpSession(ClientSide):
         self._dispatch(None)
 
     def _dispatch(self, avoid: Server | None) -> None:
-        be = self.be
-        server = be.pick(self.peer_key, avoid, retry=avoid is not None)
-        if server is None:
-            if avoid is None:  # every usable server is full: wait in the backend's queue
-                self.waiter = be.wait(self.peer_key, self._granted, self.loop.time())
-                if self.waiter is not None:
-                    return
+        outcome, got = self.be.assign(self.peer_key, self._granted, self.loop.time(),
+                                      avoid=avoid, retry=avoid is not None)
+        if outcome == ASSIGNED:
+            self._use(got)
+        elif outcome == QUEUED:  # every usable server is full: wait in the backend's queue
+            self.waiter = got
+        else:
             self._close()
-            return
-        self._use(server)
 
     def _granted(self, server: Server | None) -> None:
+        """The queue's answer: a server whose slot is ours, or None."""
         self.waiter = None
         if self.transport.is_closing():
+            if server is not None:
+                self.be.release(server)
             return
         if server is None:
             self._close()
@@ -105,11 +107,6 @@ class TcpSession(ClientSide):
             self._use(server)
 
     def _use(self, server: Server) -> None:
-        if not self.be.take(server):  # another worker took the last group-wide slot meanwhile
-            self.waiter = self.be.wait(self.peer_key, self._granted, self.loop.time())
-            if self.waiter is None:
-                self._close()
-            return
         self.server = server
         self.attempts += 1
         self.lb.spawn(self._connect(server))

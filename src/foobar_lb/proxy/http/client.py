@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from ...backend import ASSIGNED, QUEUED
 from ...frontend import Frontend
 from ...shared import F_1XX, F_REQUESTS
 from ..base import ClientSide, pass_eof
@@ -379,11 +380,15 @@ class HttpSession(ClientSide):
             self._send_error(r, r.error)
             return
         be = r.backend
-        server = be.pick(self.peer_key)
-        if server is None or not be.take(server):
-            self._wait_slot(r)
+        outcome, got = be.assign(self.peer_key, partial(self._granted, r), now or self.last_rx)
+        if outcome:  # not assigned: queued, or nothing up, or the queue is full too
+            if outcome == QUEUED:
+                self.waiter = got
+            else:
+                self._send_error(r, 503)
             return
-        if self.served and r.idempotent and not r.upgrade:
+        server = got
+        if r.idempotent and not r.upgrade:
             # the usual case, inline: an idle pooled connection to the server, head sent now
             if not now:
                 now = self.loop.time()
@@ -394,44 +399,57 @@ class HttpSession(ClientSide):
                 conn.reused = True
                 self._attach(conn, r, now)
                 return
-        self._use(r, server, now=now, taken=True)
-
-    def _wait_slot(self, r: Exchange) -> None:
-        """Every usable server is full (maxconn): wait in the backend's queue, in order."""
-        self.waiter = r.backend.wait(self.peer_key, partial(self._granted, r), self.loop.time())
-        if self.waiter is None:  # nothing up, queue full or queueing off
-            self._send_error(r, 503)
+        self._use(r, server, now=now)
 
     def _granted(self, r: Exchange, server: Server | None) -> None:
-        """The backend queue's answer: a server with a free slot, or None (503)."""
+        """The backend queue's answer: a server whose slot is ours, or None (503)."""
         self.waiter = None
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
-            return  # gone meanwhile: the slot stays free for the next one
+            if server is not None:  # gone meanwhile: the slot goes to the next one
+                r.backend.release(server)
+            return
         if server is None:
             self._send_error(r, 503)
         else:
             self._use(r, server)
 
-    def _use(self, r: Exchange, server: Server, fresh: bool = False, now: float = 0.0,
-             taken: bool = False) -> None:
+    def _use(self, r: Exchange, server: Server, fresh: bool = False, now: float = 0.0) -> None:
+        """Send `r` to `server`, whose slot `r` holds: on a pooled connection or a new one."""
         be = r.backend
-        if not taken and not be.take(server):
-            self._wait_slot(r)  # another worker took the last group-wide slot meanwhile
-            return
         if not now:
             now = self.loop.time()
         r.server = server
         r.attempts += 1
         conn = None
-        # http-reuse safe: a connection's first request, and any request that is not
-        # idempotent, gets a fresh server connection; later idempotent ones may reuse.
-        if not fresh and self.served and r.idempotent and not r.upgrade:
+        # http-reuse safe: a request that is not idempotent gets a fresh server connection; an
+        # idempotent one (a client connection's first too) may take a pooled connection, which
+        # has served a response already; if the server closed it meanwhile, the request goes
+        # again on a fresh one (see _attempt_failed: not counted as a retry)
+        if not fresh and r.idempotent and not r.upgrade:
             conn = be.pool.acquire(server, now)
         if conn is not None:
             conn.reused = True
             self._attach(conn, r, now)
         else:
             self.lb.spawn(self._connect(r, server))
+
+    def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
+               fresh: bool = False, why: str = "") -> bool:
+        """Assign `r` again (a retry); False when no server can take it now or later."""
+        outcome, got = r.backend.assign(self.peer_key, partial(self._granted, r),
+                                        self.loop.time(), avoid=avoid, retry=True, prefer=prefer)
+        if outcome == ASSIGNED:
+            if why:
+                be = r.backend
+                log.info("retrying %s %s: server %s/%s failed (%s), trying %s/%s",
+                         r.method.decode("latin-1"), r.url.decode("latin-1")[:200], be.name,
+                         avoid.name if avoid is not None else "?", why, be.name, got.name)
+            self._use(r, got, fresh=fresh)
+            return True
+        if outcome == QUEUED:
+            self.waiter = got
+            return True
+        return False
 
     async def _connect(self, r: Exchange, server: Server) -> None:
         be = r.backend
@@ -450,9 +468,10 @@ class HttpSession(ClientSide):
             self._attempt_failed(r, None, reason, connected=False)
             return
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
-            # the client went away meanwhile: keep the fresh connection for someone else
+            # the client went away, or its request was refused, meanwhile: a connection that
+            # never carried a request is not kept (only connections that served are pooled)
             self._finish_server(r)
-            conn.release()
+            conn.close()
             return
         self._attach(conn, r)
 
@@ -538,17 +557,16 @@ class HttpSession(ClientSide):
             r.pending = list(r.replay)
             r.pending_size = r.replay_size
             r.attempts -= 1
-            self._use(r, server, fresh=True)
+            if self._again(r, prefer=server, fresh=True):
+                return
+            self._send_error(r, 503)
             return
         # may it go again? no request byte reached a server, or it is idempotent and whole
         if (not connected or replayable) and r.attempts <= be.retries:
             if connected:
                 r.pending = list(r.replay)
                 r.pending_size = r.replay_size
-            nxt = be.pick(self.peer_key, avoid=server, retry=True)
-            if nxt is not None:
-                log.debug("retrying %s on %s/%s after %s", r.method, be.name, nxt.name, reason)
-                self._use(r, nxt)
+            if self._again(r, avoid=server, why=reason):
                 return
         self._send_error(r, 503 if not connected else 502)
 

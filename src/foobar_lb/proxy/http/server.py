@@ -202,7 +202,7 @@ class UpstreamHttp(LazyTimer):
                 if self.mode == RAW:
                     broken = "bytes after the end of a chunked response"
             elif isinstance(ctx, HeadError):
-                broken = "unexpected 101 response" if ctx.status == 502 else "response head too large"
+                broken = ctx.why
             else:
                 log.error("internal error while relaying a response", exc_info=ctx or e)
                 broken = "internal error"
@@ -303,7 +303,7 @@ class UpstreamHttp(LazyTimer):
             return
         self.status = status
         if status == 101 and not r.upgrade:
-            raise HeadError(502)
+            raise HeadError(502, "unexpected 101 response")
         fe = s.fe
         cells = fe.ctr
         cells[fe.cbase + F_REQUESTS] += 1
@@ -331,6 +331,9 @@ class UpstreamHttp(LazyTimer):
         plan = r.plan
         line = rx.find(b"\r\n", start) + 2  # the fields start after the status line
         fields = rx[line:end + 2]  # each field line ends with CRLF
+        fe = self.session.fe
+        if len(fields) + line - start > fe.max_header_size or fields.count(b"\n") > fe.max_headers:
+            raise HeadError(502, "response head too large")
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
         pos = 0
         cl = te = False
