@@ -485,7 +485,11 @@ class MysqlDatabase:
         if node.probing is None:
             node.probing = asyncio.ensure_future(self._bounded_probe(node))
         done, _ = await asyncio.wait({node.probing}, timeout=limit)
-        if not done:
+        for _ in range(3):  # an answer already read but not yet handed over (a busy loop)
+            if done or node.probing.done():
+                break
+            await asyncio.sleep(0)
+        else:
             node.lost("hung", f"no answer within {limit:g}s (twice the heartbeat interval)")
             return
         task, node.probing = node.probing, None
