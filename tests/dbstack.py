@@ -155,11 +155,12 @@ async def app_servers(data: dict, workdir: Path, *args: str, count: int = 2):
             s.stop()
 
 
-def lb_config(servers: list[AppServer], by_host: bool = False, check_inter: str = "500ms") -> dict:
+def lb_config(servers: list[AppServer], by_host: bool = False) -> dict:
     """One frontend; backend "app" over every server, checked on /health as the example
     stack does; with `by_host`, Host "server-N" reaches server-N alone (to alternate servers
     on purpose)."""
-    check = {"path": "/health", "inter": check_inter, "rise": 2, "fall": 2}
+    check = {"path": "/health", "inter": "1s", "fastinter": "250ms", "downinter": "250ms",
+             "rise": 2, "fall": 2}  # as examples/mysql-stack.toml
     entries = [{"name": s.name, "address": f"{LOOPBACK}:{s.port}"} for s in servers]
     backends: dict[str, Any] = {"app": {"balance": "roundrobin", "check": check,
                                         "servers": entries}}
