@@ -517,6 +517,18 @@ async def test_failover_then_rejoin_of_a_clean_old_primary(tmp_path):
         sql(data, "replica-1", "INSERT INTO foobar.items (name, created_at, updated_at) "
                                "VALUES ('two', 'x', 'x')")
         await until(lambda: names_on(data, "primary") == {"one", "two"})
+        # and back by a planned switchover to a named node
+        bad = cli("switchover", "--dir", str(data["dir"]), "--to", "nosuch")
+        assert bad.returncode == 2 and bad.stderr == ("foobar-app: error: --to nosuch: no such node "
+                                                      "(nodes: primary, replica-1)\n")
+        back = cli("switchover", "--dir", str(data["dir"]), "--to", "primary")
+        assert back.returncode == 0, back.stderr
+        data = reload(data)
+        assert data["nodes"]["primary"]["role"] == "primary"
+        assert data["nodes"]["replica-1"]["role"] == "replica"
+        assert sql(data, "primary", "SELECT @@read_only AS ro")[0]["ro"] == 0
+        st = sql(data, "replica-1", "SHOW SLAVE STATUS")[0]
+        assert st["Master_Port"] == data["nodes"]["primary"]["port"]
 
 
 @pytest.mark.slow
