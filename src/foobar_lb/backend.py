@@ -37,18 +37,23 @@ QUEUE_POLL = 0.01  # a queue waiting on group-wide slots looks again this often
 class Waiter:
     """A request (HTTP) or connection (TCP) waiting for a server with a free slot.
 
-    `done(server)` is called once: with a server whose slot is taken for it (the callee gives it
+    `callback(arg, server)` is called once: with a server whose slot is taken for it (the callee gives it
     back with `Backend.release` if its client is gone), or with None when `timeout queue`
     expires or no server is left up (the caller answers 503).
     """
 
-    __slots__ = ("cancelled", "deadline", "done", "key")
+    __slots__ = ("arg", "callback", "cancelled", "deadline", "key")
 
-    def __init__(self, key: bytes | None, deadline: float, done: Callable[[Server | None], None]):
+    def __init__(self, key: bytes | None, deadline: float,
+                 callback: Callable[[Any, Server | None], None], arg: Any = None):
         self.key = key
         self.deadline = deadline
-        self.done = done
+        self.callback = callback
+        self.arg = arg
         self.cancelled = False
+
+    def done(self, server: Server | None) -> None:
+        self.callback(self.arg, server)
 
 
 class Backend:
@@ -98,22 +103,33 @@ class Backend:
         self.observer = observer
 
     # -- assignment: the one place a server's slot is taken ---------------------------------
-    def assign(self, key: bytes | None, done: Callable[[Server | None], None], now: float,
-               avoid: Server | None = None, retry: bool = False,
+    def assign(self, key: bytes | None, done: Callable[[Any, Server | None], None], arg: Any,
+               now: float, avoid: Server | None = None, retry: bool = False,
                prefer: Server | None = None) -> tuple[int, Any]:
         """HAProxy's assign_server_and_queue: pick a server (not `avoid`, when another is
         usable; `prefer` first when it is usable and has room) and take its slot: (ASSIGNED,
         server); else queue the caller, whose `done(server)` is called later with the slot
-        taken (or with None: timeout, nothing left up): (QUEUED, waiter); else (NO_SERVER or
+        taken (or with None: timeout, nothing left up), as `done(arg, server)`: (QUEUED,
+        waiter); else (NO_SERVER or
         FULL, None). A new request does not jump the queue; a retry may."""
         if prefer is not None and prefer.usable and not prefer.full and self.take(prefer):
             return ASSIGNED, prefer
-        server = self.pick(key, avoid, retry)
-        if server is not None and self.take(server):
-            return ASSIGNED, server
+        algo = self.algorithm
+        if avoid is None and algo.up and (retry or not self.queue):
+            server = algo.pick(key)  # the common case, without the detours
+        else:
+            server = self.pick(key, avoid, retry)
+        if server is not None:
+            slots = server.slots  # (take, inlined)
+            if slots is None or slots.take():
+                server.active += 1
+                server.ctr[server.cbase + S_REQUESTS] += 1
+                if self.notify:
+                    self.balancer.notify_taken(server)
+                return ASSIGNED, server
         if not self.balancer.any_up():
             return NO_SERVER, None
-        w = self.wait(key, done, now)
+        w = self.wait(key, done, now, arg)
         return (QUEUED, w) if w is not None else (FULL, None)
 
     # -- picking and counting --------------------------------------------------------------
@@ -151,13 +167,13 @@ class Backend:
             self._serve_queue()
 
     # -- the queue (HAProxy's backend queue with timeout queue and maxqueue) ---------------
-    def wait(self, key: bytes | None, done: Callable[[Server | None], None],
-             now: float) -> Waiter | None:
+    def wait(self, key: bytes | None, done: Callable[[Any, Server | None], None],
+             now: float, arg: Any = None) -> Waiter | None:
         """Queue a request for the next free slot; None when it cannot wait (nothing up,
         queue full, or queueing off) and the caller answers 503 now."""
         if len(self.queue) >= self.cfg.maxqueue or not self.balancer.any_up():
             return None
-        w = Waiter(key, now + (self.timeouts.queue or 86400.0), done)
+        w = Waiter(key, now + (self.timeouts.queue or 86400.0), done, arg)
         self.queue.append(w)
         loop = asyncio.get_running_loop()
         if self._qtimer is None:

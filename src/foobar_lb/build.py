@@ -16,7 +16,7 @@ from .backend import Backend
 from .config import Config
 from .frontend import Frontend
 from .servers import Server, State
-from .shared import Counters, Layout
+from .shared import F_1XX, Counters, Layout
 
 __all__ = ["Built", "build"]
 
@@ -65,4 +65,5 @@ def build(config: Config, previous: Built | None = None, *, layout: Layout, coun
         fe = frontends[name] = Frontend(f, backends)
         fe.ctr = cells
         fe.cbase = layout.frontend(name)
+        fe.cls0 = fe.cbase + F_1XX - 1
     return Built(config, frontends, backends)

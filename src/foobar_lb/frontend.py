@@ -1,7 +1,9 @@
-"""Frontends at run time: routing rules and header plans, prepared once.
+"""Frontends at run time: routing rules and, per frontend/backend pair, a precomputed route.
 
 Rule of this module: everything a request needs from the configuration is computed here ahead
-of time (lower-case byte strings, ready-made header lines) so the hot path only looks things up.
+of time (lower-case byte strings, ready-made header lines, limits, timeouts, the retry policy)
+into one `Route` per frontend/backend pair, so the hot path reads one object and never walks
+chains of attributes.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from dataclasses import dataclass
 
 from .backend import Backend
 from .config import FrontendConfig, HeaderRules
-from .shared import F_SIZE
+from .shared import F_1XX, F_SIZE
 
-__all__ = ["Frontend", "HeaderPlan"]
+__all__ = ["Frontend", "HeaderPlan", "Route"]
 
 # Hop-by-hop fields (RFC 9110 7.6.1), plus framing we redo ourselves; any Proxy-* goes too.
 HOP_BY_HOP = frozenset(
@@ -33,6 +35,32 @@ class HeaderPlan:
     resp_drop: frozenset[bytes]
     resp_add: bytes
     resp_scan: re.Pattern[bytes]  # response field lines to cut, and the framing ones to read
+
+
+class Route:
+    """What a request of one frontend routed to one backend needs, computed once."""
+
+    __slots__ = ("backend", "max_body", "max_header_size", "max_headers", "redispatch",
+                 "reject_underscore", "req_add", "req_drop", "resp_add", "resp_drop",
+                 "resp_scan", "retries", "timeouts", "xff", "xff_low")
+
+    def __init__(self, fe: Frontend, be: Backend | None, plan: HeaderPlan):
+        self.backend = be
+        self.req_drop = plan.req_drop
+        self.req_add = plan.req_add
+        self.resp_drop = plan.resp_drop
+        self.resp_add = plan.resp_add
+        self.resp_scan = plan.resp_scan
+        limits = fe.cfg.limits
+        self.max_body = limits.max_request_body
+        self.max_header_size = limits.max_header_size
+        self.max_headers = limits.max_headers
+        self.reject_underscore = fe.cfg.reject_underscore_headers
+        self.xff = fe.xff
+        self.xff_low = fe.xff_low
+        self.timeouts = be.timeouts if be is not None else None
+        self.retries = be.retries if be is not None else 0
+        self.redispatch = be.cfg.redispatch if be is not None else False
 
 
 def _scan_pattern(drop: frozenset[bytes]) -> re.Pattern[bytes]:
@@ -66,6 +94,7 @@ class Frontend:
         "cbase",
         "cfg",
         "client_timeout",
+        "cls0",
         "ctr",
         "default",
         "forwarded_proto",
@@ -77,9 +106,10 @@ class Frontend:
         "max_uri",
         "mode",
         "name",
-        "no_plan",
+        "no_route",
         "plans",
         "reject_underscore",
+        "routes",
         "rules",
         "timeouts",
         "xff",
@@ -94,6 +124,7 @@ class Frontend:
         # counters (shared.F_*): cells of this process's counter block, from `cbase` on
         self.ctr = memoryview(bytearray(F_SIZE * 8)).cast("q")
         self.cbase = 0
+        self.cls0 = F_1XX - 1  # ctr[cls0 + status // 100]: responses of that class
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
         # flat copies for the hot path (0 timeouts mean none: a day stands for never)
@@ -121,9 +152,15 @@ class Frontend:
         self.plans: dict[str, HeaderPlan] = {}
         for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
             self.plans[be.name] = self._plan(be)
+        self.routes = {name: Route(self, be, self.plans[name])
+                       for name, be in ((b.name, b) for b in self._backends())}
         # for a request no rule routes (it gets 503): its head is still checked
         drop = HOP_BY_HOP | {b"x-forwarded-proto"}
-        self.no_plan = HeaderPlan(drop, b"\r\n", HOP_BY_HOP, b"\r\n", _scan_pattern(HOP_BY_HOP))
+        self.no_route = Route(self, None, HeaderPlan(drop, b"\r\n", HOP_BY_HOP, b"\r\n",
+                                                     _scan_pattern(HOP_BY_HOP)))
+
+    def _backends(self) -> list[Backend]:
+        return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())
 
     def _plan(self, be: Backend) -> HeaderPlan:
         req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)

@@ -43,7 +43,6 @@ from .shared import (
     COUNTER_BYTES,
     F_1XX,
     F_CONNECTIONS,
-    F_REQUESTS,
     S_FAILURES,
     S_REQUESTS,
     Counters,
@@ -568,7 +567,7 @@ class Master:
             frontends[name] = {
                 "mode": fe.mode,
                 "connections": t[off + F_CONNECTIONS],
-                "requests": t[off + F_REQUESTS],
+                "requests": sum(t[off + F_1XX + c] for c in range(5)),
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
             }
         backends = {}

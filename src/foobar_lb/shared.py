@@ -34,9 +34,8 @@ S_FAILURES = 1  # failed attempts (connect errors, broken or late responses)
 S_SIZE = 8
 # A frontend's counters
 F_CONNECTIONS = 0  # client connections accepted
-F_REQUESTS = 1  # requests answered (any status, the proxy's own answers included)
-F_1XX = 2  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx
-F_SIZE = 8
+F_1XX = 1  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx (requests answered:
+F_SIZE = 8  # their sum, one increment per request on the hot path)
 
 COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used
 SEM_SIZE = 32  # sizeof(sem_t) on 64-bit Linux

@@ -19,14 +19,12 @@ import asyncio
 import logging
 import re
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING
 
 import httptools
 
 from ...backend import ASSIGNED, QUEUED
 from ...frontend import Frontend
-from ...shared import F_1XX, F_REQUESTS
 from ..base import ClientSide, pass_eof
 from .exchange import (
     BLOCK_PARKED,
@@ -279,11 +277,6 @@ class HttpSession(ClientSide):
         parser = self.parser
         fe = self.fe
         fields = r.headers
-        if len(fields) > fe.max_headers:
-            raise HeadError(431)
-        size = len(r.url) + sum(len(n) + len(v) + 4 for n, v in fields)
-        if size > fe.max_header_size:
-            raise HeadError(431)
         method = parser.get_method()
         r.method = method
         version = parser.get_http_version()
@@ -309,22 +302,17 @@ class HttpSession(ClientSide):
         else:
             be = fe.default
         r.backend = be
-        plan = fe.plans[be.name] if be is not None else fe.no_plan
-        r.plan = plan
-        h = request_head(method, url, http11, fields, parser.should_upgrade(), plan,
-                         authority=authority, xff_name=fe.xff, xff_low=fe.xff_low,
-                         xff_ip=self.xff_ip, max_body=fe.limits.max_request_body,
-                         reject_underscore=fe.reject_underscore)
-        r.head = h.head
-        r.chunked = h.chunked
-        r.upgrade = h.upgrade
-        r.needs_host = h.needs_host
+        route = fe.routes[be.name] if be is not None else fe.no_route
+        r.route = route
+        r.head, chunked, body, r.upgrade, r.needs_host = request_head(
+            method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
+        r.chunked = chunked
         r.headers = None  # not needed any more
-        if h.chunked:
+        if chunked:
             r.trailers = self.hl = []  # trailer fields, if any, come after the body
         if be is None:
             r.error = 503
-        if h.body:
+        if body:
             # a body follows: from now on the client may be silent for `timeout client` at most
             when = self.last_rx + fe.client_timeout
             if self.th is None or self.th_when > when:
@@ -380,7 +368,7 @@ class HttpSession(ClientSide):
             self._send_error(r, r.error)
             return
         be = r.backend
-        outcome, got = be.assign(self.peer_key, partial(self._granted, r), now or self.last_rx)
+        outcome, got = be.assign(self.peer_key, self._granted, r, now or self.last_rx)
         if outcome:  # not assigned: queued, or nothing up, or the queue is full too
             if outcome == QUEUED:
                 self.waiter = got
@@ -436,8 +424,8 @@ class HttpSession(ClientSide):
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
         """Assign `r` again (a retry); False when no server can take it now or later."""
-        outcome, got = r.backend.assign(self.peer_key, partial(self._granted, r),
-                                        self.loop.time(), avoid=avoid, retry=True, prefer=prefer)
+        outcome, got = r.backend.assign(self.peer_key, self._granted, r, self.loop.time(),
+                                        avoid=avoid, retry=True, prefer=prefer)
         if outcome == ASSIGNED:
             if why:
                 be = r.backend
@@ -618,8 +606,7 @@ class HttpSession(ClientSide):
             return
         r.responded = True
         fe = self.fe
-        fe.ctr[fe.cbase + F_REQUESTS] += 1
-        fe.ctr[fe.cbase + F_1XX - 1 + status // 100] += 1
+        fe.ctr[fe.cls0 + status // 100] += 1
         keep = (status in ERR_KEEP and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & BLOCK_STOP))
         if keep:

@@ -32,7 +32,6 @@ __all__ = [
     "STATUS_LINES",
     "UNTIL_CLOSE",
     "HeadError",
-    "RequestHead",
     "error_response",
     "request_head",
     "request_target",
@@ -83,21 +82,6 @@ _SPECIAL = {
 _CONN_PLAIN = (b"close", b"keep-alive", b"upgrade")
 
 
-class RequestHead:
-    """What `request_head` decided."""
-
-    __slots__ = ("body", "chunked", "expect_continue", "head", "needs_host", "upgrade")
-
-    def __init__(self, head: bytes, chunked: bool, body: bool, upgrade: bool,
-                 needs_host: bool, expect_continue: bool):
-        self.head = head  # the head for the server, ending with its empty line
-        self.chunked = chunked
-        self.body = body  # a body follows (chunked, or a content-length above 0)
-        self.upgrade = upgrade  # a valid upgrade request (Connection: upgrade and Upgrade)
-        self.needs_host = needs_host  # HTTP/1.0 without Host: the server's address is added
-        self.expect_continue = expect_continue
-
-
 def request_target(url: bytes, host_field: bytes | None) -> tuple[bytes | None, bytes, bytes | None]:
     """(host for routing, lower case without port; path; the authority of an absolute-form
     target, or None). An absolute-form target whose authority differs from the Host field is
@@ -133,20 +117,27 @@ def request_target(url: bytes, host_field: bytes | None) -> tuple[bytes | None, 
 
 
 def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[bytes, bytes]],
-                 upgrade_flag: bool, plan, *, authority: bytes | None = None,
-                 xff_name: bytes | None = None, xff_low: bytes | None = None,
-                 xff_ip: bytes | None = None, max_body: int = 0,
-                 reject_underscore: bool = False) -> RequestHead:
+                 upgrade_flag: bool, route, authority: bytes | None,
+                 xff_ip: bytes | None) -> tuple[bytes, bool, bool, bool, bool]:
     """The head sent to the server for a request llhttp accepted, or HeadError.
 
-    `plan`: the frontend/backend pair's header plan (`req_drop`, lower-case names to drop;
-    `req_add`, lines to add, ending with the head's empty line). `authority`: the target's, for
-    an absolute-form request (it becomes the Host). `xff_ip`: the client address to append to
-    X-Forwarded-For (None: the field is passed on as it came, if at all)."""
+    `route`: the frontend/backend pair's precomputed route (`frontend.Route`: fields to drop,
+    lines to add, limits). `authority`: the target's, for an absolute-form request (it becomes
+    the Host). `xff_ip`: the client address to append to X-Forwarded-For (None: the field is
+    passed on as it came, if at all).
+
+    Returns (head, chunked, body, upgrade, needs_host): the head ends with its empty line;
+    `body`: a body follows (chunked, or a content-length above 0); `upgrade`: a valid upgrade
+    request; `needs_host`: HTTP/1.0 without Host (the server's address is added)."""
     if method == b"CONNECT":
         raise HeadError(501, "CONNECT")
     if url == b"*" and method != b"OPTIONS":
         raise HeadError(400, "asterisk-form target without OPTIONS")
+    if len(fields) > route.max_headers:
+        raise HeadError(431, "too many fields")
+    plan = route
+    xff_low = route.xff_low
+    size = len(url)
     drop = plan.req_drop
     nhost = 0
     host_value = None
@@ -160,6 +151,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
     parts = [method, b" ", url, b" HTTP/1.1\r\n"]
     special = _SPECIAL
     for name, value in fields:
+        size += len(name) + len(value) + 4
         low = name.lower()
         kind = special.get(low)
         if kind is not None:
@@ -193,7 +185,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
             norm = low.replace(b"_", b"-")
             if norm in _GUARDED or norm[:6] == b"proxy-":
                 raise HeadError(400, "a field name with _ for a framing or hop-by-hop field")
-            if reject_underscore:
+            if route.reject_underscore:
                 raise HeadError(400, "a field name with _")
             if low in drop:
                 continue
@@ -201,6 +193,8 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
             continue
         parts += (name, b": ", value, CRLF)
 
+    if size > route.max_header_size:
+        raise HeadError(431, "head too large")
     if nhost > 1 or (http11 and nhost == 0 and authority is None):
         raise HeadError(400, "missing or repeated Host")
     if nhost and not host_value.strip():
@@ -216,7 +210,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
             raise HeadError(501, "unknown transfer coding")
         else:
             raise HeadError(400, "Transfer-Encoding other than a single chunked")
-    if cl is not None and max_body and int(cl) > max_body:
+    if cl is not None and route.max_body and int(cl) > route.max_body:
         raise HeadError(413, "body too large")
     if conn_tokens:
         extra = [t for t in conn_tokens if t not in _CONN_PLAIN]
@@ -232,11 +226,9 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
                         low in drop or low[:6] == b"proxy-" or low in extra):
                     continue
                 parts += (name, b": ", value, CRLF)
-    expect_continue = False
     if expect is not None and http11:  # HTTP/1.0 clients do not wait for 100 Continue
         if expect != b"100-continue":
             raise HeadError(417, "unknown expectation")
-        expect_continue = True
         parts.append(b"expect: 100-continue\r\n")
     if authority is not None:
         parts += (b"host: ", authority, CRLF)
@@ -251,13 +243,12 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
     elif upgrade is not None and b"h2c" in tokens(upgrade):
         raise HeadError(400, "Upgrade: h2c")
     if xff_ip is not None:
-        parts += (xff_name, b": ", xff_ip if xff is None else xff + b", " + xff_ip, CRLF)
+        parts += (route.xff, b": ", xff_ip if xff is None else xff + b", " + xff_ip, CRLF)
     elif xff is not None:
-        parts += (xff_name, b": ", xff, CRLF)
-    parts.append(plan.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
-    body = chunked or (cl is not None and cl.strip() != b"0")
-    return RequestHead(b"".join(parts), chunked, body, is_upgrade,
-                       nhost == 0 and authority is None, expect_continue)
+        parts += (route.xff, b": ", xff, CRLF)
+    parts.append(route.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
+    return (b"".join(parts), chunked, chunked or (cl is not None and cl.strip() != b"0"),
+            is_upgrade, nhost == 0 and authority is None)
 
 
 def response_framing(status: int, is_head: bool, http11: bool, te_chunked: bool,

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from ...shared import F_1XX, F_REQUESTS
 from ..base import LazyTimer, pass_eof
 from ..upstream import Pool
 from .exchange import BLOCK_PENDING, BLOCK_STOP, BLOCK_UPSTREAM, MODE_TUNNEL, Exchange
@@ -213,7 +212,7 @@ class UpstreamHttp(LazyTimer):
                 broken = f"invalid response ({e})"
         if self.in_head:  # a head that goes on in the next read
             rest = self.rx[self.head_start:]
-            if len(rest) > s.fe.max_header_size:
+            if len(rest) > r.route.max_header_size:
                 broken = "response head too large"
             else:
                 self.hb = rest
@@ -305,9 +304,7 @@ class UpstreamHttp(LazyTimer):
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
         fe = s.fe
-        cells = fe.ctr
-        cells[fe.cbase + F_REQUESTS] += 1
-        cells[fe.cbase + F_1XX - 1 + status // 100] += 1
+        fe.ctr[fe.cls0 + status // 100] += 1
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -328,11 +325,13 @@ class UpstreamHttp(LazyTimer):
         """The response head for the client: our status line, the server's fields minus the
         hop-by-hop ones and the plan's deletions, the framing and the plan's additions. Sets
         `mode` (how the body goes to the client) for final responses."""
-        plan = r.plan
+        plan = r.route
         line = rx.find(b"\r\n", start) + 2  # the fields start after the status line
         fields = rx[line:end + 2]  # each field line ends with CRLF
-        fe = self.session.fe
-        if len(fields) + line - start > fe.max_header_size or fields.count(b"\n") > fe.max_headers:
+        n = len(fields)
+        # (a field line takes at least 4 bytes: only a long head may have too many of them)
+        if n + line - start > plan.max_header_size or (
+                n > 4 * plan.max_headers and fields.count(b"\n") > plan.max_headers):
             raise HeadError(502, "response head too large")
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
         pos = 0
