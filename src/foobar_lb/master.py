@@ -124,6 +124,7 @@ class Master:
         self._reload_lock: asyncio.Lock | None = None
         self._control: asyncio.AbstractServer | None = None
         self.ids: tuple[int, int] | None = None  # (uid, gid) the workers switch to
+        self.young_deaths = 0  # workers in a row that died within a second of their start
 
     # -- start --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -356,7 +357,13 @@ class Master:
             log.error("worker %d (pid %d) died (%s); starting a new one", w.id, w.pid,
                       describe_exit(rc))
             if time.monotonic() - w.started < 1.0:
-                await asyncio.sleep(1.0)  # it died young: do not spin
+                # it died young: replace it at once the first time, then back off (0.5s, 1s,
+                # 2s, ... 30s) so that a worker that cannot live does not spin
+                self.young_deaths += 1
+                if self.young_deaths > 1:
+                    await asyncio.sleep(min(0.5 * 2 ** (self.young_deaths - 2), 30.0))
+            else:
+                self.young_deaths = 0
             if self.stopping.is_set() or w.gen != self.gen:
                 return
             try:
@@ -407,7 +414,8 @@ class Master:
             sup = self.supervisors.get(f"{be.name}/{server.name}")
             if sup is not None:
                 sup.ever_up = True
-            if self.gen and not self.ready_said and not self._not_ready():
+            if self.gen and not self.ready_said and not self.stopping.is_set() and (
+                    not self._not_ready()):
                 self._say_ready()
 
     def _not_ready(self) -> list[str]:
@@ -514,6 +522,11 @@ class Master:
         self._broadcast(("stop", grace))
         for w in self.workers:
             w.status = "stopping"
+        # our copies of the listening sockets go now: once the workers have taken what waits
+        # in the accept queues and closed theirs, new connections are refused
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
         deadline = self.loop.time() + grace + 2.0
         while self.workers and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
