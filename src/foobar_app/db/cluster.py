@@ -302,7 +302,8 @@ def _install(install_bin: str, node: Node, timeout: float) -> None:
     node.path.mkdir(parents=True, exist_ok=True)
     cmd = [install_bin, "--no-defaults", f"--datadir={node.path / 'data'}",
            *_run_as_root_args(), "--auth-root-authentication-method=normal", "--skip-test-db",
-           "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"]
+           "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M",
+           f"--tmpdir={node.path}"]  # its own: installs running side by side never collide
     log = node.path / "install.log"
     with log.open("wb") as out:
         try:
