@@ -289,3 +289,26 @@ async def test_unusable_database_directory_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(DatabaseUnavailable, match="cannot create"):
         await open_router(f"sqlite:///{blocker}/sub/x.db")
+
+
+@pytest.mark.parametrize("text, position", [
+    ("0-1-42", {0: 42}),
+    ("0-1-42,1-2-7", {0: 42, 1: 7}),
+    (" 0-1-42 , 1-2-7 ", {0: 42, 1: 7}),
+    ("0-1-18446744073709551615", {0: 2**64 - 1}),
+    ("", None), (None, None), ("garbage", None), ("0-1-", None), ("0-1-2-3", None),
+    ("0-1-18446744073709551616", None), ("0-1-5,0-2-6", None), ("-1-1-1", None),
+    ("0-1-1;DROP TABLE items", None), ("0-1-1," * 65, None),
+])
+def test_causal_token_parsing(text, position):
+    from foobar_app.db.gtid import parse_position
+
+    assert parse_position(text) == position
+
+
+def test_a_position_covers_another_domain_by_domain():
+    from foobar_app.db.gtid import covers
+
+    assert covers({0: 10, 1: 3}, {0: 10}) and covers({0: 11}, {0: 10})
+    assert not covers({0: 9}, {0: 10}) and not covers({0: 10}, {0: 10, 1: 1})
+    assert not covers(None, {0: 1}) and covers({}, {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["Position", "covers", "format_position", "parse_position"]
+__all__ = ["Position", "covers", "parse_position"]
 
 Position = dict[int, int]  # domain id -> sequence number
 
@@ -46,7 +46,3 @@ def covers(have: Position | None, want: Position) -> bool:
         return False
     return all(have.get(domain, -1) >= seq for domain, seq in want.items())
 
-
-def format_position(text: str | None) -> str:
-    """A GTID position as the server printed it, or "-" when there is none yet."""
-    return text or "-"
