@@ -101,7 +101,6 @@ async def test_causal_reads_with_a_delayed_replica(tmp_path, case):
                 assert all(r["token"].startswith("0-1-") for r in results)
                 if mode == "none":
                     assert stale >= 1  # the token ignored: the delayed replica answers 404
-                    assert on_replica == PAIRS
                 elif mode == "session" and timeout == "3s":
                     assert stale == 0
                     assert on_replica >= 0.9 * PAIRS  # waited there, under 3 s
