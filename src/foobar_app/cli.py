@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "replicas (GTID replication) under one directory, from "
                                          "the machine's mariadbd and mariadb-install-db.")
     csub = cluster.add_subparsers(dest="action", metavar="ACTION")
-    up = csub.add_parser("up", help="create and start the cluster, print its cluster.json")
+    up = csub.add_parser("up", help="create and start the cluster (or start a stopped one "
+                                    "again), print its cluster.json")
     up.add_argument("--dir", required=True, help="where the nodes live")
     up.add_argument("--replicas", type=int, default=1, help="how many replicas (default 1)")
     up.add_argument("--general-log", action="store_true",
