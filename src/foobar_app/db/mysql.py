@@ -110,6 +110,11 @@ def _read_cluster(path: str | Path) -> dict[str, Any]:
         if not isinstance(data.get("primary"), str):
             raise ValueError("no primary DSN")
         return data
+    except FileNotFoundError:
+        raise ValueError(
+            f"--cluster {path}: no such file; start a cluster first: python -m foobar_app "
+            f"cluster up --dir {Path(path).parent} (or `cluster start` for a stopped one)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--cluster {path}: cannot read a cluster description: {e}") from None
 
