@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httptools
+import h11
 
 from foobar_lb import LoadBalancer
 
@@ -59,66 +59,167 @@ class Response:
         return ", ".join(values) if values else None
 
 
-class _Collect:
-    """httptools callbacks gathering whole messages."""
+class HttpParseError(AssertionError):
+    """What the proxy sent is not valid HTTP/1.1: the test fails, with the bytes."""
 
-    def __init__(self, request: bool):
-        self.request = request
-        self.done: list[Any] = []
-        self.cur: Any = None
-        self.in_body = False
-        self.parser: Any = None
-        self.on_head: Callable[[dict], None] | None = None
 
-    def on_message_begin(self):
-        self.in_body = False
-        self.cur = {"url": b"", "headers": [], "body": [], "trailers": []}
+Methods = str | list[str] | None
 
-    def on_url(self, url):
-        self.cur["url"] += url
 
-    def on_header(self, name, value):
-        key = "trailers" if self.in_body else "headers"
-        self.cur[key].append((name.decode("latin-1"), value.decode("latin-1").strip()))
+def _field_lines(block: bytes, where: str, data: bytes) -> list[tuple[str, str]]:
+    """The field lines of a head or trailer section exactly as sent: the name as spelled and the
+    value after the colon and its leading whitespace, every other byte kept (trailing spaces
+    included). Only CRLF ends a line; a bare CR or LF or an obs-fold is an error."""
+    fields = []
+    for line in block.split(b"\r\n") if block else []:
+        if b"\r" in line or b"\n" in line:
+            raise HttpParseError(f"bare CR or LF in the {where}: {line!r} in {data[:2000]!r}")
+        if line[:1] in (b" ", b"\t"):
+            raise HttpParseError(f"obs-fold in the {where}: {line!r} in {data[:2000]!r}")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise HttpParseError(f"no colon in the {where}: {line!r} in {data[:2000]!r}")
+        fields.append((name.decode("latin-1"), value.lstrip(b" \t").decode("latin-1")))
+    return fields
 
-    def on_headers_complete(self):
-        self.in_body = True
-        if self.request:
-            self.cur["method"] = self.parser.get_method().decode()
-            self.cur["version"] = self.parser.get_http_version()
-            if self.on_head is not None:
-                self.on_head(self.cur)
+
+def _cross_check(fields: list[tuple[str, str]], h11_headers: Any, where: str, data: bytes) -> None:
+    """Our exact split of the field lines says what h11 says, but for the edge whitespace that
+    is not part of a field value (RFC 9110 5.5)."""
+    ours = [(n.encode("latin-1"), v.encode("latin-1").rstrip(b" \t")) for n, v in fields]
+    theirs = [(bytes(n), bytes(v)) for n, v in h11_headers.raw_items()]
+    if ours != theirs:
+        raise HttpParseError(f"{where}: h11 read {theirs!r}, the bytes say {ours!r}: {data[:2000]!r}")
+
+
+def _trailer_fields(seg: bytes, h11_headers: Any, data: bytes) -> list[tuple[str, str]]:
+    """The trailer fields, exactly as sent, of the bytes h11 read with its EndOfMessage: the end
+    of the last chunk's data, the last chunk, the trailer fields, an empty line."""
+    last, _, rest = seg.removeprefix(b"\r\n").partition(b"\r\n")
+    if not last.startswith(b"0") or not rest.endswith(b"\r\n\r\n"):
+        raise HttpParseError(f"a trailer section not made of CRLF lines: {seg!r} in {data[:2000]!r}")
+    fields = _field_lines(rest[:-4], "trailer section", data)
+    _cross_check(fields, h11_headers, "trailer section", data)
+    return fields
+
+
+def _head_fields(seg: bytes, data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
+    """(start line, fields exactly as sent) of the bytes of a head h11 read as one event."""
+    if not seg.endswith(b"\r\n\r\n"):
+        raise HttpParseError(f"a head not made of CRLF lines: {seg!r} in {data[:2000]!r}")
+    start, _, block = seg[:-4].partition(b"\r\n")
+    return start, _field_lines(block, "head", data)
+
+
+def _parse(data: bytes, methods: Methods, at_eof: bool) -> tuple[list[Response], Response | None]:
+    """Responses in `data` read by h11 as a client that sent `methods` (one method for all, or
+    one per response; GET by default), cross-checked against the raw bytes.
+
+    Returns the complete responses (1xx ones included, in order) and the response whose head
+    arrived but whose body did not end (None when none). Bytes that are not HTTP raise
+    HttpParseError; so does a body cut short by the close when `at_eof` (the caller decides
+    whether it tolerates that: see `parse_cut_responses`)."""
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
+    if data:
+        conn.receive_data(bytes(data))  # (h11 takes b"" for the close)
+    if at_eof:
+        conn.receive_data(b"")
+    done: list[Response] = []
+    cur: Response | None = None
+    body: list[bytes] = []
+    n = 0
+
+    def send_request() -> None:
+        if isinstance(methods, list):
+            method = methods[n] if n < len(methods) else "GET"
         else:
-            self.cur["status"] = self.parser.get_status_code()
+            method = methods or "GET"
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "test")]))
+        conn.send(h11.EndOfMessage())
 
-    def on_body(self, body):
-        self.cur["body"].append(body)
+    send_request()
+    while True:
+        pos = len(data) - len(conn.trailing_data[0])
+        between = conn.their_state is h11.SEND_RESPONSE and cur is None and pos == len(data)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            if at_eof and between and (not done or done[-1].status >= 200):
+                return done, None  # closed between responses: no more of them
+            if cur is not None and at_eof and conn.trailing_data[0] == b"" and "peer closed" in str(e):
+                cur.body = b"".join(body)
+                raise _Cut(done, cur) from None
+            raise HttpParseError(f"not a valid HTTP/1.1 response at byte {pos}: {e}: "
+                                     f"{data[:2000]!r}") from None
+        seg = bytes(data[pos:len(data) - len(conn.trailing_data[0])])
+        if event is h11.NEED_DATA or type(event) is h11.ConnectionClosed:
+            if cur is not None:
+                cur.body = b"".join(body)
+            return done, cur
+        if event is h11.PAUSED:
+            raise HttpParseError(f"h11 paused (a protocol switch?) at byte {pos}: {data[:2000]!r}")
+        if type(event) in (h11.Response, h11.InformationalResponse):
+            status_line, fields = _head_fields(seg, data)
+            version, _, rest = status_line.partition(b" ")
+            if version != b"HTTP/" + event.http_version or rest[:4] != b"%d " % event.status_code:
+                raise HttpParseError(f"status line {status_line!r} in {data[:2000]!r}")
+            _cross_check(fields, event.headers, "response head", data)
+            resp = Response(event.status_code, fields, version=event.http_version.decode())
+            if type(event) is h11.InformationalResponse:
+                done.append(resp)
+            else:
+                cur, body = resp, []
+        elif type(event) is h11.Data:
+            body.append(bytes(event.data))
+        elif type(event) is h11.EndOfMessage:
+            assert cur is not None
+            if event.headers:
+                cur.trailers = _trailer_fields(seg, event.headers, data)
+            cur.body = b"".join(body)
+            done.append(cur)
+            cur, body = None, []
+            if conn.their_state is h11.MUST_CLOSE:
+                if conn.trailing_data[0]:
+                    raise HttpParseError(
+                        f"bytes after a response that closes the connection: "
+                        f"{conn.trailing_data[0][:200]!r} in {data[:2000]!r}")
+                return done, None
+            n += 1
+            conn.start_next_cycle()
+            send_request()
 
-    def on_message_complete(self):
-        self.done.append(self.cur)
+
+class _Cut(Exception):
+    def __init__(self, done: list[Response], cut: Response):
+        self.done, self.cut = done, cut
 
 
-def parse_responses(data: bytes) -> list[Response]:
-    """Every response in `data`; a last one delimited by the close counts too."""
-    c = _Collect(False)
-    c.parser = p = httptools.HttpResponseParser(c)
-    with contextlib.suppress(httptools.HttpParserError):
-        p.feed_data(data)
-    msgs = list(c.done)
-    if c.cur is not None and "status" in c.cur and (not msgs or msgs[-1] is not c.cur):
-        msgs.append(c.cur)
-    return [Response(m["status"], m["headers"], b"".join(m["body"]), trailers=m["trailers"])
-            for m in msgs]
+def parse_responses(data: bytes, methods: Methods = None) -> list[Response]:
+    """Every response in `data`, all the bytes there are (a last one delimited by the close
+    counts too), read by h11. Anything that is not valid HTTP, and a body cut short, fails
+    (HttpParseError). `methods`: the request methods (HEAD's responses have no body)."""
+    try:
+        got, _ = _parse(data, methods, at_eof=True)
+    except _Cut as cut:
+        raise HttpParseError(f"response {len(cut.done) + 1} was cut short by the close "
+                                 f"(body {len(cut.cut.body)} bytes): {data[:2000]!r}") from None
+    return got
 
 
-def complete_responses(data: bytes) -> list[Response]:
-    """Only the responses in `data` that are complete."""
-    c = _Collect(False)
-    c.parser = p = httptools.HttpResponseParser(c)
-    with contextlib.suppress(httptools.HttpParserError):
-        p.feed_data(data)
-    return [Response(m["status"], m["headers"], b"".join(m["body"]), trailers=m["trailers"])
-            for m in c.done]
+def complete_responses(data: bytes, methods: Methods = None) -> list[Response]:
+    """The complete responses in `data`, which may end in the middle of one (more may come);
+    anything that is not valid HTTP fails (HttpParseError)."""
+    return _parse(data, methods, at_eof=False)[0]
+
+
+def parse_cut_responses(data: bytes, methods: Methods = None) -> tuple[list[Response], Response | None]:
+    """For a test that expects a response cut short: the complete responses in `data` (all the
+    bytes there are, closed), and the one whose head arrived but whose body the close cut
+    short (its `body` what arrived), or None. Bytes that are not HTTP still fail."""
+    try:
+        return _parse(data, methods, at_eof=True)
+    except _Cut as cut:
+        return cut.done, cut.cut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +252,7 @@ class ScriptedServer:
     """
 
     def __init__(self, name: str = "s", handler: Handler | None = None, host: str = LOOPBACK,
-                 idle_timeout: float | None = None):
+                 idle_timeout: float | None = None, expect_garbage: bool = False):
         self.name = name
         self.handler = handler or self._default
         self.host = host
@@ -162,6 +263,10 @@ class ScriptedServer:
         self.open_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.transports: set[asyncio.Transport] = set()
+        # requests that were not valid HTTP (the test fails when the server stops, unless
+        # it expects garbage from the proxy)
+        self.parse_errors: list[str] = []
+        self.expect_garbage = expect_garbage
 
     async def _default(self, req: Request) -> bytes:
         return http_response(200, f"{self.name} {req.method} {req.url}\n".encode(),
@@ -183,22 +288,36 @@ class ScriptedServer:
             for t in list(self.transports):
                 t.abort()
             self.server = None
+        if self.parse_errors and not self.expect_garbage:
+            errors, self.parse_errors = self.parse_errors, []
+            raise HttpParseError(f"server {self.name} received bytes that are not HTTP: {errors}")
 
     async def __aenter__(self) -> ScriptedServer:
         return await self.start()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and self.parse_errors and not self.expect_garbage:
+            # the test failed already: keep its error, and say what the server could not parse
+            exc.add_note(f"server {self.name} received bytes that are not HTTP: {self.parse_errors}")
+            self.parse_errors = []
         await self.stop()
 
 
 class _ServerConn(asyncio.Protocol):
+    """One connection of a ScriptedServer. Requests (the proxy's output) are read with h11, one
+    h11 connection per request as the answers are raw bytes, and their fields kept exactly as
+    sent. Bytes that are not a valid request are recorded in `srv.parse_errors` (the server
+    closes the connection, and the test fails when the server stops, unless it said
+    `expect_garbage`); after an upgrade request the rest is a tunnel, not parsed."""
+
     def __init__(self, srv: ScriptedServer):
         self.srv = srv
         srv.connections += 1
         self.conn_id = srv.connections
-        self.collect = _Collect(True)
-        self.parser = self.collect.parser = httptools.HttpRequestParser(self.collect)
-        self.collect.on_head = self._on_head
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        self.fed = bytearray()  # what the current h11 connection was given
+        self.cur: dict | None = None
+        self.tunnel = False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
@@ -209,33 +328,70 @@ class _ServerConn(asyncio.Protocol):
         self.srv.open_connections += 1
         self.task = asyncio.get_running_loop().create_task(self._serve())
 
-    def _on_head(self, msg: dict) -> None:
-        # like real servers: say 100 Continue to a client that waits for it
-        if any(n.lower() == "expect" and v.lower() == "100-continue" for n, v in msg["headers"]):
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
     def data_received(self, data):
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserError:
-            self.transport.close()
+        if self.tunnel or self.transport.is_closing():
             return
-        while self.collect.done:
-            m = self.collect.done.pop(0)
-            req = Request(
-                method=m["method"],
-                url=m["url"].decode("latin-1"),
-                version=m["version"],
-                headers=m["headers"],
-                body=b"".join(m["body"]),
-                chunked=any(n.lower() == "transfer-encoding" for n, _ in m["headers"]),
-                trailers=m["trailers"],
-                conn_id=self.conn_id,
-            )
-            self.srv.requests.append(req)
-            self.queue.put_nowait(req)
+        self.fed += data
+        self.h11.receive_data(data)
+        try:
+            self._pump()
+        except (h11.RemoteProtocolError, HttpParseError) as e:
+            self.srv.parse_errors.append(f"connection {self.conn_id}: {e}: {bytes(self.fed[:2000])!r}")
+            self.transport.close()
+
+    def _pump(self) -> None:
+        while True:
+            pos = len(self.fed) - len(self.h11.trailing_data[0])
+            event = self.h11.next_event()
+            seg = bytes(self.fed[pos:len(self.fed) - len(self.h11.trailing_data[0])])
+            if event is h11.NEED_DATA:
+                return
+            if type(event) is h11.Request:
+                request_line, fields = _head_fields(seg, bytes(self.fed))
+                _cross_check(fields, event.headers, "request head", bytes(self.fed))
+                if request_line != b"%s %s HTTP/%s" % (event.method, event.target, event.http_version):
+                    raise HttpParseError(f"request line {request_line!r}")
+                self.cur = {"method": event.method.decode("latin-1"),
+                            "url": event.target.decode("latin-1"),
+                            "version": event.http_version.decode("latin-1"),
+                            "headers": fields, "body": [], "trailers": []}
+                # like real servers: say 100 Continue to a client that waits for it
+                if any(n.lower() == "expect" and v.lower() == "100-continue" for n, v in fields):
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            elif type(event) is h11.Data:
+                self.cur["body"].append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                m = self.cur
+                if event.headers:
+                    m["trailers"] = _trailer_fields(seg, event.headers, bytes(self.fed))
+                req = Request(
+                    method=m["method"],
+                    url=m["url"],
+                    version=m["version"],
+                    headers=m["headers"],
+                    body=b"".join(m["body"]),
+                    chunked=any(n.lower() == "transfer-encoding" for n, _ in m["headers"]),
+                    trailers=m["trailers"],
+                    conn_id=self.conn_id,
+                )
+                self.srv.requests.append(req)
+                self.queue.put_nowait(req)
+                # the next request on this connection goes to a new h11 connection
+                rest = bytes(self.h11.trailing_data[0])
+                if any(n.lower() == "upgrade" for n, _ in m["headers"]):
+                    self.tunnel = True  # what follows is not HTTP any more
+                    return
+                if self.h11.their_state is h11.MUST_CLOSE:
+                    if rest:
+                        raise HttpParseError(f"bytes after a request that closes: {rest[:200]!r}")
+                    return
+                self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+                self.fed = bytearray(rest)
+                if not rest:
+                    return
+                self.h11.receive_data(rest)
+            else:  # PAUSED, ConnectionClosed: nothing more to read here
+                return
 
     async def _serve(self):
         while True:
@@ -320,16 +476,18 @@ class RawClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def read_responses(self, n: int = 1, timeout: float = 5.0) -> list[Response]:
-        """Read until `n` complete responses arrived (or the connection closed)."""
+    async def read_responses(self, n: int = 1, timeout: float = 5.0,
+                             methods: Methods = None) -> list[Response]:
+        """Read until `n` complete responses arrived (or the connection closed: then every
+        response there is, and a cut-short one fails). Bytes that are not HTTP fail."""
         async with asyncio.timeout(timeout):
             while True:
-                got = complete_responses(self.buf)
+                got = complete_responses(self.buf, methods)
                 if len(got) >= n:
                     return got[:n]
                 chunk = await self.reader.read(65536)
                 if not chunk:
-                    return parse_responses(self.buf)
+                    return parse_responses(self.buf, methods)
                 self.buf += chunk
 
     async def closed(self, timeout: float = 5.0) -> bool:
@@ -357,7 +515,7 @@ async def http_get(host: str, port: int, path: str = "/", headers: dict[str, str
     lines += [f"{k}: {v}" for k, v in headers.items()]
     raw = await raw_exchange(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode(),
                              timeout=timeout)
-    got = parse_responses(raw)
+    got = parse_responses(raw, method)
     assert got, f"no response to {method} {path}: {raw[:200]!r}"
     return got[0]
 

@@ -7,17 +7,20 @@ expected, nothing on stdout, never a traceback.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import ipaddress
 import math
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
 from foobar_lb import ConfigError, load_config, parse_config
+from foobar_lb import config as config_module
 from foobar_lb.config import (
     Address,
     ForwardFor,
@@ -41,6 +44,7 @@ DURATION = 'expected a duration string with a unit, like "500ms", "2s", "1m" or 
 SIZE = 'expected a size in bytes or a string with a unit, like 16384, "16k" or "10m"'
 SERVER_ADDRESS = 'expected a server address "host:port" with a port from 1 to 65535'
 HEADER_NAME = "expected an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+COMMAND = 'expected a command line: a list of strings like ["{python}", "-m", "foobar_app", "serve"]'
 
 
 def run_lb(*args: str, cwd: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -178,6 +182,62 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("bad-forwardfor-network", FE + '[frontends.web.forwardfor]\nexcept = ["nonsense"]\n' + BE,
      '{file}: frontends.web.forwardfor.except[0] = "nonsense": expected a network like "10.0.0.0/8" '
      'or "::1"'),
+    ("frontend-not-a-table", 'frontends = { web = "127.0.0.1:8080" }\n' + BE,
+     '{file}: frontends.web = "127.0.0.1:8080": expected a table'),
+    ("frontends-not-a-table", 'frontends = "web"\n' + BE,
+     '{file}: frontends = "web": expected a table of named sections'),
+    ("frontends-empty", "[frontends]\n" + BE,
+     "{file}: frontends: empty; expected at least one [frontends.NAME]"),
+    ("empty-bind", '[frontends.web]\nbind = []\ndefault_backend = "app"\n' + BE,
+     "{file}: frontends.web.bind = []: expected a non-empty list of addresses"),
+    ("bind-used-twice", FE + '[frontends.admin]\nbind = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
+     '{file}: frontends.admin.bind = "127.0.0.1:8080": expected an address not already used by '
+     "frontends.web.bind"),
+    ("rule-bad-host",
+     '[frontends.web]\nbind = "127.0.0.1:8080"\nrules = [{ host = "a b", backend = "app" }]\n' + BE,
+     '{file}: frontends.web.rules[0].host = "a b": expected a host name like "api.foobar.test" or '
+     '"*.foobar.test"'),
+    ("empty-data-dir", '[global]\ndata_dir = ""\n' + FE + BE,
+     '{file}: global.data_dir = "": expected a non-empty string'),
+    ("workers-zero", "[global]\nworkers = 0\n" + FE + BE,
+     '{file}: global.workers = 0: expected a number of worker processes from 1 to 256, or "auto"'),
+    ("backup-not-bool", server('address = "127.0.0.1:9001", backup = "yes"'),
+     '{file}: backends.app.servers[0].backup = "yes": expected true or false'),
+    ("bad-server-name", server('name = "a b", address = "127.0.0.1:9001"'),
+     "{file}: backends.app.servers[0].name = \"a b\": expected a name of letters, digits, '-', '_', "
+     "'.' or ':' (at most 64)"),
+    ("command-unclosed-quote", server('address = "127.0.0.1:9001", command = "serve \'x"'),
+     "{file}: backends.app.servers[0].command = \"serve 'x\": " + COMMAND),
+    ("command-empty", server('address = "127.0.0.1:9001", command = []'),
+     "{file}: backends.app.servers[0].command = []: " + COMMAND),
+    ("command-unbalanced-brace", server('address = "127.0.0.1:9001", command = ["serve", "{port"]'),
+     '{file}: backends.app.servers[0].command[1] = "{port": expected balanced {placeholders} '
+     "({{ and }} for braces)"),
+    ("command-unknown-placeholder", server('address = "127.0.0.1:9001", command = ["serve", "{nope}"]'),
+     '{file}: backends.app.servers[0].command[1] = "{nope}": expected placeholders among {python}, '
+     "{data_dir}, {name}, {address}, {host}, {port}, {backend}"),
+    ("env-bad-name", server('address = "127.0.0.1:9001", env = { "1X" = "a" }'),
+     "{file}: backends.app.servers[0].env.1X: invalid name; expected an environment variable name"),
+    ("env-not-string", server('address = "127.0.0.1:9001", env = { X = 1 }'),
+     "{file}: backends.app.servers[0].env.X = 1: expected a string"),
+    ("check-bad-expect", FE + BE + 'check = { path = "/h", expect = 700 }\n',
+     '{file}: backends.app.check.expect = 700: expected a status like 200, a range like "200-399", '
+     "or a list of them"),
+    ("check-inter-zero", FE + BE + 'check = { inter = "0s" }\n',
+     '{file}: backends.app.check.inter = "0s": expected a duration above zero'),
+    ("check-fastinter-zero", FE + BE + 'check = { fastinter = "0s" }\n',
+     '{file}: backends.app.check.fastinter = "0s": expected a duration above zero'),
+    ("check-bad-path", FE + BE + 'check = { path = "health" }\n',
+     '{file}: backends.app.check.path = "health": expected a request path starting with "/"'),
+    ("check-jitter-too-large", FE + BE + "check = { jitter = 0.9 }\n",
+     "{file}: backends.app.check.jitter = 0.9: expected a fraction from 0 to 0.5"),
+    ("observe-without-check", FE + BE + 'observe = "layer4"\n',
+     '{file}: backends.app.observe = "layer4": expected "none" without a check: a server marked down '
+     "by observation comes back only through its checks (add check = { ... })"),
+    ("observe-layer7-in-tcp",
+     '[frontends.web]\nbind = "127.0.0.1:8080"\nmode = "tcp"\ndefault_backend = "app"\n' + BE
+     + 'mode = "tcp"\ncheck = true\nobserve = "layer7"\n',
+     '{file}: backends.app.observe = "layer7": expected "layer4" or "none" in tcp mode'),
 ]
 
 
@@ -193,9 +253,49 @@ def test_check_rejects_bad_file_with_one_line(tmp_path: Path, content: str | byt
     assert line == PREFIX + expected.replace("{file}", str(path))
 
 
-def test_bad_file_table_is_broad_enough():
-    assert len(BAD_FILES) >= 12
-    assert len({i for i, _, _ in BAD_FILES}) == len(BAD_FILES)
+def _config_raise_sites() -> dict[int, str]:
+    """{line: function} for every statement of foobar_lb/config.py that raises a ConfigError
+    (directly, or made by its _bad and _bad_key helpers)."""
+    sites: dict[int, str] = {}
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if (isinstance(child, ast.Raise) and isinstance(child.exc, ast.Call)
+                    and isinstance(child.exc.func, ast.Name)
+                    and child.exc.func.id in ("ConfigError", "_bad", "_bad_key")):
+                sites[child.lineno] = function
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            visit(child, inner)
+
+    visit(ast.parse(Path(config_module.__file__).read_text(encoding="utf-8")), "")
+    return sites
+
+
+# raise sites a configuration file cannot reach, and why
+NOT_FROM_A_FILE = {"quick_config": "options given on the command line (-o), not a file"}
+
+
+def test_bad_files_reach_every_mistake_the_loader_can_report(tmp_path: Path):
+    """The table above goes through every check of the product's loader: each row ends at a
+    ConfigError raised by config.py, and every place in config.py that raises one for a file is
+    reached by some row (a new check without a row fails here)."""
+    reached: dict[int, list[str]] = {}
+    for ident, content, _ in BAD_FILES:
+        path = tmp_path / f"{ident}.toml"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content, encoding="utf-8")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        frames = [f for f in traceback.extract_tb(info.value.__traceback__)
+                  if f.filename == config_module.__file__]
+        reached.setdefault(frames[-1].lineno, []).append(ident)
+    sites = _config_raise_sites()
+    assert set(reached) <= set(sites), {line: ids for line, ids in reached.items() if line not in sites}
+    unreached = sorted(f"{function} (config.py:{line})" for line, function in sites.items()
+                       if line not in reached and function not in NOT_FROM_A_FILE)
+    assert unreached == []
 
 
 def test_config_error_carries_path_and_source():
