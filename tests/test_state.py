@@ -110,7 +110,11 @@ def test_last_server_down_fails_the_queue_and_is_counted_in_the_event():
     answers = []
     from foobar_lb.backend import Waiter
 
-    be.queue.append(Waiter(None, 1e9, lambda arg, server: answers.append(server)))
+    class Who:
+        def granted(self, arg, server):
+            answers.append(server)
+
+    be.queue.append(Waiter(None, 1e9, Who()))
     sm.check_result(be, s1, False, "layer4 connection refused", 0)
     assert answers == [None]  # nothing left up: the queued request gets its 503 now
     assert (sm.events[-1].active_left, sm.events[-1].backup_left) == (0, 0)

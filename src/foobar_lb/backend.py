@@ -37,23 +37,23 @@ QUEUE_POLL = 0.01  # a queue waiting on group-wide slots looks again this often
 class Waiter:
     """A request (HTTP) or connection (TCP) waiting for a server with a free slot.
 
-    `callback(arg, server)` is called once: with a server whose slot is taken for it (the callee gives it
+    `who.granted(arg, server)` is called once: with a server whose slot is taken for it (it gives it
     back with `Backend.release` if its client is gone), or with None when `timeout queue`
     expires or no server is left up (the caller answers 503).
     """
 
-    __slots__ = ("arg", "callback", "cancelled", "deadline", "key")
+    __slots__ = ("arg", "cancelled", "deadline", "key", "who")
 
     def __init__(self, key: bytes | None, deadline: float,
-                 callback: Callable[[Any, Server | None], None], arg: Any = None):
+                 who: Any, arg: Any = None):
         self.key = key
         self.deadline = deadline
-        self.callback = callback
+        self.who = who  # has granted(arg, server): a session
         self.arg = arg
         self.cancelled = False
 
     def done(self, server: Server | None) -> None:
-        self.callback(self.arg, server)
+        self.who.granted(self.arg, server)
 
 
 class Backend:
@@ -103,13 +103,13 @@ class Backend:
         self.observer = observer
 
     # -- assignment: the one place a server's slot is taken ---------------------------------
-    def assign(self, key: bytes | None, done: Callable[[Any, Server | None], None], arg: Any,
+    def assign(self, key: bytes | None, who: Any, arg: Any,
                now: float, avoid: Server | None = None, retry: bool = False,
                prefer: Server | None = None) -> tuple[int, Any]:
         """HAProxy's assign_server_and_queue: pick a server (not `avoid`, when another is
         usable; `prefer` first when it is usable and has room) and take its slot: (ASSIGNED,
         server); else queue the caller, whose `done(server)` is called later with the slot
-        taken (or with None: timeout, nothing left up), as `done(arg, server)`: (QUEUED,
+        taken (or with None: timeout, nothing left up), as `who.granted(arg, server)`: (QUEUED,
         waiter); else (NO_SERVER or
         FULL, None). A new request does not jump the queue; a retry may."""
         if prefer is not None and prefer.usable and not prefer.full and self.take(prefer):
@@ -129,7 +129,7 @@ class Backend:
                 return ASSIGNED, server
         if not self.balancer.any_up():
             return NO_SERVER, None
-        w = self.wait(key, done, now, arg)
+        w = self.wait(key, who, now, arg)
         return (QUEUED, w) if w is not None else (FULL, None)
 
     # -- picking and counting --------------------------------------------------------------
@@ -167,13 +167,12 @@ class Backend:
             self._serve_queue()
 
     # -- the queue (HAProxy's backend queue with timeout queue and maxqueue) ---------------
-    def wait(self, key: bytes | None, done: Callable[[Any, Server | None], None],
-             now: float, arg: Any = None) -> Waiter | None:
+    def wait(self, key: bytes | None, who: Any, now: float, arg: Any = None) -> Waiter | None:
         """Queue a request for the next free slot; None when it cannot wait (nothing up,
         queue full, or queueing off) and the caller answers 503 now."""
         if len(self.queue) >= self.cfg.maxqueue or not self.balancer.any_up():
             return None
-        w = Waiter(key, now + (self.timeouts.queue or 86400.0), done, arg)
+        w = Waiter(key, now + (self.timeouts.queue or 86400.0), who, arg)
         self.queue.append(w)
         loop = asyncio.get_running_loop()
         if self._qtimer is None:

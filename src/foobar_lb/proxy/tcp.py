@@ -85,7 +85,7 @@ class TcpSession(ClientSide):
         self._dispatch(None)
 
     def _dispatch(self, avoid: Server | None) -> None:
-        outcome, got = self.be.assign(self.peer_key, self._granted, None, self.loop.time(),
+        outcome, got = self.be.assign(self.peer_key, self, None, self.loop.time(),
                                       avoid=avoid, retry=avoid is not None)
         if outcome == ASSIGNED:
             self._use(got)
@@ -94,7 +94,7 @@ class TcpSession(ClientSide):
         else:
             self._close()
 
-    def _granted(self, _: None, server: Server | None) -> None:
+    def granted(self, _: None, server: Server | None) -> None:
         """The queue's answer: a server whose slot is ours, or None."""
         self.waiter = None
         if self.transport.is_closing():

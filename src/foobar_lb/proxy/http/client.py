@@ -368,7 +368,7 @@ class HttpSession(ClientSide):
             self._send_error(r, r.error)
             return
         be = r.backend
-        outcome, got = be.assign(self.peer_key, self._granted, r, now or self.last_rx)
+        outcome, got = be.assign(self.peer_key, self, r, now or self.last_rx)
         if outcome:  # not assigned: queued, or nothing up, or the queue is full too
             if outcome == QUEUED:
                 self.waiter = got
@@ -389,7 +389,7 @@ class HttpSession(ClientSide):
                 return
         self._use(r, server, now=now)
 
-    def _granted(self, r: Exchange, server: Server | None) -> None:
+    def granted(self, r: Exchange, server: Server | None) -> None:
         """The backend queue's answer: a server whose slot is ours, or None (503)."""
         self.waiter = None
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
@@ -424,7 +424,7 @@ class HttpSession(ClientSide):
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
         """Assign `r` again (a retry); False when no server can take it now or later."""
-        outcome, got = r.backend.assign(self.peer_key, self._granted, r, self.loop.time(),
+        outcome, got = r.backend.assign(self.peer_key, self, r, self.loop.time(),
                                         avoid=avoid, retry=True, prefer=prefer)
         if outcome == ASSIGNED:
             if why:

@@ -338,23 +338,26 @@ class UpstreamHttp(LazyTimer):
         cl = te = False
         extra = None
         upgrade = b""
-        for m in plan.resp_scan.finditer(fields):
-            name = m.group(1).lower()
+        # the lines to cut or read, found in the lower-cased fields after a leading newline:
+        # a match at `a` there is the line starting at `a` here, its colon at m.end() - 1
+        for m in plan.resp_scan.finditer(b"\n" + fields.lower()):
+            name = m.group(1)
             if name == b"content-length":
                 cl = True
                 continue
+            a = m.start()
+            b = fields.find(b"\r\n", a) + 2
             if name == b"transfer-encoding":
-                te = m.group(2).rstrip().lower().endswith(b"chunked")
+                te = fields[m.end() - 1:b - 2].rstrip().lower().endswith(b"chunked")
             elif name == b"connection":
-                value = m.group(2).strip()
+                value = fields[m.end() - 1:b - 2].strip()
                 if value not in _PLAIN_CONNECTION:
                     more = [t for t in tokens(value)
                             if t not in (b"close", b"keep-alive", b"upgrade")]
                     if more:
                         extra = (extra or []) + more
             elif name == b"upgrade":
-                upgrade = m.group(2).strip()
-            a, b = m.span()
+                upgrade = fields[m.end() - 1:b - 2].strip()
             if a > pos:
                 parts.append(fields[pos:a])
             pos = b
