@@ -45,6 +45,7 @@ class Server:
         "last_change",
         "maxconn",
         "name",
+        "pool_key",
         "port",
         "slots",
         "state",
@@ -90,6 +91,9 @@ class Server:
         self.last_change = 0.0  # loop time of the last state change
         # a stable per-server seed for hashing algorithms; Python's hash() is salted per process
         self.hash_seed = zlib.crc32(f"{backend}/{name}".encode())
+        # idle connections are pooled by (server, its TLS settings): a TLS connection is never
+        # handed out for a plain one (no TLS to servers yet: None)
+        self.pool_key = (self, None)
 
     @classmethod
     def from_config(cls, cfg: ServerConfig, backend: str = "") -> Server:

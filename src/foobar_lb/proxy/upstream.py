@@ -1,8 +1,10 @@
 """Keep-alive pools of idle server connections (aiohttp connector's shape).
 
-Rule of this module: a pool keeps, per server, a deque of idle connections with the time each
-went idle; a checkout takes the newest one that is still open and not too old, so connections a
-server may have closed meanwhile are the ones left to expire. It never picks servers and never
+Rule of this module: a pool keeps, per key, a deque of idle connections with the time each
+went idle; the key is a server's `pool_key`, (server, TLS settings or None), so that a TLS
+connection is never handed out for a plain one, nor one TLS setting's for another's; a
+checkout takes the newest one that is still open and not too old, so connections a server may
+have closed meanwhile are the ones left to expire. It never picks servers and never
 reads or writes: a connection that receives bytes or closes while idle marks itself `closed`
 and is skipped (and dropped by the next purge).
 """
@@ -32,8 +34,8 @@ class Pool:
         self.idle_timeout = idle_timeout
         self._timer: asyncio.TimerHandle | None = None
 
-    def acquire(self, server: Any, now: float) -> Pooled | None:
-        dq = self.idle.get(server)
+    def acquire(self, key: Any, now: float) -> Pooled | None:
+        dq = self.idle.get(key)
         if not dq:
             return None
         limit = now - self.idle_timeout
@@ -47,13 +49,13 @@ class Pool:
             return conn
         return None
 
-    def release(self, server: Any, conn: Pooled, now: float) -> None:
+    def release(self, key: Any, conn: Pooled, now: float) -> None:
         if self.max_idle <= 0:
             conn.close()
             return
-        dq = self.idle.get(server)
+        dq = self.idle.get(key)
         if dq is None:
-            dq = self.idle[server] = deque()
+            dq = self.idle[key] = deque()
         conn.idle_since = now
         dq.append(conn)
         if len(dq) > self.max_idle:
@@ -64,13 +66,15 @@ class Pool:
 
     def drop(self, server: Any) -> None:
         """Close every idle connection to `server` (it went down or out of rotation)."""
-        dq = self.idle.pop(server, None)
-        while dq:
-            dq.pop().close()
+        for key in [k for k in self.idle if k[0] is server]:
+            dq = self.idle.pop(key)
+            while dq:
+                dq.pop().close()
 
     def count(self, server: Any) -> int:
-        dq = self.idle.get(server)
-        return sum(1 for c in dq if not c.closed) if dq else 0
+        """Idle connections to `server` (any key of it) that are still open."""
+        return sum(1 for key, dq in self.idle.items() if key[0] is server
+                   for c in dq if not c.closed)
 
     def _purge(self) -> None:
         self._timer = None

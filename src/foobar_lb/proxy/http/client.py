@@ -380,7 +380,7 @@ class HttpSession(ClientSide):
             # the usual case, inline: an idle pooled connection to the server, head sent now
             if not now:
                 now = self.loop.time()
-            conn = be.pool.acquire(server, now)
+            conn = be.pool.acquire(server.pool_key, now)
             if conn is not None:
                 r.server = server
                 r.attempts += 1
@@ -414,7 +414,7 @@ class HttpSession(ClientSide):
         # has served a response already; if the server closed it meanwhile, the request goes
         # again on a fresh one (see _attempt_failed: not counted as a retry)
         if not fresh and r.idempotent and not r.upgrade:
-            conn = be.pool.acquire(server, now)
+            conn = be.pool.acquire(server.pool_key, now)
         if conn is not None:
             conn.reused = True
             self._attach(conn, r, now)

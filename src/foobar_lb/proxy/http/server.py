@@ -147,7 +147,7 @@ class UpstreamHttp(LazyTimer):
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
-        self.pool.release(self.server, self, self.loop.time())
+        self.pool.release(self.server.pool_key, self, self.loop.time())
 
     def close(self) -> None:
         self.closed = True
@@ -246,7 +246,7 @@ class UpstreamHttp(LazyTimer):
                 if self.paused:
                     self.paused = False
                     self.transport.resume_reading()
-                self.pool.release(self.server, self, self.last_rx)
+                self.pool.release(self.server.pool_key, self, self.last_rx)
             else:
                 self.close()
             s.response_done(r, not s.closing)
