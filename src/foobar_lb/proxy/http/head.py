@@ -46,8 +46,10 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
      b"proxy-connection"})
-# names that a `_` spelling must never smuggle past a server that normalises `_` to `-`
+# names that a `_` spelling must never smuggle past a server that normalises names (`_` read
+# as `-`, or dropped): compared with every `_` and `-` taken out
 _GUARDED = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+_GUARDED_BARE = frozenset(n.replace(b"-", b"") for n in _GUARDED)
 
 # how a response body goes to the client: no body; as it comes (content-length); chunked by us
 # (the server's close ends it); as it comes, ended by our close (HTTP/1.0 clients); the server's
@@ -182,8 +184,8 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
             xff = v if xff is None else xff + b", " + v
             continue
         elif b"_" in low:
-            norm = low.replace(b"_", b"-")
-            if norm in _GUARDED or norm[:6] == b"proxy-":
+            bare = low.replace(b"_", b"").replace(b"-", b"")
+            if bare in _GUARDED_BARE or bare[:5] == b"proxy":
                 raise HeadError(400, "a field name with _ for a framing or hop-by-hop field")
             if route.reject_underscore:
                 raise HeadError(400, "a field name with _")
