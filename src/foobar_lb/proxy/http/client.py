@@ -179,7 +179,7 @@ class HttpSession(ClientSide):
         up = self.up
         if up is not None:
             self.up = None
-            up.detach(reusable=False)
+            up.unlink()
         for r in self.q:
             self._finish_server(r)
         self.q.clear()
@@ -600,7 +600,7 @@ class HttpSession(ClientSide):
         up = self.up
         if up is not None:
             self.up = None
-            up.detach(reusable=False)
+            up.unlink()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -732,7 +732,7 @@ class HttpSession(ClientSide):
             up = self.up
             if up is not None:
                 self.up = None
-                up.detach(reusable=False)
+                up.unlink()
 
     # -- shutdown ---------------------------------------------------------------------------------
     def drain(self) -> None:

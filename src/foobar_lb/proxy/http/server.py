@@ -134,20 +134,33 @@ class UpstreamHttp(LazyTimer):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
 
-    def detach(self, reusable: bool) -> None:
-        """The request is over for this connection: back to the pool, or closed."""
-        self.session = None
-        self.req = None
-        if reusable and not self.closed and not self.tunnel:
-            self.release()
-        else:
-            self.close()
+    @property
+    def reusable(self) -> bool:
+        """The one reuse decision: the response is complete and its connection clean (nothing
+        after it, no close asked for), the request was whole and no upgrade, and the
+        connection is open. Anything else is closed, never pooled."""
+        r = self.req
+        return (self.done == 1 and r is not None and r.complete and not r.upgrade
+                and not self.resp_close and not self.closed and not self.tunnel)
 
-    def release(self) -> None:
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        self.pool.release(self.server.pool_key, self, self.loop.time())
+    def unlink(self, keep: bool = False) -> None:
+        """The one way a server connection leaves its request: the client side forgets it,
+        it forgets the client side, and it goes back to the pool when `keep` and
+        `reusable` (it is never pooled otherwise), else it is closed."""
+        s = self.session
+        if s is not None and s.up is self:
+            s.up = None
+        if keep and self.reusable:
+            self.session = None
+            self.req = None
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+            self.pool.release(self.server.pool_key, self, self.last_rx)
+        else:
+            self.session = None
+            self.req = None
+            self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -237,18 +250,7 @@ class UpstreamHttp(LazyTimer):
             # the response is complete (and flushed): free the connection, then the session;
             # the server timer stays armed: when it fires it finds no request and stops, which
             # is cheaper than cancelling and re-creating a timer for every request
-            self.session = None
-            self.req = None
-            if s.up is self:
-                s.up = None
-            if self.done == 1 and r.complete and not r.upgrade and not self.resp_close and (
-                    not self.closed):
-                if self.paused:
-                    self.paused = False
-                    self.transport.resume_reading()
-                self.pool.release(self.server.pool_key, self, self.last_rx)
-            else:
-                self.close()
+            self.unlink(keep=True)
             s.response_done(r, not s.closing)
 
     @staticmethod
@@ -259,21 +261,13 @@ class UpstreamHttp(LazyTimer):
             else:
                 s.transport.writelines(wbuf)
 
-    def _fail(self, s: HttpSession, r: Exchange, reason: str) -> None:
-        self.session = None
-        self.req = None
-        self.close()
-        if s.up is self:
-            s.up = None
-        s._attempt_failed(r, self, reason, connected=True)
+    def _fail(self, s: HttpSession, r: Exchange, reason: str, timeout: bool = False) -> None:
+        self.unlink()
+        s._attempt_failed(r, self, reason, connected=True, timeout=timeout)
 
     def _finish(self, s: HttpSession, r: Exchange) -> None:
         """The response ended with the server's close (data_received inlines the usual end)."""
-        self.session = None
-        self.req = None
-        if s.up is self:
-            s.up = None
-        self.close()
+        self.unlink()
         s.response_done(r, not s.closing)
 
     def on_message_begin(self) -> None:
@@ -441,10 +435,7 @@ class UpstreamHttp(LazyTimer):
             return  # idle in a pool: it is skipped at the next checkout
         r = self.req
         if self.tunnel:
-            self.session = None
-            self.req = None
-            if s.up is self:
-                s.up = None
+            self.unlink()
             s._close() if exc is None else s._abort()
             return
         if r is None:
@@ -483,9 +474,4 @@ class UpstreamHttp(LazyTimer):
             self.th_when = now + timeout if self.paused else when
             self.th = self.loop.call_at(self.th_when, self._on_timer)
             return
-        self.session = None
-        self.req = None
-        self.close()
-        if s.up is self:
-            s.up = None
-        s._attempt_failed(r, self, "server timeout", connected=True, timeout=True)
+        self._fail(s, r, "server timeout", timeout=True)
