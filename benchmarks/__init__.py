@@ -8,5 +8,6 @@ Modules: `cli` (options, the run, exit status), `tools` (finding tools, starting
 processes, /proc readings), `configs` (generated nginx, haproxy and foobar_lb configurations),
 `scenarios` (what is measured and the interleaved rounds), `wrk` (running and parsing wrk),
 `idle` (idle keep-alive connections for the memory scenario), `report` (results.json,
-results.md, results.png), `pproxy_launch` (starting pproxy with an event loop set).
+results.md, results.png), `pproxy_launch` (starting pproxy with an event loop set), `app_launch`
+(starting foobar_app with a count of the connections it accepted).
 """

@@ -32,7 +32,7 @@ from .tools import BenchError, Pinning, Processes, check_tools, machine_descript
 
 DEFAULTS = {"rounds": 5, "duration": 10.0, "warmup": 2.0, "idle_connections": 10_000, "wait_quiet": 30.0}
 QUICK = {"rounds": 1, "duration": 2.0, "warmup": 0.0, "idle_connections": 500, "wait_quiet": 0.0}
-QUICK_SCENARIOS = ("http-small-c50", "tcp-small-c50", "idle-10k")
+QUICK_SCENARIOS = ("http-small-c50", "http-close-c20", "tcp-small-c50", "idle-10k")
 OUT_DEFAULT = Path(__file__).resolve().parent / "out"
 
 
@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                      "benchmarks/pproxy_launch.py "
                      "(pproxy 2.7.9 cannot start by itself next to uvloop 0.23); it is one process "
                      "whatever --workers")
+    if "http-close-c20" in scenarios and "haproxy" in kinds:
+        notes.append("http-close-c20: HAProxy's `http-reuse safe` sends the first request of every client "
+                     "connection over a server connection of its own (HAProxy's manual, http-reuse), so "
+                     "with one request per client connection it opens a server connection per request; "
+                     "it closes them with a reset, which leaves no TIME_WAIT socket behind, so counting "
+                     "sockets (ss, /proc/net/tcp) misses them: server conns/req counts what the backends "
+                     "accepted")
     over_fd = "idle-10k" in scenarios and 2 * (idle_n + 200) + 300 > hard
     notes.append(f"HAProxy: nbthread {workers}, maxconn 8000 (wrk scenarios); idle-10k: maxconn = "
                  "connections + 200"

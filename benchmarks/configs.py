@@ -32,8 +32,10 @@ class Timeouts:
 IDLE_TIMEOUTS = Timeouts(client="5m", keep_alive="5m")
 
 
-def nginx_conf(workdir: Path, ports: tuple[int, int], nofile: int) -> Path:
-    """nginx: two servers, each answering `/` with a small body and `/64k` with a 64 KiB file."""
+def nginx_conf(workdir: Path, ports: tuple[int, int], nofile: int, status_port: int) -> Path:
+    """nginx: two servers, each answering `/` with a small body and `/64k` with a 64 KiB file, and
+    on `status_port` (loopback, never proxied) its stub_status: the `accepts` counter there counts
+    every connection the two servers (and the status server itself) accepted."""
     www = workdir / "www"
     www.mkdir(exist_ok=True)
     (www / "64k").write_bytes(bytes(range(256)) * (LARGE_SIZE // 256))
@@ -70,6 +72,10 @@ http {{
   uwsgi_temp_path {workdir}/nginx-uwsgi;
   scgi_temp_path {workdir}/nginx-scgi;
 {"".join(servers)}
+  server {{
+    listen 127.0.0.1:{status_port};
+    location = /stub_status {{ stub_status; }}
+  }}
 }}
 """
     path = workdir / "nginx.conf"

@@ -6,7 +6,10 @@ one unmeasured warm-up run per target. A target's CPU (user and system) and RSS 
 /proc for its whole process tree (the pid started and every descendant: foobar_lb's master and
 all its workers, HAProxy's one process with its threads) at both ends of each run; a run that
 served requests with no measurable CPU (under one clock tick) fails, naming the target, rather
-than report 0. The CPU that anything else on the machine used meanwhile is read too:
+than report 0. The server connections a target opened during a run are the connections the
+backends accepted meanwhile (nginx's stub_status counter; the app servers' own, app_launch),
+read at both ends of the run while the other targets of the scenario sit idle with no health
+checks. The CPU that anything else on the machine used meanwhile is read too:
 a run disturbed by such other load is measured again (at most REMEASURE_DISTURBED times,
 when waiting for quiet is on; the discarded runs are kept in the results). A target that
 dies, or a wrk run that fails, ends the benchmark: no number is made up.
@@ -34,10 +37,12 @@ from .tools import (
     Proc,
     Processes,
     TreeCpu,
+    app_accepts,
     core_busy_seconds,
     cpu_seconds,
     free_port,
     http_request,
+    nginx_accepts,
     probe,
     process_tree,
     tree_cpu,
@@ -57,6 +62,9 @@ REMEASURE_DISTURBED = 2
 SETTLE_TIMEOUT = 30.0
 SETTLE_CPU_PCT = 5.0
 SETTLE_SAMPLE = 0.25
+# how the server connections opened during a run are counted, by kind of backend
+SERVER_CONNS_SOURCE = {"nginx": "nginx's stub_status accepts counter",
+                       "app": "the app servers' accepts counters (benchmarks/app_launch.py)"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Scenario:
     targets: tuple[str, ...]
     backends: str  # "nginx" or "app"
     title: str
+    headers: tuple[str, ...] = ()  # extra request header lines wrk sends (wrk -H)
 
     @property
     def reference(self) -> str:
@@ -80,6 +89,9 @@ SCENARIOS = {s.name: s for s in (
              "HTTP, small body (GET /), wrk -t1 -c50"),
     Scenario("http-small-c200", "wrk", "http", "/", 200, HTTP_TARGETS, "nginx",
              "HTTP, small body (GET /), wrk -t1 -c200"),
+    Scenario("http-close-c20", "wrk", "http", "/", 20, HTTP_TARGETS, "nginx",
+             'HTTP, small body (GET /), a new client connection per request '
+             '(wrk -H "Connection: close"), wrk -t1 -c20', headers=("Connection: close",)),
     Scenario("http-64k", "wrk", "http", "/64k", 50, HTTP_TARGETS, "nginx",
              "HTTP, 64 KiB body (GET /64k), wrk -t1 -c50"),
     Scenario("tcp-small-c50", "wrk", "tcp", "/", 50, TCP_TARGETS, "nginx",
@@ -112,6 +124,7 @@ class Bench:
     workers: int = 1  # foobar_lb --workers N, HAProxy nbthread N
     wait_quiet: float = 0.0  # before each measured run, wait up to this long for other load to stop
     nginx: tuple[int, int] | None = None
+    nginx_status: int | None = None  # nginx's stub_status port (loopback, never proxied)
     apps: tuple[int, int] | None = None
     client_side: list[Proc] = field(default_factory=list)  # nginx, app servers: wrk's side
 
@@ -130,7 +143,8 @@ class Bench:
         if self.nginx:
             return self.nginx
         ports = (free_port(), free_port())
-        conf = configs.nginx_conf(self.workdir, ports, self.nofile_hard)
+        status_port = free_port()
+        conf = configs.nginx_conf(self.workdir, ports, self.nofile_hard, status_port)
         argv = self.pinning.client([self.tools["nginx"], "-c", str(conf), "-p", str(self.workdir),
                                     "-e", str(self.workdir / "nginx-error.log")])
         proc = self.procs.start("nginx", argv)
@@ -139,7 +153,10 @@ class Bench:
             wait_port(proc, port)
             probe(proc, port, "/")
             probe(proc, port, "/64k")
+        wait_port(proc, status_port)
+        nginx_accepts(status_port)  # fails now, with what nginx answered, if the counter is not there
         self.nginx = ports
+        self.nginx_status = status_port
         return ports
 
     def start_apps(self) -> tuple[int, int]:
@@ -150,12 +167,13 @@ class Bench:
         ports = (free_port(), free_port())
         for n, port in enumerate(ports, 1):
             argv = self.pinning.client([
-                sys.executable, "-m", "foobar_app", "serve", "--name", f"server-{n}",
+                sys.executable, "-m", "benchmarks.app_launch", "serve", "--name", f"server-{n}",
                 "--bind", f"{LOOPBACK}:{port}", "--db", f"sqlite:///{db}", "--log-level", "warning"])
             proc = self.procs.start(f"foobar_app server-{n}", argv, env=self.python_env())
             self.client_side.append(proc)
             wait_port(proc, port, timeout=30)
             probe(proc, port, "/health", timeout=30)
+            app_accepts(port)  # fails now, with what the app answered, if the counter is not there
         for i in range(20):  # so that reads return data
             body = json.dumps({"name": f"item-{i}", "note": "benchmark data " * 4}).encode()
             status, answer = http_request(ports[i % 2], "POST", "/items", body,
@@ -164,6 +182,22 @@ class Bench:
                 raise BenchError(f"foobar_app: POST /items answered {status}: {answer[:200]!r}")
         self.apps = ports
         return ports
+
+    # -- server connections -------------------------------------------------------------------------
+    def server_conns_reading(self, sc: Scenario) -> tuple[int, int]:
+        """(connections the backends of `sc` have accepted so far, how many of them this reading
+        opened itself): nginx's accepts counter, or the sum of the app servers' counters."""
+        if sc.backends == "nginx":
+            assert self.nginx_status is not None
+            return nginx_accepts(self.nginx_status), 1
+        assert self.apps is not None
+        return sum(app_accepts(p) for p in self.apps), len(self.apps)
+
+    @staticmethod
+    def server_conns_opened(before: tuple[int, int], after: tuple[int, int]) -> int:
+        """Connections the backends accepted between two readings, less the second reading's own
+        (the first one's were counted before the run began)."""
+        return max(0, after[0] - before[0] - after[1])
 
     def client_pids(self) -> list[int]:
         pids = []
@@ -263,8 +297,9 @@ class Bench:
 def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, duration: float,
              label: str) -> dict:
     argv = bench.pinning.client(wrk.command(bench.tools["wrk"], f"http://{LOOPBACK}:{port}{sc.path}",
-                                            sc.connections, duration))
+                                            sc.connections, duration, headers=sc.headers))
     client_pids = bench.client_pids()
+    conns0 = bench.server_conns_reading(sc)
     c0 = tree_cpu(proc.pid)
     before = _snapshot(c0, client_pids)
     t0 = time.monotonic()
@@ -274,6 +309,7 @@ def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, dur
         raise proc.failure(f"died during {label}: {proc.describe_exit()}")
     c1 = tree_cpu(proc.pid)
     after = _snapshot(c1, client_pids)
+    server_conns = bench.server_conns_opened(conns0, bench.server_conns_reading(sc))
     if result.requests > 0 and c1.user + c1.system - c0.user - c0.system < 1:
         raise BenchError(
             f"{label}: {target} served {result.requests} requests but its processes used no measurable "
@@ -295,6 +331,9 @@ def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, dur
         "cpu_pct": 100.0 * (du + ds) / wall,
         "user_us_per_req": 1e6 * du / result.requests,
         "system_us_per_req": 1e6 * ds / result.requests,
+        "server_conns": server_conns,  # TCP connections the backends accepted during the run
+        "server_conns_per_req": server_conns / result.requests,
+        "server_conns_source": SERVER_CONNS_SOURCE[sc.backends],
         "rss_kib": tree_rss_kib(proc.pid),
         "proxy_pids": list(c1.pids),  # the tree read at the end: the started pid first
         "proxy_pids_at_start": list(c0.pids),
@@ -351,7 +390,8 @@ def run_wrk_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int
                     again = disturbed and attempt < attempts
                     progress(f"{label}: {run['rps']:.0f} req/s p99 {_fmt_ms(run['latency_ms']['p99'])} "
                              f"cpu {run['cpu_pct']:.0f}% "
-                             f"{run['user_us_per_req'] + run['system_us_per_req']:.1f}us/req{err}"
+                             f"{run['user_us_per_req'] + run['system_us_per_req']:.1f}us/req "
+                             f"{run['server_conns_per_req']:.3f} server conns/req{err}"
                              + (": disturbed, measuring again" if again else ""))
                     if not again:
                         runs.append(run)
@@ -361,7 +401,8 @@ def run_wrk_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int
         for proc, _ in started.values():
             bench.procs.stop(proc)
     return {"scenario": sc.name, "kind": sc.kind, "mode": sc.mode, "title": sc.title,
-            "path": sc.path, "connections": sc.connections, "targets": targets,
+            "path": sc.path, "connections": sc.connections, "headers": list(sc.headers),
+            "server_conns_source": SERVER_CONNS_SOURCE[sc.backends], "targets": targets,
             "reference": sc.reference, "rounds": rounds, "duration": duration, "warmup": warmup,
             "pids": pids, "runs": runs, "discarded_runs": discarded}
 

@@ -5,7 +5,10 @@ pid and stops it (SIGTERM, then SIGKILL) when the run ends, however it ends; not
 stopped by name. Each child also gets a parent-death signal, so none outlives a runner that is
 killed outright. A child that fails to start, or dies, is reported with the tail of its output.
 A process's CPU and memory are those of its whole tree (the pid and every descendant, found
-through /proc/PID/task/*/children), as /proc shows it at the moment of reading.
+through /proc/PID/task/*/children), as /proc shows it at the moment of reading. The connections
+the backends accepted are read from their own counters: nginx's stub_status `accepts`, and
+the one benchmarks.app_launch keeps in each foobar_app server (/proc/net/tcp would miss the
+connections a proxy closes with a reset, which leave no TIME_WAIT behind: HAProxy does so).
 """
 
 from __future__ import annotations
@@ -314,6 +317,39 @@ def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0) -> None
             last = str(exc) or type(exc).__name__
         time.sleep(0.1)
     raise proc.failure(f"GET {path} through it did not answer 200 within {timeout:.0f}s (last: {last})")
+
+
+# -- connections accepted by the backends ---------------------------------------------------------
+
+
+def nginx_accepts(port: int) -> int:
+    """nginx's `accepts` counter (stub_status on `port`): every connection it has accepted since
+    it started, this reading's own included."""
+    status, body = http_request(port, path="/stub_status", timeout=5.0)
+    lines = body.decode("ascii", "replace").splitlines()
+    # "Active connections: 1", "server accepts handled requests", " 12 12 34", "Reading: ..."
+    try:
+        i = next(n for n, line in enumerate(lines) if line.split() == ["server", "accepts", "handled",
+                                                                        "requests"])
+        return int(lines[i + 1].split()[0])
+    except (StopIteration, IndexError, ValueError):
+        raise BenchError(f"nginx stub_status on port {port} answered {status} without an accepts "
+                         f"counter: {body[:200]!r}") from None
+
+
+def app_accepts(port: int) -> int:
+    """A foobar_app server's count of accepted connections, this reading's own included (the app
+    servers are started through benchmarks.app_launch, which keeps the count)."""
+    from .app_launch import ACCEPTS_PATH
+
+    status, body = http_request(port, path=ACCEPTS_PATH, timeout=5.0)
+    try:
+        if status != 200:
+            raise ValueError
+        return int(body.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BenchError(f"foobar_app on port {port}: {ACCEPTS_PATH} answered {status}: "
+                         f"{body[:200]!r}") from None
 
 
 # -- /proc readings -----------------------------------------------------------------------------

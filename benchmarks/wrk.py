@@ -70,9 +70,13 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def command(wrk: str, url: str, connections: int, duration: float, threads: int = 1) -> list[str]:
+def command(wrk: str, url: str, connections: int, duration: float, threads: int = 1,
+            headers: tuple[str, ...] = ()) -> list[str]:
+    """wrk's argv; each of `headers` ("Name: value") is sent with every request (-H), so
+    "Connection: close" makes wrk open a new connection for each request."""
     secs = max(1, round(duration))
-    return [wrk, f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--latency", url]
+    extra = [a for h in headers for a in ("-H", h)]
+    return [wrk, f"-t{threads}", f"-c{connections}", f"-d{secs}s", *extra, "--latency", url]
 
 
 def run(argv: list[str], duration: float, label: str) -> tuple[WrkResult, str]:

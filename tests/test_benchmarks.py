@@ -3,7 +3,11 @@
 A missing tool (wrk, haproxy, nginx, pproxy) fails this test with the runner's own message
 (how to install it); it is never skipped: the test command installs them. foobar_lb runs as a
 master and workers: its CPU must be read from all of them, so every run records a CPU per request
-above 0 and more than one process measured, and the report names the worker count.
+above 0 and more than one process measured, and the report names the worker count. Every run
+also records the server connections the proxy opened (the backends' own accept counters): HAProxy,
+the reference, opens about one per request when each client connection carries one request
+(http-close-c20) and far fewer than one per request on keep-alive client connections, which is
+what shows that the counter counts.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
     out = tmp_path / "out"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks", "--quick", "--scenarios", "http-small-c50",
+            [sys.executable, "-m", "benchmarks", "--quick", "--scenarios", "http-small-c50,http-close-c20",
              "--out", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )
@@ -57,12 +61,39 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
     assert any("summed over the master and every worker" in n for n in doc["notes"]), doc["notes"]
     assert not any("its own pid measured" in n for n in doc["notes"])
     assert summary["foobar_lb"]["ratio_rps"] > 0
+
+    # server connections opened per request, in every run of both scenarios
+    for name in ("http-small-c50", "http-close-c20"):
+        res = doc["results"][name]
+        assert set(res["targets"]) == {"haproxy", "foobar_lb"}, name
+        assert "stub_status" in res["server_conns_source"]
+        for run in res["runs"]:
+            assert isinstance(run["server_conns"], int) and run["server_conns"] >= 0, (name, run)
+            assert run["server_conns_per_req"] >= 0
+            assert run["server_conns_per_req"] == pytest.approx(run["server_conns"] / run["requests"])
+        for target in ("haproxy", "foobar_lb"):
+            assert doc["summaries"][name][target]["server_conns_per_req"] >= 0
+    assert doc["results"]["http-close-c20"]["headers"] == ["Connection: close"]
+    assert doc["results"]["http-close-c20"]["connections"] == 20
+    for run in (r for r in result["runs"] if r["target"] == "haproxy"):  # keep-alive: reused
+        assert run["server_conns"] <= 4 * result["connections"], run
+    for run in (r for r in doc["results"]["http-close-c20"]["runs"] if r["target"] == "haproxy"):
+        assert 0.5 <= run["server_conns_per_req"] <= 1.5, run  # HAProxy: one per client connection
+    rows = {row["target"]: row for row in doc["targets"]}
+    close_rows = [row for row in doc["targets"] if row["scenario"] == "http-close-c20"]
+    assert {row["metric"] for row in close_rows} == {"ratio_cpu_per_req", "ratio_p99"}
+    assert all(row["status"] != "not measured" and row["value"] > 0 for row in close_rows), close_rows
+    stretch = [row for row in doc["targets"] if row["stretch"]]
+    assert [(r["scenario"], r["metric"], r["limit"]) for r in stretch] == [
+        ("http-small-c50", "ratio_cpu_per_req", 1.10)]
+    assert rows["HTTP small c=50: CPU per request (user+system) vs HAProxy"]["limit"] == 1.35
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["haproxy"].startswith("HAProxy")
 
     for name in ("results.md", "results.png"):
         assert (out / name).stat().st_size > 0, f"{name} is empty"
     md = (out / "results.md").read_text()
-    assert "## http-small-c50" in md and "## Targets" in md
+    assert "## http-small-c50" in md and "## http-close-c20" in md and "## Targets" in md
+    assert "server conns/req" in md and "New connection per request c=20" in md
     assert "- workers: 1 (foobar_lb --workers 1" in md and "HAProxy nbthread 1" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## http-small-c50" in proc.stdout  # the Markdown is printed too
