@@ -134,32 +134,24 @@ class UpstreamHttp(LazyTimer):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
 
-    @property
-    def reusable(self) -> bool:
-        """The one reuse decision: the response is complete and its connection clean (nothing
-        after it, no close asked for), the request was whole and no upgrade, and the
-        connection is open. Anything else is closed, never pooled."""
-        r = self.req
-        return (self.done == 1 and r is not None and r.complete and not r.upgrade
-                and not self.resp_close and not self.closed and not self.tunnel)
-
     def unlink(self, keep: bool = False) -> None:
-        """The one way a server connection leaves its request: the client side forgets it,
-        it forgets the client side, and it goes back to the pool when `keep` and
-        `reusable` (it is never pooled otherwise), else it is closed."""
+        """The one way a server connection leaves its request: the client side forgets it, it
+        forgets the client side, and then the one reuse decision: back to the pool when `keep`
+        and the response is complete and clean (nothing after it, no close asked for), the
+        request was whole and no upgrade, and the connection is open; closed otherwise."""
         s = self.session
         if s is not None and s.up is self:
             s.up = None
-        if keep and self.reusable:
-            self.session = None
-            self.req = None
+        r = self.req
+        self.session = None
+        self.req = None
+        if keep and self.done == 1 and r is not None and r.complete and not r.upgrade and (
+                not self.resp_close and not self.closed and not self.tunnel):
             if self.paused:
                 self.paused = False
                 self.transport.resume_reading()
             self.pool.release(self.server.pool_key, self, self.last_rx)
         else:
-            self.session = None
-            self.req = None
             self.close()
 
     def close(self) -> None:
