@@ -415,6 +415,14 @@ def test_the_mysql_stack_example_runs_the_app_on_the_cluster(shared_cluster, tmp
         import urllib.request
 
         base = f"http://{LOOPBACK}:{ports[0]}"
+        # both app servers' replica monitors see the replica up (3 good checks) before we read
+        deadline = time.monotonic() + 15
+        up = 0
+        while up < 4:  # two in a row from each app server (round robin)
+            assert time.monotonic() < deadline, "the replica never came up"
+            with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+                up = up + 1 if json.loads(r.read())["replicas"] == {"replica-1": "up"} else 0
+            time.sleep(0.05)
         req = urllib.request.Request(f"{base}/items", data=b'{"name": "via the stack"}',
                                      headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(req, timeout=10) as r:

@@ -20,7 +20,7 @@ from . import __version__
 from .balancing import algorithm_names
 from .config import Config, ConfigError, load_config, parse_config, quick_config
 from .listeners import ListenError
-from .managed import missing_program
+from .managed import unrunnable
 from .master import Master, StartError, ask, control_path, say
 from .runtime import new_event_loop
 
@@ -116,14 +116,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _check(cfg: Config) -> int:
-    for bname, bcfg in cfg.backends.items():
-        for i, scfg in enumerate(bcfg.servers):
-            if scfg.command:
-                argv0 = scfg.command[0].replace("{python}", sys.executable)
-                why = missing_program(argv0)
-                if why:
-                    return _fail(f"{cfg.source}: backends.{bname}.servers[{i}].command: "
-                                 f"cannot run \"{argv0}\": {why}")
+    why = unrunnable(cfg)
+    if why:
+        return _fail(why)
     n = sum(len(b.servers) for b in cfg.backends.values())
     say(f"{cfg.source}: ok ({len(cfg.frontends)} frontends, {len(cfg.backends)} backends, "
         f"{n} servers)")

@@ -14,7 +14,7 @@ import socket
 
 from .config import Address, Config
 
-__all__ = ["ListenError", "bind", "bind_config", "key_of", "path_of"]
+__all__ = ["ListenError", "bind", "bind_config", "check_managed_ports", "key_of", "path_of"]
 
 
 class ListenError(Exception):
@@ -93,3 +93,12 @@ def bind_config(config: Config, backlog: int, keep: dict[tuple, socket.socket] |
             sock.close()
         raise
     return out
+
+
+def check_managed_ports(config: Config, running=lambda backend, server: False) -> None:
+    """A managed server's port must be free (unless `running(backend, server)`: its process is
+    ours already), or its process could never listen there: ListenError naming the key."""
+    for bname, bcfg in config.backends.items():
+        for i, scfg in enumerate(bcfg.servers):
+            if scfg.command and not running(bname, scfg.name):
+                bind(f"backends.{bname}.servers[{i}].address", scfg.address, 1, listen=False).close()

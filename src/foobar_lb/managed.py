@@ -32,7 +32,7 @@ from typing import Any
 
 from .servers import Server, State
 
-__all__ = ["Supervisor", "expand_command", "missing_program", "uses_data_dir"]
+__all__ = ["Supervisor", "expand_command", "missing_program", "unrunnable", "uses_data_dir"]
 
 log = logging.getLogger("foobar_lb.managed")
 
@@ -74,6 +74,20 @@ def missing_program(argv0: str) -> str | None:
             return "not executable"
         return None
     return None if shutil.which(argv0) else "not found on PATH"
+
+
+def unrunnable(config) -> str | None:
+    """The first managed server whose program cannot be run, as a one-line error naming its
+    key path, or None."""
+    for bname, bcfg in config.backends.items():
+        for i, scfg in enumerate(bcfg.servers):
+            if scfg.command:
+                argv0 = scfg.command[0].replace("{python}", sys.executable)
+                why = missing_program(argv0)
+                if why:
+                    return (f"{config.source or 'command line'}: backends.{bname}.servers[{i}]"
+                            f".command: cannot run \"{argv0}\": {why}")
+    return None
 
 
 def _write(stream, line: bytes) -> None:

@@ -36,8 +36,8 @@ from .build import Built, build
 from .channel import Channel, encode
 from .checks import Checks
 from .config import Config, ConfigError, load_config
-from .listeners import ListenError, bind, bind_config, key_of
-from .managed import Supervisor, expand_command, missing_program, uses_data_dir
+from .listeners import ListenError, bind_config, check_managed_ports, key_of
+from .managed import Supervisor, expand_command, unrunnable, uses_data_dir
 from .servers import State
 from .shared import (
     COUNTER_BYTES,
@@ -135,7 +135,7 @@ class Master:
         self._reload_lock = asyncio.Lock()
         cfg = self.config
         self._check_programs(cfg)
-        self._check_managed_ports(cfg)
+        check_managed_ports(cfg, self._managed_running)
         self.socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,22 +165,9 @@ class Master:
         return 0
 
     def _check_programs(self, cfg: Config) -> None:
-        for bname, bcfg in cfg.backends.items():
-            for i, scfg in enumerate(bcfg.servers):
-                if scfg.command:
-                    argv0 = scfg.command[0].replace("{python}", sys.executable)
-                    why = missing_program(argv0)
-                    if why:
-                        raise StartError(f"{cfg.source or 'command line'}: backends.{bname}."
-                                         f"servers[{i}].command: cannot run \"{argv0}\": {why}")
-
-    def _check_managed_ports(self, cfg: Config) -> None:
-        """A managed server's port must be free, or its process could never listen there."""
-        for bname, bcfg in cfg.backends.items():
-            for i, scfg in enumerate(bcfg.servers):
-                if scfg.command and not self._managed_running(bname, scfg.name):
-                    path = f"backends.{bname}.servers[{i}].address"
-                    bind(path, scfg.address, 1, listen=False).close()
+        why = unrunnable(cfg)
+        if why:
+            raise StartError(why)
 
     def _managed_running(self, backend: str, server: str) -> bool:
         sup = self.supervisors.get(f"{backend}/{server}")

@@ -29,7 +29,7 @@ from .build import build
 from .checks import Checks
 from .config import Config, config_from_dict, load_config
 from .frontend import Frontend
-from .listeners import ListenError, bind, bind_config
+from .listeners import ListenError, bind_config, check_managed_ports
 from .managed import Supervisor, expand_command, uses_data_dir
 from .servers import Server, State
 from .serving import Serving
@@ -88,7 +88,7 @@ class LoadBalancer:
         # bind first: a port that is taken is reported before anything else starts
         socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
-            self._check_managed_ports()
+            check_managed_ports(cfg)
         except BaseException:
             for sock in socks.values():
                 sock.close()
@@ -120,14 +120,6 @@ class LoadBalancer:
         for name, fe in self.frontends.items():
             log.debug("frontend %s (%s) listening on %s", name, fe.mode,
                       ", ".join(_fmt(a) for a in self.addresses[name]))
-
-    def _check_managed_ports(self) -> None:
-        """A managed server's port must be free, or its process could never listen there."""
-        for bname, bcfg in self.config.backends.items():
-            for i, scfg in enumerate(bcfg.servers):
-                if scfg.command:
-                    path = f"backends.{bname}.servers[{i}].address"
-                    bind(path, scfg.address, 1, listen=False).close()
 
     def _start_managed(self) -> None:
         data_dir = Path(self.data_dir or self.config.settings.data_dir).resolve()
