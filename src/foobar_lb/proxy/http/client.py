@@ -45,6 +45,7 @@ from .head import (
     ERR_CLOSE,
     ERR_KEEP,
     IDEMPOTENT,
+    TOKEN,
     HeadError,
     error_response,
     request_head,
@@ -65,6 +66,8 @@ class _Stop(Exception):
     """Raised in a callback: stop parsing (nothing after a refused or last request)."""
 
 
+_EXT_ABUSE = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+[ \t]*;[^\r\n]{4096}")
+_LOOSE_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:  | [^ \r\n]+  )")
 _TOKEN_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/")
 _WELL_FORMED_VERSION = re.compile(rb"[^ ]+ [^ ]+ HTTP/[0-9]\.[0-9]\r\n")
 
@@ -84,7 +87,8 @@ def _llhttp_status(e: httptools.HttpParserError, r: Exchange | None, data: bytes
         if r is not None:
             te = [v for n, v in r.headers if n.lower() == b"transfer-encoding"]
             codings = [t.strip().lower() for t in b",".join(te).split(b",")]
-            if len(te) == 1 and len(codings) == 1 and codings[0] not in (b"", b"chunked"):
+            if len(te) == 1 and len(codings) == 1 and codings[0] != b"chunked" and (
+                    TOKEN.fullmatch(codings[0])):
                 return 501
     return 400
 
@@ -109,6 +113,7 @@ class HttpSession(ClientSide):
         "peer_ip",
         "peer_key",
         "q",
+        "rx",
         "served",
         "th",
         "th_when",
@@ -128,6 +133,7 @@ class HttpSession(ClientSide):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
+        self.rx = b""  # the read being parsed (for checks llhttp leaves to us)
         self.q: deque[Exchange] = deque()
         self.up: UpstreamHttp | None = None
         self.mode = MODE_HTTP
@@ -224,6 +230,14 @@ class HttpSession(ClientSide):
                 self.tunnel_buf = [*(self.tunnel_buf or ()), data]  # held until admitted
             return  # a request was refused or this is the last one: nothing more is read
         before = self.parsing
+        if before is None and _LOOSE_LINE.match(data):
+            # llhttp lets "GET  / HTTP/1.1" through; a request line has single spaces
+            self._reject(400)
+            return
+        self.rx = data
+        if b";" in data and self._extension_abuse(data, before):
+            self._reject(400)
+            return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -246,6 +260,23 @@ class HttpSession(ClientSide):
                 self.head_bytes += len(data)
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
+
+    @staticmethod
+    def _extension_abuse(data: bytes, r: Exchange | None) -> bool:
+        """A chunk-size line whose extensions run over 4 KiB (llhttp reads them without a
+        limit, and they carry nothing we forward): checked in a chunked body, before llhttp
+        reads it, from the start of the read or, when a head ends in it, from there."""
+        if r is not None and r.head_done:
+            if not r.chunked:
+                return False
+            start = 0
+        elif b"hunked" in data:
+            start = data.find(b"\r\n\r\n") + 2
+            if start < 2:
+                return False
+        else:
+            return False
+        return _EXT_ABUSE.search(data, start) is not None
 
     def on_url(self, url: bytes) -> None:
         # (no on_message_begin: the URL is the first thing of every request, so a request
@@ -282,7 +313,8 @@ class HttpSession(ClientSide):
         version = parser.get_http_version()
         r.http11 = http11 = version == "1.1"
         if not http11 and version != "1.0":  # HTTP/0.9 or a major version of 2 and up
-            raise HeadError(505)
+            # a request line without a version ("GET /") is malformed, not HTTP/0.9
+            raise HeadError(400 if version == "0.9" and b" HTTP/0.9" not in self.rx else 505)
         r.keep_alive = parser.should_keep_alive()
         r.is_head = method == b"HEAD"
         r.idempotent = method in IDEMPOTENT
@@ -304,7 +336,7 @@ class HttpSession(ClientSide):
         r.backend = be
         route = fe.routes[be.name] if be is not None else fe.no_route
         r.route = route
-        r.head, chunked, body, r.upgrade, r.needs_host = request_head(
+        r.head, chunked, body, r.upgrade, r.needs_host, expect = request_head(
             method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
         r.chunked = chunked
         r.headers = None  # not needed any more
@@ -317,6 +349,9 @@ class HttpSession(ClientSide):
             when = self.last_rx + fe.client_timeout
             if self.th is None or self.th_when > when:
                 self._arm(when)
+            # HAProxy's http-buffer-request: no server is engaged before the body's first buffer
+            # (or all of it) is here, so a slow or broken upload never reaches or pins a server
+            r.buffering = 2 if expect else 1
         q = self.q
         q.append(r)
         if len(q) == 1:
@@ -352,6 +387,15 @@ class HttpSession(ClientSide):
                 self._send_body(r, (CHUNK_END,), 5)
         if not r.keep_alive or r.upgrade:
             self._block(BLOCK_STOP)
+        if r.buffering:
+            self._buffered(r)
+
+    def _buffered(self, r: Exchange) -> None:
+        """The body's first buffer, or all of it, is here: `r` may go to a server."""
+        r.buffering = 0
+        q = self.q
+        if q and q[0] is r and r.server is None and self.waiter is None:
+            self._start(r)
 
     # -- dispatching ---------------------------------------------------------------------------
     def _queue(self, r: Exchange) -> None:
@@ -366,6 +410,11 @@ class HttpSession(ClientSide):
         """Send `r` on its way (`now`: the loop time, when the caller has it fresh)."""
         if r.error:
             self._send_error(r, r.error)
+            return
+        if r.buffering:  # its body is not buffered yet (see _buffered)
+            if r.buffering == 2 and self.transport is not None:
+                r.buffering = 1
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         be = r.backend
         outcome, got = be.assign(self.peer_key, self, r, now or self.last_rx)
@@ -515,6 +564,8 @@ class HttpSession(ClientSide):
         r.pending_size += n
         if r.pending_size > PENDING_LIMIT:
             self._block(BLOCK_PENDING)
+        if r.buffering and r.pending_size >= BUFSIZE:
+            self._buffered(r)
 
     def _attempt_failed(self, r: Exchange, conn: UpstreamHttp | None, reason: str,
                         connected: bool, timeout: bool = False) -> None:
@@ -609,11 +660,13 @@ class HttpSession(ClientSide):
         fe.ctr[fe.cls0 + status // 100] += 1
         keep = (status in ERR_KEEP and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & BLOCK_STOP))
+        answer = ERR_KEEP[status] if keep else (ERR_CLOSE.get(status) or error_response(status))
+        if r.is_head:  # the same head, without the body a HEAD response never has
+            answer = answer[:answer.index(b"\r\n\r\n") + 4]
+        transport.write(answer)
         if keep:
-            transport.write(ERR_KEEP[status])
             self.response_done(r, True)
         else:
-            transport.write(ERR_CLOSE.get(status) or error_response(status))
             self._close()
 
     def _reject(self, status: int) -> None:

@@ -41,6 +41,7 @@ class Exchange:
         "attempts",
         "backend",
         "body_size",
+        "buffering",
         "chunked",
         "complete",
         "error",
@@ -87,5 +88,7 @@ class Exchange:
         self.replay_size = 0
         self.body_size = 0
         self.attempts = 0
+        self.is_head = False
+        self.buffering = 0  # 1: a body to buffer before a server is engaged; 2: and 100 to send
         self.got_response = False  # a byte of the response arrived from the server
         self.responded = False  # a byte of the response went to the client

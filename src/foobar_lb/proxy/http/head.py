@@ -17,6 +17,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import httptools
@@ -39,6 +40,9 @@ __all__ = [
     "tokens",
 ]
 
+TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+# a Host value: a reg-name or IP literal, an optional port; no list, no whitespace inside
+_HOST_VALUE = re.compile(rb"[ \t]*(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?[ \t]*")
 CRLF = b"\r\n"
 CHUNK_END = b"0\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -120,7 +124,7 @@ def request_target(url: bytes, host_field: bytes | None) -> tuple[bytes | None, 
 
 def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[bytes, bytes]],
                  upgrade_flag: bool, route, authority: bytes | None,
-                 xff_ip: bytes | None) -> tuple[bytes, bool, bool, bool, bool]:
+                 xff_ip: bytes | None) -> tuple[bytes, bool, bool, bool, bool, bool]:
     """The head sent to the server for a request llhttp accepted, or HeadError.
 
     `route`: the frontend/backend pair's precomputed route (`frontend.Route`: fields to drop,
@@ -128,9 +132,11 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
     the Host). `xff_ip`: the client address to append to X-Forwarded-For (None: the field is
     passed on as it came, if at all).
 
-    Returns (head, chunked, body, upgrade, needs_host): the head ends with its empty line;
-    `body`: a body follows (chunked, or a content-length above 0); `upgrade`: a valid upgrade
-    request; `needs_host`: HTTP/1.0 without Host (the server's address is added)."""
+    Returns (head, chunked, body, upgrade, needs_host, expect_continue): the head ends with its
+    empty line; `body`: a body follows (chunked, or a content-length above 0); `upgrade`: a
+    valid upgrade request; `needs_host`: HTTP/1.0 without Host (the server's address is added);
+    `expect_continue`: the client waits for 100 Continue (which the proxy sends itself: the
+    Expect field is not passed on, since the body is buffered before a server is engaged)."""
     if method == b"CONNECT":
         raise HeadError(501, "CONNECT")
     if url == b"*" and method != b"OPTIONS":
@@ -197,10 +203,10 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
 
     if size > route.max_header_size:
         raise HeadError(431, "head too large")
-    if nhost > 1 or (http11 and nhost == 0 and authority is None):
+    if nhost > 1 or (http11 and nhost == 0):  # RFC 9112 3.2, absolute-form included
         raise HeadError(400, "missing or repeated Host")
-    if nhost and not host_value.strip():
-        raise HeadError(400, "empty Host")
+    if nhost and (not host_value.strip() or not _HOST_VALUE.fullmatch(host_value)):
+        raise HeadError(400, "empty or invalid Host")
     chunked = False
     if te is not None:
         if not http11:
@@ -208,7 +214,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
         codings = [t.strip().lower() for t in te.split(b",")]
         if nte == 1 and codings == [b"chunked"]:
             chunked = True
-        elif nte == 1 and len(codings) == 1 and codings[0] and codings[0] != b"chunked":
+        elif nte == 1 and len(codings) == 1 and TOKEN.fullmatch(codings[0]):
             raise HeadError(501, "unknown transfer coding")
         else:
             raise HeadError(400, "Transfer-Encoding other than a single chunked")
@@ -228,10 +234,11 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
                         low in drop or low[:6] == b"proxy-" or low in extra):
                     continue
                 parts += (name, b": ", value, CRLF)
+    expect_continue = False
     if expect is not None and http11:  # HTTP/1.0 clients do not wait for 100 Continue
         if expect != b"100-continue":
             raise HeadError(417, "unknown expectation")
-        parts.append(b"expect: 100-continue\r\n")
+        expect_continue = True  # answered by the proxy itself, never passed on
     if authority is not None:
         parts += (b"host: ", authority, CRLF)
     if chunked:
@@ -250,7 +257,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
         parts += (route.xff, b": ", xff, CRLF)
     parts.append(route.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
     return (b"".join(parts), chunked, chunked or (cl is not None and cl.strip() != b"0"),
-            is_upgrade, nhost == 0 and authority is None)
+            is_upgrade, nhost == 0 and authority is None, expect_continue)
 
 
 def response_framing(status: int, is_head: bool, http11: bool, te_chunked: bool,

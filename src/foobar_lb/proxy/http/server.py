@@ -54,6 +54,31 @@ def _field_lines(names: list[bytes]) -> re.Pattern[bytes]:
     return re.compile(rb"^(" + alt + rb")[ \t]*:([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE)
 
 
+def _chunked_end(buf: bytes, off: int) -> int:
+    """Where a chunked body starting at `off` in `buf` ends (after its final empty line), or -1.
+    Only for the rare response followed by more bytes in the same read: llhttp has accepted the
+    body, so its framing is known to be valid; -1 when it does not start at `off`."""
+    pos = off
+    try:
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return -1
+            size = int(buf[pos:eol].split(b";", 1)[0].strip(b" \t"), 16)
+            pos = eol + 2
+            if size == 0:
+                while True:  # trailer fields, then the empty line
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        return -1
+                    if eol == pos:
+                        return eol + 2
+                    pos = eol + 2
+            pos += size + 2
+    except ValueError:
+        return -1
+
+
 class _HeadDone(Exception):
     pass
 
@@ -174,6 +199,7 @@ class UpstreamHttp(LazyTimer):
             return
         r = self.req
         r.got_response = True
+        responded = r.responded  # whether any byte went to the client before this read
         hb = self.hb
         if hb is None:
             self.rx = data
@@ -201,10 +227,15 @@ class UpstreamHttp(LazyTimer):
                 self.done = 1 if clean and not self.resp_close else 2
                 self.body_off = -1
             elif isinstance(ctx, _Stop):
-                # bytes after a complete response: out of step; raw bytes cannot be cut here
+                # bytes after a complete response: out of step, the connection is closed;
+                # relayed raw (chunked), the response is cut where its last chunk ends
                 self.done = 2
-                if self.mode == RAW:
-                    broken = "bytes after the end of a chunked response"
+                if self.mode == RAW and self.body_off >= 0:
+                    end = _chunked_end(self.rx, self.body_off)
+                    if end < 0:
+                        broken = "bytes after the end of a chunked response"
+                    else:
+                        self.rx = self.rx[:end]
             elif isinstance(ctx, HeadError):
                 broken = ctx.why
             else:
@@ -224,6 +255,10 @@ class UpstreamHttp(LazyTimer):
         if broken is None and self.body_off >= 0:  # chunked relayed as received
             off = self.body_off
             wbuf.append(memoryview(self.rx)[off:] if off else self.rx)  # no copy
+        elif broken is not None and not responded:
+            # nothing reached the client yet: it gets a 502, not the start of a broken answer
+            wbuf.clear()
+            r.responded = False
         self.rx = b""
         s.wbuf = None
         if wbuf:
