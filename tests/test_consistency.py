@@ -14,7 +14,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from dbstack import app_servers, load_balancer, own_cluster, sql, until
+from dbstack import app_servers, count_items, load_balancer, own_cluster, sql, until
 
 pytestmark = pytest.mark.mariadb
 
@@ -167,3 +167,49 @@ async def test_bad_or_unreachable_tokens_never_fail_a_read(tmp_path):
                 async with http.get(f"{server.url}/items?limit=1",
                                     headers={"X-Causal-Token": token}) as r:
                     assert r.status == 200 and (await r.json())["items"][0]["name"] == "t"
+
+
+async def test_a_replica_behind_the_schema_answers_no_read_with_500(tmp_path):
+    """A replica that lacks the table (delayed behind the app's CREATE TABLE, or broken) says
+    1146: the read is retried on the primary, never a 500 `db_error`."""
+    with own_cluster(tmp_path) as data:
+        sql(data, "replica-1", "STOP SLAVE", "CHANGE MASTER TO MASTER_DELAY=2", "START SLAVE")
+        async with app_servers(data, tmp_path, "--max-replication-lag", "60s",
+                               count=1) as (server,):
+            # the app made the items table at start; the replica is in use (its heartbeat came)
+            # two seconds before the table reaches it
+            await _ready_replicas([server])
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+                async with http.post(f"{server.url}/items", json={"name": "behind"}) as r:
+                    assert r.status == 201
+                    item = await r.json()
+                reads = []
+                for path in (f"/items/{item['id']}", "/items?limit=5", "/items/999", "/"):
+                    async with http.get(f"{server.url}{path}") as r:
+                        reads.append((path, r.status, r.headers.get("X-DB-Role"),
+                                      await r.text()))
+                # (the replica still lacks the table: every read above met error 1146 there)
+                assert sql(data, "replica-1", "SHOW TABLES IN foobar LIKE 'items'") == []
+                print(f"\nreads while the replica lacks the table: "
+                      f"{[(p, s, role) for p, s, role, _ in reads]}")
+                assert [(p, s, role) for p, s, role, _ in reads] == [
+                    (f"/items/{item['id']}", 200, "primary"), ("/items?limit=5", 200, "primary"),
+                    ("/items/999", 404, "primary"), ("/", 200, "primary")]
+                assert '"name": "behind"' in reads[0][3] and "behind" in reads[3][3]
+
+                # caught up, the replica serves again (it was never taken out of use)
+                await until(lambda: sql(data, "replica-1", "SELECT COUNT(*) AS n FROM "
+                                        "information_schema.TABLES WHERE TABLE_SCHEMA = "
+                                        "'foobar' AND TABLE_NAME = 'items'")[0]["n"] == 1,
+                            timeout=15, what="the items table on the replica")
+                await until(lambda: count_items(data, "replica-1") == 1, timeout=15)
+                async with http.get(f"{server.url}/items/{item['id']}") as r:
+                    assert r.status == 200 and r.headers["X-DB-Role"] == "replica"
+
+                # a replica that lost the table (broken): the same, for as long as it lacks it
+                sql(data, "replica-1", "SET SESSION sql_log_bin = 0", "DROP TABLE foobar.items")
+                for _ in range(3):
+                    async with http.get(f"{server.url}/items/{item['id']}") as r:
+                        assert r.status == 200 and r.headers["X-DB-Role"] == "primary"
+                        assert (await r.json())["name"] == "behind"
+            assert "db_error" not in server.log() and "database error" not in server.log()

@@ -37,6 +37,7 @@ from dbstack import (
 )
 from foobar_app import make_app, open_router
 from foobar_app.app import SCHEMA
+from foobar_app.db.cluster import ClusterError, cluster_failover
 from foobar_app.db.mysql import parse_mysql_dsn
 
 from support import LOOPBACK
@@ -529,6 +530,78 @@ async def test_failover_then_rejoin_of_a_clean_old_primary(tmp_path):
         assert sql(data, "primary", "SELECT @@read_only AS ro")[0]["ro"] == 0
         st = sql(data, "replica-1", "SHOW SLAVE STATUS")[0]
         assert st["Master_Port"] == data["nodes"]["primary"]["port"]
+
+
+@pytest.mark.slow
+async def test_failover_applies_what_the_replica_received_even_with_its_sql_thread_stopped(
+        tmp_path):
+    with own_cluster(tmp_path) as data:
+        _items(data)
+        sql(data, "primary", "INSERT INTO foobar.items (name, created_at, updated_at) "
+                             "VALUES ('applied', 'x', 'x')")  # id 1
+        await until(lambda: "applied" in names_on(data, "replica-1"))
+        sql(data, "replica-1", "STOP SLAVE SQL_THREAD")
+        base = int(sql(data, "primary", "SELECT @@gtid_binlog_pos AS p")[0]["p"].split("-")[2])
+        relayed = [f"relayed-{i}" for i in range(2, 7)]  # ids 2..6, one transaction each
+        sql(data, "primary", *(f"INSERT INTO foobar.items (name, created_at, updated_at) "
+                               f"VALUES ('{n}', 'x', 'x')" for n in relayed))
+        end = f"0-1-{base + 5}"
+        assert sql(data, "primary", "SELECT @@gtid_binlog_pos AS p")[0]["p"] == end
+        # the IO thread received all five, the SQL thread applied none
+        await until(lambda: sql(data, "replica-1", "SHOW SLAVE STATUS")[0]["Gtid_IO_Pos"] == end)
+        assert sql(data, "replica-1", "SELECT @@gtid_slave_pos AS p")[0]["p"] == f"0-1-{base}"
+        assert names_on(data, "replica-1") == {"applied"}
+        # the 3rd relayed row (id 4) conflicts with one written on the replica alone
+        sql(data, "replica-1", "SET SESSION sql_log_bin = 0",
+            "INSERT INTO foobar.items (id, name, created_at, updated_at) "
+            "VALUES (4, 'conflict', 'x', 'x')")
+        os.kill(data["nodes"]["primary"]["pid"], signal.SIGKILL)
+        await until(lambda: not node(data, "primary").alive())
+        before = (data["dir"] / "cluster.json").read_text()
+
+        # the relay log not applied in time (a session holds the table): bounded, one message
+        with contextlib.closing(node(data, "replica-1").admin()) as lock, lock.cursor() as c:
+            c.execute("LOCK TABLES foobar.items WRITE")
+            t0 = time.monotonic()
+            with pytest.raises(ClusterError) as e:
+                cluster_failover(data["dir"], timeout=1)
+            assert time.monotonic() - t0 < 5
+        assert str(e.value) == (f"failover abandoned, nothing promoted: replica-1 still has 5 "
+                                f"received transaction(s) to apply after 1s (applied 0-1-{base}, "
+                                f"received {end}); run failover again to wait longer")
+        assert (data["dir"] / "cluster.json").read_text() == before
+
+        # the SQL thread stops on an error: said in one line, at once, nothing promoted
+        t0 = time.monotonic()
+        broken = cli("failover", "--dir", str(data["dir"]))
+        took = time.monotonic() - t0
+        assert broken.returncode == 2 and broken.stdout == "", broken
+        assert broken.stderr.count("\n") == 1 and "Traceback" not in broken.stderr
+        assert broken.stderr.startswith("foobar-app: error: failover abandoned, nothing promoted: "
+                                        "replica-1's SQL thread stopped on error 1062: ")
+        assert "Duplicate entry '4'" in broken.stderr
+        assert broken.stderr.endswith(
+            f"with 3 received transaction(s) not applied (applied 0-1-{base + 2}, received "
+            f"{end}); repair its replication, or stop that node to leave it out, and run "
+            f"failover again\n")
+        assert took < 10
+        assert (data["dir"] / "cluster.json").read_text() == before
+        assert sql(data, "replica-1", "SELECT @@read_only AS ro")[0]["ro"] == 1
+
+        # repaired: every transaction it received is applied before it is promoted
+        sql(data, "replica-1", "SET SESSION sql_log_bin = 0",
+            "DELETE FROM foobar.items WHERE id = 4")
+        r = cli("failover", "--dir", str(data["dir"]))
+        assert r.returncode == 0, r.stderr
+        print(f"\nfailover: {r.stdout.strip()}")
+        assert f"replica-1 is the primary (at {end})" in r.stdout
+        assert f"primary: its binary log ends at {end}, all on replica-1: nothing is lost" \
+            in r.stdout
+        data = reload(data)
+        assert data["nodes"]["replica-1"]["role"] == "primary"
+        assert names_on(data, "replica-1") == {"applied", *relayed}
+        assert sql(data, "replica-1", "SELECT @@read_only AS ro, @@gtid_slave_pos AS p")[0] == \
+            {"ro": 0, "p": end}
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from .base import (
     QueryTimeout,
     ReadOnlyRefused,
     Result,
+    SchemaMissing,
 )
 from .router import CAUSAL_MODES, Router, Session, Trace, current_trace, track, track_roles
 
@@ -32,6 +33,7 @@ __all__ = [
     "ReadOnlyRefused",
     "Result",
     "Router",
+    "SchemaMissing",
     "Session",
     "Trace",
     "current_trace",

@@ -24,6 +24,7 @@ __all__ = [
     "QueryTimeout",
     "ReadOnlyRefused",
     "Result",
+    "SchemaMissing",
 ]
 
 
@@ -33,6 +34,13 @@ class DatabaseError(Exception):
 
 class IntegrityError(DatabaseError):
     """A constraint said no (duplicate key, foreign key, NOT NULL)."""
+
+
+class SchemaMissing(DatabaseError):
+    """A statement named a database, table or column (or index, view, function) the node does
+    not have (MariaDB 1146, 1049, 1054, ...). On a replica it means the replica is behind the
+    schema (delayed, lagging) or broken, not that the statement is wrong: a read is retried on
+    another node; on the primary it is the statement's own error."""
 
 
 class DatabaseUnavailable(Exception):

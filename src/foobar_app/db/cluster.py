@@ -651,6 +651,61 @@ def _binlog_position(node: Node) -> str | None:
     return ",".join(last[d] for d in sorted(last)) or None
 
 
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _run_sql_thread_alone(node: Node) -> str:
+    """Leave `node` with its IO thread stopped (the primary is gone) and its SQL thread running
+    on the relay log it has; what its IO thread received (Gtid_IO_Pos).
+
+    In GTID mode MariaDB throws the relay log away when a thread starts while both are stopped
+    (the IO thread would fetch it again from a primary that is gone): so a stopped SQL thread is
+    started while the IO thread still runs (retrying its connection), and when both are already
+    stopped the node is first switched to file/position replication at the SQL thread's own
+    relay log coordinates (`MASTER_USE_GTID=no, RELAY_LOG_FILE, RELAY_LOG_POS`), which keeps the
+    relay log; promotion or repointing sets GTID replication again."""
+    st = (node.sql("SHOW SLAVE STATUS") or [{}])[0]
+    if not st:
+        return ""  # not replicating: nothing received, nothing to apply
+    received = st.get("Gtid_IO_Pos") or ""
+    if st.get("Slave_SQL_Running") != "Yes":
+        if st.get("Slave_IO_Running") in (None, "No") and st.get("Using_Gtid", "No") != "No":
+            node.sql(f"CHANGE MASTER TO MASTER_USE_GTID=no, "
+                     f"RELAY_LOG_FILE='{st['Relay_Log_File']}', "
+                     f"RELAY_LOG_POS={int(st['Relay_Log_Pos'])}")
+        node.sql("START SLAVE SQL_THREAD")
+    node.sql("STOP SLAVE IO_THREAD")
+    return received
+
+
+def _apply_relay_log(node: Node, received: str, deadline: float, timeout: float) -> str:
+    """Wait until `node` has applied everything its IO thread received (@@gtid_slave_pos covers
+    `received`, its Gtid_IO_Pos); its @@gtid_slave_pos then. A SQL thread that stops (on an
+    error) or a relay log not applied by `deadline` is a ClusterError of one line."""
+    while True:
+        st = (node.sql("SHOW SLAVE STATUS") or [{}])[0]
+        applied = node.sql("SELECT @@gtid_slave_pos AS p")[0]["p"] or ""
+        if covers(_pos(applied), _pos(received)):
+            return applied
+        missing = _ahead(_pos(received), _pos(applied))
+        if st.get("Slave_SQL_Running") != "Yes":  # it was started: it stopped, on an error
+            errno = st.get("Last_SQL_Errno") or 0
+            why = (f"on error {errno}: {_one_line(st.get('Last_SQL_Error'))}" if errno
+                   else "without an error")
+            raise ClusterError(
+                f"failover abandoned, nothing promoted: {node.name}'s SQL thread stopped {why}, "
+                f"with {missing} received transaction(s) not applied (applied {applied or '-'}, "
+                f"received {received}); repair its replication, or stop that node to leave it "
+                f"out, and run failover again")
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"failover abandoned, nothing promoted: {node.name} still has {missing} "
+                f"received transaction(s) to apply after {timeout:g}s (applied {applied or '-'}, "
+                f"received {received}); run failover again to wait longer")
+        time.sleep(0.05)
+
+
 def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     """Promote the most advanced replica when the primary is unreachable; the old primary is
     marked fenced. Says how many transactions the old primary has that the new one lacks."""
@@ -665,16 +720,14 @@ def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     if not live:
         raise ClusterError("no running replica to promote")
     t0 = time.monotonic()
-    positions: dict[str, str] = {}
+    # stop fetching (the primary is gone), then let every replica apply its relay log in full
+    # (its SQL thread started if it was stopped): the choice is made on what is applied, and
+    # nothing a replica received is thrown away by promoting it or repointing it
+    received = {n.name: _run_sql_thread_alone(n) for n in live}
+    deadline = time.monotonic() + timeout
+    positions = {n.name: _apply_relay_log(n, received[n.name], deadline, timeout) for n in live}
     for n in live:
-        # stop fetching (the primary is gone), then let the relay log be applied in full
-        n.sql("STOP SLAVE IO_THREAD")
-        st = (n.sql("SHOW SLAVE STATUS") or [{}])[0]
-        received = st.get("Gtid_IO_Pos") or ""
-        if received and st.get("Slave_SQL_Running") == "Yes":
-            n.sql(f"SELECT MASTER_GTID_WAIT('{received}', {timeout}) AS w", timeout=timeout + 5)
         n.sql("STOP SLAVE")
-        positions[n.name] = n.sql("SELECT @@gtid_slave_pos AS p")[0]["p"]
     best = max(live, key=lambda n: (all(covers(_pos(positions[n.name]), _pos(positions[m.name]))
                                         for m in live), sum(_pos(positions[n.name]).values())))
     best.sql("RESET SLAVE ALL", "SET GLOBAL read_only = 0")

@@ -21,6 +21,8 @@ Rules of this module:
   cannot be reached is skipped at once and taken back only after `replica_rise` good checks
   in a row (no flapping). While the primary is down or hung, a replica whose SQL thread still
   runs keeps serving reads: nothing fresher exists (MaxScale's fail_on_write);
+- a statement naming a table, database or column the node lacks (1146, 1049, 1054, ...) is a
+  `SchemaMissing`: on a replica, behind the schema or broken (the router retries the read);
 - every change of a node's state, of the primary, and of semi-sync replication is logged once.
 The router decides what runs where; this module only says which nodes are usable and where.
 """
@@ -49,6 +51,7 @@ from .base import (
     QueryTimeout,
     ReadOnlyRefused,
     Result,
+    SchemaMissing,
 )
 from .gtid import Position, covers, parse_position
 
@@ -65,6 +68,15 @@ _NO_BEAT = "no heartbeat replicated yet"
 _CONNECTION_ERRORS = {2003, 2006, 2013, 2055, 1927, 1053}  # lost, gone, refused, shutdown
 _NOT_SENT = {2003, 2006}  # refused, or the write of the statement itself failed
 _READ_ONLY = 1290  # "The MariaDB server is running with the --read-only option"
+# the node lacks what the statement names: on a replica, behind the schema or broken
+_SCHEMA_MISSING = {
+    1146,  # ER_NO_SUCH_TABLE: Table 'db.t' doesn't exist
+    1049,  # ER_BAD_DB_ERROR: Unknown database
+    1054,  # ER_BAD_FIELD_ERROR: Unknown column (an ALTER not applied yet)
+    1176,  # ER_KEY_DOES_NOT_EXISTS: an index hint names an index not made yet
+    1305,  # ER_SP_DOES_NOT_EXIST: a stored function not made yet
+    1356,  # ER_VIEW_INVALID: a view whose tables are not there yet
+}
 _DOWN = ("down", "hung")
 
 _PROBE = ("SELECT @@read_only AS ro, @@gtid_slave_pos AS slave_pos, "
@@ -175,6 +187,8 @@ class _Conn:
         except (pymysql.err.OperationalError, pymysql.err.InternalError,
                 pymysql.err.InterfaceError, OSError) as e:
             code = e.args[0] if e.args and isinstance(e.args[0], int) else 0
+            if code in _SCHEMA_MISSING and not isinstance(e, OSError):
+                raise SchemaMissing(f"{node.name}: {e}") from None
             if code == _READ_ONLY:
                 node.refused_write()
                 raise ReadOnlyRefused(f"{node.name} is read-only: {e}", node.role) from None
@@ -185,6 +199,8 @@ class _Conn:
                                      sent=code not in _NOT_SENT) from None
             raise DatabaseError(f"{node.name}: {e}") from None
         except pymysql.err.MySQLError as e:
+            if e.args and e.args[0] in _SCHEMA_MISSING:
+                raise SchemaMissing(f"{node.name}: {e}") from None
             raise DatabaseError(f"{node.name}: {e}") from None
 
     def _break(self) -> None:

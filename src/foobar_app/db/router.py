@@ -12,7 +12,9 @@ Rules of this module:
 - reads run on a replica chosen round robin among the usable ones, and on the primary when none
   is usable; a read-only transaction (`transaction(read_only=True)`) is a read. A read whose
   connection is lost (the node died, or was found hung) is retried at once on another replica,
-  then on the primary: reads are idempotent;
+  then on the primary: reads are idempotent. So is a read that a replica answers with "no such
+  table" (or database, column: `SchemaMissing`): that replica is behind the schema or broken,
+  not the statement wrong; on the primary the same error is the statement's own;
 - causal reads: when the request carries a token (`track(token)`) and the mode is not "none",
   a read goes to a replica known (from the heartbeat) to have applied the token's position; in
   "session" mode, failing that, to a replica that applies it within `causal_timeout`
@@ -43,6 +45,7 @@ from .base import (
     QueryTimeout,
     ReadOnlyRefused,
     Result,
+    SchemaMissing,
 )
 from .classify import is_read_only
 from .gtid import Position, parse_position
@@ -162,6 +165,15 @@ class Session:
                     raise PrimaryUnavailable(str(e), None) from None
                 avoid.add(id(node))
                 log.info("read on %s lost (%s): retried elsewhere", node.name, e)
+                continue
+            except SchemaMissing as e:
+                node.release(conn)
+                self._replica = None
+                if node is self.router.primary:
+                    raise  # the primary has the schema: the statement itself is wrong
+                avoid.add(id(node))
+                log.info("read on %s: %s (the replica is behind the schema or broken): "
+                         "retried elsewhere", node.name, e)
                 continue
             self._ran(node)
             return result
