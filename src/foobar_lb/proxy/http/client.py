@@ -235,8 +235,9 @@ class HttpSession(ClientSide):
             self._reject(400)
             return
         self.rx = data
-        if b";" in data and self._extension_abuse(data, before):
-            self._reject(400)
+        if before is not None and before.chunked and before.head_done and (
+                _EXT_ABUSE.search(data) is not None):
+            self._reject(400)  # (a head read is checked in on_headers_complete)
             return
         try:
             parser.feed_data(data)
@@ -260,23 +261,6 @@ class HttpSession(ClientSide):
                 self.head_bytes += len(data)
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
-
-    @staticmethod
-    def _extension_abuse(data: bytes, r: Exchange | None) -> bool:
-        """A chunk-size line whose extensions run over 4 KiB (llhttp reads them without a
-        limit, and they carry nothing we forward): checked in a chunked body, before llhttp
-        reads it, from the start of the read or, when a head ends in it, from there."""
-        if r is not None and r.head_done:
-            if not r.chunked:
-                return False
-            start = 0
-        elif b"hunked" in data:
-            start = data.find(b"\r\n\r\n") + 2
-            if start < 2:
-                return False
-        else:
-            return False
-        return _EXT_ABUSE.search(data, start) is not None
 
     def on_url(self, url: bytes) -> None:
         # (no on_message_begin: the URL is the first thing of every request, so a request
@@ -342,6 +326,11 @@ class HttpSession(ClientSide):
         r.headers = None  # not needed any more
         if chunked:
             r.trailers = self.hl = []  # trailer fields, if any, come after the body
+            # chunk-size lines with over 4 KiB of extensions (llhttp reads them without a
+            # limit, and they carry nothing we forward); later reads: data_received
+            start = self.rx.find(b"\r\n\r\n")
+            if start >= 0 and _EXT_ABUSE.search(self.rx, start + 2) is not None:
+                raise HeadError(400)
         if be is None:
             r.error = 503
         if body:
