@@ -43,6 +43,7 @@ __all__ = [
 TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # a Host value: a reg-name or IP literal, an optional port; no list, no whitespace inside
 _HOST_VALUE = re.compile(rb"[ \t]*(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?[ \t]*")
+_GOOD_HOSTS: set[bytes] = set()  # Host values that passed (a memo: the same few come again)
 CRLF = b"\r\n"
 CHUNK_END = b"0\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -205,8 +206,12 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
         raise HeadError(431, "head too large")
     if nhost > 1 or (http11 and nhost == 0):  # RFC 9112 3.2, absolute-form included
         raise HeadError(400, "missing or repeated Host")
-    if nhost and (not host_value.strip() or not _HOST_VALUE.fullmatch(host_value)):
-        raise HeadError(400, "empty or invalid Host")
+    if nhost and host_value not in _GOOD_HOSTS:
+        if not host_value.strip() or not _HOST_VALUE.fullmatch(host_value):
+            raise HeadError(400, "empty or invalid Host")
+        if len(_GOOD_HOSTS) >= 4096:
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS.add(host_value)
     chunked = False
     if te is not None:
         if not http11:
