@@ -277,22 +277,27 @@ async def test_reload_moves_a_frontend_to_a_new_address(tmp_path):
                 await http_get(LOOPBACK, port, "/", timeout=1)
 
 
+async def _slow_requests_in_flight(tmp_path, s: ScriptedServer, n: int, grace: str):
+    """A 2-worker group in front of `s` with `n` requests waiting on it: (lb, port, the pids of
+    the master and its children, the pending requests)."""
+    port = free_port()
+    lb = LbProcess(tmp_path, cfg_for(port, [srv("s", s)], glob={"workers": 2, "grace": grace}))
+    await lb.start()
+    pids = [lb.pid, *all_children(lb.pid)]
+    pending = [asyncio.ensure_future(http_get(LOOPBACK, port, "/", timeout=40)) for _ in range(n)]
+    while len(s.requests) < n:
+        await asyncio.sleep(0.02)
+    return lb, pids, pending
+
+
 async def test_sigterm_lets_slow_requests_finish_and_leaves_no_process(tmp_path):
     async def slow(req):
         await asyncio.sleep(1.0)
         return http_response(200, b"slow")
 
     async with ScriptedServer("s", slow) as s:
-        port = free_port()
-        cfg = cfg_for(port, [srv("s", s)], glob={"workers": 2, "grace": "5s"})
-        lb = LbProcess(tmp_path, cfg)
-        await lb.start()
-        pids = [lb.pid, *all_children(lb.pid)]
+        lb, pids, pending = await _slow_requests_in_flight(tmp_path, s, 20, "5s")
         try:
-            pending = [asyncio.ensure_future(http_get(LOOPBACK, port, "/", timeout=10))
-                       for _ in range(20)]
-            while len(s.requests) < 20:
-                await asyncio.sleep(0.02)
             t0 = time.monotonic()
             os.kill(lb.pid, signal.SIGTERM)
             for p in pending:
@@ -315,16 +320,8 @@ async def test_a_second_signal_stops_at_once(tmp_path):
         return http_response(200, b"late")
 
     async with ScriptedServer("s", slow) as s:
-        port = free_port()
-        cfg = cfg_for(port, [srv("s", s)], glob={"workers": 2, "grace": "20s"})
-        lb = LbProcess(tmp_path, cfg)
-        await lb.start()
-        pids = [lb.pid, *all_children(lb.pid)]
+        lb, pids, pending = await _slow_requests_in_flight(tmp_path, s, 4, "20s")
         try:
-            pending = [asyncio.ensure_future(http_get(LOOPBACK, port, "/", timeout=30))
-                       for _ in range(4)]
-            while len(s.requests) < 4:
-                await asyncio.sleep(0.02)
             os.kill(lb.pid, signal.SIGTERM)
             await lb.wait_out("SIGTERM: stopping", 5)
             t0 = time.monotonic()
