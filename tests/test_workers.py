@@ -76,18 +76,24 @@ async def test_two_workers_both_accept_and_both_skip_a_server_marked_down(tmp_pa
             assert len(a.requests) - before == 400
 
 
-async def test_server_maxconn_and_global_maxconn_hold_across_workers(tmp_path):
-    inflight = 0
-    peak = 0
+class Peak:
+    """A handler that holds each request `delay` seconds and records the most in flight."""
 
-    async def slow(req):
-        nonlocal inflight, peak
-        inflight += 1
-        peak = max(peak, inflight)
-        await asyncio.sleep(0.25)
-        inflight -= 1
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.inflight = 0
+        self.peak = 0
+
+    async def __call__(self, req):
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        await asyncio.sleep(self.delay)
+        self.inflight -= 1
         return http_response(200, b"ok")
 
+
+async def test_server_maxconn_and_global_maxconn_hold_across_workers(tmp_path):
+    slow = Peak(0.25)
     async with ScriptedServer("s", slow) as s:
         port = free_port()
         cfg = cfg_for(port, [srv("s", s, maxconn=2)], glob={"workers": 2},
@@ -96,22 +102,12 @@ async def test_server_maxconn_and_global_maxconn_hold_across_workers(tmp_path):
             res = await load(port, connections=20, requests=40, fresh_every=1)
             assert res.errors == 0, res.failed
             assert res.ok == 40
-            assert peak == 2  # reached, never passed, with 20 clients on 2 workers
+            assert slow.peak == 2  # reached, never passed, with 20 clients on 2 workers
             assert len(s.requests) == 40
 
 
 async def test_global_maxconn_is_a_limit_of_the_group(tmp_path):
-    inflight = 0
-    peak = 0
-
-    async def slow(req):
-        nonlocal inflight, peak
-        inflight += 1
-        peak = max(peak, inflight)
-        await asyncio.sleep(0.3)
-        inflight -= 1
-        return http_response(200, b"ok")
-
+    slow = Peak(0.3)
     async with ScriptedServer("s", slow) as s:
         port = free_port()
         cfg = cfg_for(port, [srv("s", s)], glob={"workers": 2, "maxconn": 3})
@@ -120,7 +116,7 @@ async def test_global_maxconn_is_a_limit_of_the_group(tmp_path):
             res = await load(port, connections=12, requests=12, fresh_every=1)
             assert res.errors == 0, res.failed
             assert res.ok == 12
-            assert peak == 3
+            assert slow.peak == 3
 
 
 async def test_ten_reloads_under_load_lose_nothing(tmp_path):
