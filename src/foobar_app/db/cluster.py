@@ -380,11 +380,16 @@ def _setup_replica(node: Node, primary: Node, repl_password: str, timeout: float
                 if c.fetchone()["n"]:
                     return  # replicating, and caught up with the primary's setup
             if time.monotonic() > deadline:
-                why = st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "not caught up"
-                raise ClusterError(f"{node.name}: replication not running after {timeout:.0f}s "
-                                   f"(IO {st.get('Slave_IO_Running')}, SQL "
-                                   f"{st.get('Slave_SQL_Running')}): {why}")
+                raise _not_replicating(node, st, timeout, "not caught up")
             time.sleep(0.05)
+
+
+def _not_replicating(node: Node, st: dict, timeout: float, default: str) -> ClusterError:
+    """The one-line error for a replica whose replication did not run in time."""
+    why = st.get("Last_IO_Error") or st.get("Last_SQL_Error") or default
+    return ClusterError(f"{node.name}: replication not running after {timeout:.0f}s "
+                        f"(IO {st.get('Slave_IO_Running')}, SQL "
+                        f"{st.get('Slave_SQL_Running')}): {why}")
 
 
 def _change_master(primary: Node, repl_password: str) -> str:
@@ -492,10 +497,7 @@ def _wait_replicating(node: Node, timeout: float) -> None:
         if st.get("Slave_IO_Running") == "Yes" and st.get("Slave_SQL_Running") == "Yes":
             return
         if time.monotonic() > deadline:
-            why = st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "not connected"
-            raise ClusterError(f"{node.name}: replication not running after {timeout:.0f}s "
-                               f"(IO {st.get('Slave_IO_Running')}, SQL "
-                               f"{st.get('Slave_SQL_Running')}): {why}")
+            raise _not_replicating(node, st, timeout, "not connected")
         time.sleep(0.05)
 
 
