@@ -50,9 +50,9 @@ from .tools import (
     wait_port,
 )
 
-HTTP_TARGETS = ("haproxy", "foobar_lb")
+HTTP_TARGETS = ("haproxy", "foobar_lb", "floor")
 TCP_TARGETS = ("haproxy-tcp", "foobar_lb-tcp", "pproxy")
-TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy")
+TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy", "floor")
 # CPU used by processes outside the benchmark, in % of one core, from which a run is disturbed
 OTHER_LOAD_WARN = 10.0
 # how many times a disturbed run is measured again (when waiting for quiet is on)
@@ -98,7 +98,7 @@ SCENARIOS = {s.name: s for s in (
              "TCP mode, HTTP GET / relayed as bytes, wrk -t1 -c50"),
     Scenario("e2e-app", "wrk", "http", "/items?limit=10", 50, HTTP_TARGETS, "app",
              "end to end: two foobar_app workers on one SQLite file, GET /items?limit=10, wrk -t1 -c50"),
-    Scenario("idle-10k", "idle", "http", "/", 10_000, HTTP_TARGETS, "nginx",
+    Scenario("idle-10k", "idle", "http", "/", 10_000, ("haproxy", "foobar_lb"), "nginx",
              "10,000 idle keep-alive client connections, each after one small request: RSS growth"),
 )}
 
@@ -262,6 +262,10 @@ class Bench:
             argv = self.pinning.proxy([
                 sys.executable, "-m", "benchmarks.pproxy_launch", f"--loop={self.pproxy_loop}",
                 "-l", f"tunnel://{LOOPBACK}:{port}", "-r", f"tunnel://{servers[0][0]}:{servers[0][1]}"])
+            proc = self.procs.start(target, argv, env=self.python_env())
+        elif kind == "floor":  # the least a Python proxy does per request (floor_proxy.py)
+            argv = self.pinning.proxy([sys.executable, "-m", "benchmarks.floor_proxy", str(port),
+                                       *(f"{h}:{p}" for h, p in servers)])
             proc = self.procs.start(target, argv, env=self.python_env())
         else:
             raise BenchError(f"unknown target {target!r}")

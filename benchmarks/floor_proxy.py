@@ -1,0 +1,89 @@
+"""The floor: the least an HTTP/1.1 proxy in Python on uvloop and httptools can do per request.
+
+Rule: this is a measuring instrument, not a product. It parses requests and responses with
+httptools, forwards each request with its own head rebuilt (Host kept, X-Forwarded-For added),
+relays response bytes as they come and knows where each response ends; each client connection
+gets its own server connection (round robin at connect), kept for its life. It has none of
+foobar_lb's strictness, limits, timeouts, pools, retries or checks: its CPU per request is the
+floor foobar_lb's figures are read against (`--targets ...,floor`).
+
+    python -m benchmarks.floor_proxy PORT HOST:PORT [HOST:PORT ...]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+
+import httptools
+import uvloop
+
+
+class Server(asyncio.Protocol):
+    def __init__(self, client: Client):
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.client.transport.write(data)
+        self.parser.feed_data(data)
+
+    def connection_lost(self, exc):
+        self.client.transport.close()
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, servers):
+        self.servers = servers
+        self.parser = httptools.HttpRequestParser(self)
+        self.upstream = None
+        self.waiting = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")[0].encode()
+        host, port = next(self.servers)
+        asyncio.get_running_loop().create_task(self.connect(host, port))
+
+    async def connect(self, host, port):
+        _, self.upstream = await asyncio.get_running_loop().create_connection(
+            lambda: Server(self), host, port)
+        self.upstream.transport.writelines(self.waiting)
+
+    def data_received(self, data):
+        self.parser.feed_data(data)
+
+    def on_url(self, url):
+        self.url = url
+        self.headers = []
+
+    def on_header(self, name, value):
+        self.headers += (name, b": ", value, b"\r\n")
+
+    def on_message_complete(self):
+        head = b"".join([self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", *self.headers,
+                         b"X-Forwarded-For: ", self.peer, b"\r\n\r\n"])
+        if self.upstream is None:
+            self.waiting.append(head)
+        else:
+            self.upstream.transport.write(head)
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+
+async def main(port: int, servers: list[tuple[str, int]]) -> None:
+    ring = itertools.cycle(servers)
+    srv = await asyncio.get_running_loop().create_server(lambda: Client(ring), "127.0.0.1", port,
+                                                         backlog=4096)
+    await srv.serve_forever()
+
+
+if __name__ == "__main__":
+    addrs = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in sys.argv[2:]]
+    uvloop.run(main(int(sys.argv[1]), addrs))
