@@ -40,11 +40,12 @@ class HeaderPlan:
 class Route:
     """What a request of one frontend routed to one backend needs, computed once."""
 
-    __slots__ = ("backend", "max_body", "max_header_size", "max_headers", "redispatch",
-                 "reject_underscore", "req_add", "req_drop", "resp_add", "resp_drop",
+    __slots__ = ("backend", "fe", "max_body", "max_header_size", "max_headers", "redispatch",
+                 "reject_underscore", "req_add", "req_drop", "req_scan", "resp_add", "resp_drop",
                  "resp_scan", "retries", "timeouts", "xff", "xff_low")
 
     def __init__(self, fe: Frontend, be: Backend | None, plan: HeaderPlan):
+        self.fe = fe  # (its counters: responses are counted per frontend)
         self.backend = be
         self.req_drop = plan.req_drop
         self.req_add = plan.req_add
@@ -61,6 +62,20 @@ class Route:
         self.timeouts = be.timeouts if be is not None else None
         self.retries = be.retries if be is not None else 0
         self.redispatch = be.cfg.redispatch if be is not None else False
+        self.req_scan = _request_scan(plan.req_drop, self.xff_low)
+
+
+def _request_scan(drop: frozenset[bytes], xff_low: bytes | None) -> re.Pattern[bytes]:
+    """The request field lines the simple path (`client.HttpSession._simple`) must look at,
+    matched against b"\n" + the lower-cased field lines: Host and Connection, which it handles,
+    and every name it leaves to the full path (framing, hop-by-hop, dropped or rewritten by the
+    plan, X-Forwarded-For, Proxy-*, names with `_`). Group 1 is the name, group 2 the value."""
+    names = {*drop, *HOP_BY_HOP, b"host", b"content-length", b"expect", b"http2-settings"}
+    if xff_low is not None:
+        names.add(xff_low)
+    alt = b"|".join([re.escape(n) for n in sorted(names, key=len, reverse=True)]
+                    + [rb"proxy-[^:\n]*", rb"[^:\n]*_[^:\n]*"])
+    return re.compile(rb"\n(" + alt + rb"): ([^\r\n]*)")
 
 
 def _scan_pattern(drop: frozenset[bytes]) -> re.Pattern[bytes]:
@@ -69,8 +84,10 @@ def _scan_pattern(drop: frozenset[bytes]) -> re.Pattern[bytes]:
     names = sorted({*drop, b"content-length"}, key=len, reverse=True)
     alt = b"|".join([re.escape(n) for n in names] + [rb"proxy-[!#$%&'*+.^_`|~0-9a-z-]*"])
     # matched against b"\n" + the lower-cased field lines: case-sensitive, and a literal
-    # newline to start from is much cheaper to scan for than a multi-line `^`
-    return re.compile(rb"\n(" + alt + rb")[ \t]*:")
+    # newline to start from is much cheaper to scan for than a multi-line `^`; findall gives
+    # (the line, lower-cased, without its CRLF; the name) for each; the LF is left for the
+    # next line's match to start with
+    return re.compile(rb"\n((" + alt + rb")[ \t]*:[^\r\n]*)\r")
 
 
 def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
@@ -113,6 +130,7 @@ class Frontend:
         "reject_underscore",
         "routes",
         "rules",
+        "simple",
         "timeouts",
         "xff",
         "xff_except",
@@ -160,6 +178,8 @@ class Frontend:
         drop = HOP_BY_HOP | {b"x-forwarded-proto"}
         self.no_route = Route(self, None, HeaderPlan(drop, b"\r\n", HOP_BY_HOP, b"\r\n",
                                                      _scan_pattern(HOP_BY_HOP)))
+        # the route of every request when there are no rules: the simple path needs no routing
+        self.simple = self.routes[self.default.name] if self.default and not self.rules else None
 
     def _backends(self) -> list[Backend]:
         return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())

@@ -25,21 +25,21 @@ import httptools
 
 from ...backend import ASSIGNED, QUEUED
 from ...frontend import Frontend
-from ..base import ClientSide, pass_eof
+from ..base import ClientSide
 from .exchange import (
     BLOCK_PARKED,
     BLOCK_PENDING,
     BLOCK_PIPELINE,
     BLOCK_STOP,
+    BLOCK_UPSTREAM,
     BUFSIZE,
     MODE_HTTP,
     MODE_TUNNEL,
-    NO_BYTES,
-    PENDING_LIMIT,
     PIPELINE_LIMIT,
     Exchange,
 )
 from .head import (
+    _GOOD_HOSTS,
     CHUNK_END,
     CRLF,
     ERR_CLOSE,
@@ -48,6 +48,7 @@ from .head import (
     TOKEN,
     HeadError,
     error_response,
+    good_host,
     request_head,
     request_target,
 )
@@ -66,6 +67,11 @@ class _Stop(Exception):
     """Raised in a callback: stop parsing (nothing after a refused or last request)."""
 
 
+# the simple path's request (see HttpSession._simple): a subset of what llhttp and request_head
+# accept, in the syntax they would forward unchanged
+_SIMPLE_REQUEST = re.compile(
+    rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+: (?:[!-~](?:[\t !-~]*[!-~])?)?\r\n)*)\r\n")
 _EXT_ABUSE = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+[ \t]*;[^\r\n]{4096}")
 _LOOSE_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:  | [^ \r\n]+  )")
 _TOKEN_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/")
@@ -102,6 +108,7 @@ class HttpSession(ClientSide):
         "eof_in",
         "fe",
         "head_bytes",
+        "held",
         "hl",
         "idle_since",
         "last_rx",
@@ -118,12 +125,10 @@ class HttpSession(ClientSide):
         "th",
         "th_when",
         "transport",
-        "tunnel_buf",
-        "up",
         "waiter",
         "wblocked_at",
-        "wbuf",
         "xff_ip",
+        "xff_line",
     )
 
     def __init__(self, lb, fe: Frontend):
@@ -134,8 +139,7 @@ class HttpSession(ClientSide):
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.rx = b""  # the read being parsed (for checks llhttp leaves to us)
-        self.q: deque[Exchange] = deque()
-        self.up: UpstreamHttp | None = None
+        self.q: deque[Exchange] = deque()  # the active exchange first, then pipelined ones
         self.mode = MODE_HTTP
         self.block = 0
         self.closing = False
@@ -146,8 +150,8 @@ class HttpSession(ClientSide):
         self.peer_ip = ""
         self.peer_key = b""
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
-        self.wbuf: list[bytes] | None = None
-        self.tunnel_buf: list[bytes] | None = None
+        self.xff_line = b""  # its whole line, for the simple path
+        self.held: list[bytes] | None = None  # bytes read while parked
         self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
@@ -164,6 +168,7 @@ class HttpSession(ClientSide):
             self.peer_key = peer[0].encode()
         if self.fe.forward_for(self.peer_ip):
             self.xff_ip = self.peer_key
+            self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -176,18 +181,15 @@ class HttpSession(ClientSide):
         self._arm(now + (self.fe.timeouts.http_request or 86400.0))
         if self.block & BLOCK_PARKED:
             self._unblock(BLOCK_PARKED)
-            held, self.tunnel_buf = self.tunnel_buf, None
+            held, self.held = self.held, None
             for data in held or ():
                 self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.unlink()
         for r in self.q:
-            self._finish_server(r)
+            r.detach()
+            r.release_server()
         self.q.clear()
         self.parsing = None
         self.parser = None
@@ -196,8 +198,7 @@ class HttpSession(ClientSide):
         # a client may half-close after its request and still read the response
         if self.mode == MODE_TUNNEL:
             self.eof_in = True
-            up = self.up
-            return pass_eof(up is None or up.eof_in, up.transport if up is not None else None)
+            return self.q[0].tunnel_eof(from_server=False) if self.q else False
         self.closing = True
         self._block(BLOCK_STOP)
         return bool(self.q)  # keep the connection open while a response is owed
@@ -205,29 +206,53 @@ class HttpSession(ClientSide):
     def pause_writing(self) -> None:
         self.wblocked_at = self.loop.time()
         self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
-        up = self.up
-        if up is not None and up.transport is not None:
-            up.paused = True
-            up.transport.pause_reading()
+        if self.q:
+            self.q[0].pause_server()
 
     def resume_writing(self) -> None:
         self.wblocked_at = 0.0
-        up = self.up
-        if up is not None and up.transport is not None:
-            up.paused = False
-            up.last_rx = self.loop.time()
-            up.transport.resume_reading()
+        if self.q:
+            self.q[0].resume_server(self.loop.time())
+
+    # -- the exchange's calls ----------------------------------------------------------------
+    def server_full(self) -> None:
+        """The server connection does not take more bytes: stop reading the client."""
+        self._block(BLOCK_UPSTREAM)
+
+    def server_ready(self) -> None:
+        self._unblock(BLOCK_UPSTREAM)
+
+    def sent_pending(self) -> None:
+        """What waited for a server connection went to it."""
+        self._unblock(BLOCK_PENDING)
+
+    def tunnel_started(self, timeout: float) -> None:
+        """The server switched protocols: the client's bytes go to it as they are."""
+        self.mode = MODE_TUNNEL
+        self.parser = None
+        self._unblock(BLOCK_STOP | BLOCK_PENDING)
+        if timeout:
+            self._arm(self.loop.time() + timeout)
+
+    def end_tunnel(self, exc: Exception | None) -> None:
+        self._close() if exc is None else self._abort()
 
     # -- reading requests --------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.last_rx = self.loop.time()
+        self.last_rx = now = self.loop.time()
+        if self.parsing is None and not self.q and not self.block and data[-4:] == b"\r\n\r\n":
+            # between requests, and this read ends like a head: the commonest request, a GET
+            # or HEAD without a body, alone in its read, takes the simple path if it can
+            m = _SIMPLE_REQUEST.fullmatch(data)
+            if m is not None and self.mode == MODE_HTTP and self._simple(m, now):
+                return
         if self.mode == MODE_TUNNEL:
             self._tunnel_to_server(data)
             return
         parser = self.parser
         if parser is None or self.block & (BLOCK_STOP | BLOCK_PARKED):
             if self.block & BLOCK_PARKED and not self.block & BLOCK_STOP:
-                self.tunnel_buf = [*(self.tunnel_buf or ()), data]  # held until admitted
+                self.held = [*(self.held or ()), data]  # held until admitted
             return  # a request was refused or this is the last one: nothing more is read
         before = self.parsing
         if before is None and _LOOSE_LINE.match(data):
@@ -262,23 +287,83 @@ class HttpSession(ClientSide):
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
 
-    def on_url(self, url: bytes) -> None:
-        # (no on_message_begin: the URL is the first thing of every request, so a request
-        # starts here; a URL split across reads comes in pieces)
-        r = self.parsing
-        if r is None:
-            if self.block & BLOCK_STOP:
-                raise _Stop
-            r = self.parsing = Exchange(self.last_rx)
-            self.hl = r.headers
-            self.head_bytes = 0
-            if not self.q:
-                when = r.t0 + self.fe.http_request
-                if self.th is None or self.th_when > when:
-                    self._arm(when)
-            r.url = url
+    def _simple(self, m: re.Match[bytes], now: float) -> bool:
+        """The simple path: a request `_SIMPLE_REQUEST` matched whole (a GET or HEAD in origin
+        form, HTTP/1.1, each field line `name: value` with nothing llhttp or `request_head`
+        would refuse or rewrite in its syntax) on a frontend without routing rules. It sends the
+        same head the full path would, byte for byte, and refuses nothing itself: anything it
+        does not handle (a field to drop or check, a Host not seen before, a size near a limit)
+        returns False before any state changed, and the full path parses the same bytes."""
+        route = self.fe.simple
+        if route is None:
+            return False
+        method, url, fields = m.group(1, 2, 3)
+        n = len(fields)
+        if n + len(url) > route.max_header_size - 64 or len(url) > self.fe.max_uri or (
+                n > 4 * route.max_headers and fields.count(b"\n") > route.max_headers):
+            return False
+        low = b"\n" + fields.lower()
+        found = route.req_scan.findall(low)
+        keep_alive = True
+        if len(found) == 1:
+            name, host = found[0]
+            if name != b"host":
+                return False
+        elif len(found) == 2:
+            (name, host), (name2, value) = found
+            if name != b"host":
+                name, host, name2, value = name2, value, name, host
+            if name != b"host" or name2 != b"connection":
+                return False
+            if value == b"close":
+                keep_alive = False
+            elif value != b"keep-alive":
+                return False
+            a = low.find(b"\nconnection:")  # the line to cut, in `fields` from a on
+            fields = fields[:a] + fields[fields.find(b"\r\n", a) + 2:]
         else:
-            r.url += url
+            return False
+        if host not in _GOOD_HOSTS and not good_host(host):
+            return False  # the full path answers it
+        r = Exchange(self, now)
+        r.url = url
+        r.method = method
+        r.http11 = True
+        r.keep_alive = keep_alive
+        r.is_head = method == b"HEAD"
+        r.idempotent = True
+        r.head_done = True
+        r.headers = None
+        r.backend = route.backend
+        r.route = route
+        r.head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields, self.xff_line,
+                           route.req_add))
+        q = self.q
+        q.append(r)
+        self._start(r, now)
+        # (complete only now, as on the full path: an answer of ours given at once closes)
+        r.complete = True
+        if not keep_alive:
+            self._block(BLOCK_STOP)
+        return True
+
+    def on_message_begin(self) -> None:
+        # a request starts (its first byte): llhttp is inside a message until it completes,
+        # so `parsing` is None exactly when the parser stands between requests
+        if self.block & BLOCK_STOP:
+            raise _Stop
+        r = self.parsing = Exchange(self, self.last_rx)
+        self.hl = r.headers
+        self.head_bytes = 0
+        if not self.q:
+            when = r.t0 + self.fe.http_request
+            if self.th is None or self.th_when > when:
+                self._arm(when)
+
+    def on_url(self, url: bytes) -> None:
+        # (a URL split across reads comes in pieces)
+        r = self.parsing
+        r.url += url
         if len(r.url) > self.fe.max_uri:
             raise HeadError(414)
 
@@ -423,7 +508,7 @@ class HttpSession(ClientSide):
                 r.server = server
                 r.attempts += 1
                 conn.reused = True
-                self._attach(conn, r, now)
+                r.attach(conn, now)
                 return
         self._use(r, server, now=now)
 
@@ -455,7 +540,7 @@ class HttpSession(ClientSide):
             conn = be.pool.acquire(server.pool_key, now)
         if conn is not None:
             conn.reused = True
-            self._attach(conn, r, now)
+            r.attach(conn, now)
         else:
             self.lb.spawn(self._connect(r, server))
 
@@ -489,87 +574,36 @@ class HttpSession(ClientSide):
             reason = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
-                self._finish_server(r)
+                r.release_server()
                 return
-            self._attempt_failed(r, None, reason, connected=False)
+            self.attempt_failed(r, False, reason, connected=False)
             return
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
             # the client went away, or its request was refused, meanwhile: a connection that
             # never carried a request is not kept (only connections that served are pooled)
-            self._finish_server(r)
+            r.release_server()
             conn.close()
             return
-        self._attach(conn, r)
-
-    def _attach(self, conn: UpstreamHttp, r: Exchange, now: float = 0.0) -> None:
-        """Hand `r` to a connected server connection and send its head (and held body)."""
-        self.up = conn
-        conn.session = self
-        conn.req = r
-        conn.done = 0
-        conn.eof_ends = False
-        if not now:
-            now = self.loop.time()
-        conn.last_rx = now  # the server timer runs from now
-        timeout = r.backend.timeouts.server
-        if timeout and (conn.th is None or conn.th_when > now + timeout):
-            conn._arm(now + timeout)
-        head = r.head
-        if r.needs_host:
-            head = head[:-2] + b"host: " + r.server.address.encode() + b"\r\n\r\n"
-        if r.pending:
-            conn.transport.writelines([head, *r.pending])
-            r.pending = []
-            r.pending_size = 0
-            self._unblock(BLOCK_PENDING)
-        else:
-            conn.transport.write(head)
-        if self.mode == MODE_TUNNEL and self.tunnel_buf:
-            conn.transport.writelines(self.tunnel_buf)
-            self.tunnel_buf = None
+        r.attach(conn, self.loop.time())
 
     def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
-        replay = r.replay
-        if replay is not None:
-            r.replay_size += n
-            if r.replay_size > BUFSIZE:
-                r.replay = None
-            elif replay is NO_BYTES:
-                r.replay = list(chunks)
-            else:
-                replay += chunks
-        up = self.up
-        if up is not None and up.req is r:
-            up.last_rx = self.last_rx  # the server is taking our bytes: it is alive
-            if len(chunks) == 1:
-                up.transport.write(chunks[0])
-            else:
-                up.transport.writelines(chunks)
-            return
-        if r.pending is NO_BYTES:
-            r.pending = list(chunks)
-        else:
-            r.pending += chunks
-        r.pending_size += n
-        if r.pending_size > PENDING_LIMIT:
+        if r.send_body(chunks, n):
             self._block(BLOCK_PENDING)
         if r.buffering and r.pending_size >= BUFSIZE:
             self._buffered(r)
 
-    def _attempt_failed(self, r: Exchange, conn: UpstreamHttp | None, reason: str,
-                        connected: bool, timeout: bool = False) -> None:
+    def attempt_failed(self, r: Exchange, reused: bool, reason: str, connected: bool,
+                       timeout: bool = False) -> None:
         """The server attempt of the active request `r` failed: before any response byte came
-        (`r.got_response` false), or with a broken or late response."""
+        (`r.got_response` false), or with a broken or late response. `reused`: on a pooled
+        connection; `connected`: the request (or part of it) went out."""
         server = r.server
         be = r.backend
-        if conn is not None and self.up is conn:
-            self.up = None
         replayable = r.idempotent and r.replay is not None and not r.upgrade
-        stale = (conn is not None and conn.reused and connected and not timeout
-                 and not r.got_response)
+        stale = reused and connected and not timeout and not r.got_response
         if server is not None and not stale:
             be.observe_error(server, reason, layer7=timeout or r.got_response)
-        self._finish_server(r)
+        r.release_server()
         if r.responded:
             self._abort()  # part of the response went out: the client must see it broke
             return
@@ -582,8 +616,7 @@ class HttpSession(ClientSide):
         if stale and replayable and server is not None:
             # a pooled connection the server had closed meanwhile: not the server's fault and
             # not a retry; the same server again on a fresh connection
-            r.pending = list(r.replay)
-            r.pending_size = r.replay_size
+            r.replay_body()
             r.attempts -= 1
             if self._again(r, prefer=server, fresh=True):
                 return
@@ -592,22 +625,15 @@ class HttpSession(ClientSide):
         # may it go again? no request byte reached a server, or it is idempotent and whole
         if (not connected or replayable) and r.attempts <= be.retries:
             if connected:
-                r.pending = list(r.replay)
-                r.pending_size = r.replay_size
+                r.replay_body()
             if self._again(r, avoid=server, why=reason):
                 return
         self._send_error(r, 503 if not connected else 502)
 
-    def _finish_server(self, r: Exchange) -> None:
-        server = r.server
-        if server is not None:
-            r.server = None
-            r.backend.release(server)
-
     # -- responses ------------------------------------------------------------------------------
-    def response_done(self, r: Exchange, keep_client: bool) -> None:
-        """The whole response of the active request went to the client."""
-        self.up = None
+    def response_done(self, r: Exchange, now: float) -> None:
+        """The whole response of the active request went to the client (`now`: the loop
+        time)."""
         server = r.server
         if server is not None:
             r.server = None
@@ -616,17 +642,15 @@ class HttpSession(ClientSide):
         q = self.q
         if q and q[0] is r:
             q.popleft()
-        if not keep_client or not r.complete:
+        if self.closing or not r.complete:
             self._close()
             return
         if self.block & BLOCK_PIPELINE:
             self._unblock(BLOCK_PIPELINE)
         if q:
             self._start(q[0])
-        elif self.closing:
-            self._close()
         else:
-            now = self.idle_since = self.loop.time()
+            self.idle_since = now
             if self.parsing is None:
                 when = now + self.fe.http_keep_alive
             else:
@@ -636,11 +660,8 @@ class HttpSession(ClientSide):
 
     def _send_error(self, r: Exchange, status: int) -> None:
         """Answer `r` ourselves (it must be the active request, with no response sent)."""
-        self._finish_server(r)
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.unlink()
+        r.release_server()
+        r.detach()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -654,7 +675,7 @@ class HttpSession(ClientSide):
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
         transport.write(answer)
         if keep:
-            self.response_done(r, True)
+            self.response_done(r, self.loop.time())
         else:
             self._close()
 
@@ -665,7 +686,7 @@ class HttpSession(ClientSide):
         r = self.parsing
         self.parsing = None
         if r is None:
-            r = Exchange(self.loop.time())
+            r = Exchange(self, self.loop.time())
         q = self.q
         if q and q[0] is r:  # the active request went wrong in its body
             if r.responded:
@@ -700,15 +721,8 @@ class HttpSession(ClientSide):
             self._tunnel_to_server(rest)
 
     def _tunnel_to_server(self, data: bytes) -> None:
-        up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.write(data)
-        else:
-            if self.tunnel_buf is None:
-                self.tunnel_buf = []
-            self.tunnel_buf.append(data)
-            if sum(map(len, self.tunnel_buf)) > PENDING_LIMIT:
-                self._block(BLOCK_PENDING)
+        if self.q and self.q[0].send_raw(data):
+            self._block(BLOCK_PENDING)
 
     # -- flow control and timers -----------------------------------------------------------------
     def _block(self, why: int) -> None:
@@ -729,9 +743,9 @@ class HttpSession(ClientSide):
         if self.wblocked_at and t.client:
             best = (self.wblocked_at + t.client, 3)
         if self.mode == MODE_TUNNEL:
-            up = self.up
-            last = max(self.last_rx, up.last_rx if up is not None else 0.0)
-            tun = self.q[0].backend.timeouts.tunnel if self.q and self.q[0].backend else 0.0
+            r = self.q[0] if self.q else None
+            last = max(self.last_rx, r.server_rx() if r is not None else 0.0)
+            tun = r.backend.timeouts.tunnel if r is not None and r.backend else 0.0
             d = (last + tun, 4) if tun else None
         elif self.parsing is not None and not self.q:
             r = self.parsing
@@ -771,10 +785,8 @@ class HttpSession(ClientSide):
             self._reject(408)
         else:  # the client stopped reading, or the tunnel went quiet
             self._abort()
-            up = self.up
-            if up is not None:
-                self.up = None
-                up.unlink()
+            if self.q:
+                self.q[0].detach()
 
     # -- shutdown ---------------------------------------------------------------------------------
     def drain(self) -> None:

@@ -1,19 +1,30 @@
-"""Exchanges: one request and its response on a client connection, and the vocabulary the
-client and server Protocols share.
+"""Exchanges: one request and its response on a client connection; the one link between the
+client side (`client.HttpSession`) and the server side (`server.UpstreamHttp`).
 
-Rule of this module: an `Exchange` holds what one request/response owns (the chosen server and
-backend, attempts, the replay buffer, body bytes waiting for a server connection, how far the
-response got); it does no I/O and parses nothing. The Protocols (`client.py`, `server.py`) move
-it along.
+Rules of this module:
+- an `Exchange` holds what one request/response owns: its client session and, while one is
+  engaged, its server connection (`conn`); the chosen server and backend, attempts, the replay
+  buffer, body bytes waiting for a server connection, how far the response got;
+- the two Protocols never touch each other: each calls the exchange's methods, and the
+  exchange moves bytes between them (`attach`, `send_body`, `to_client`), passes flow control
+  on (`pause_*`/`resume_*`) and reports the end (`end`, `fail`) to the client session, which
+  answers, retries or goes on with its next request;
+- it parses nothing, decides no framing (that is `head.py`) and picks no server (that is the
+  backend's `assign`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..base import pass_eof
+
 if TYPE_CHECKING:
     from ...backend import Backend
+    from ...frontend import Route
     from ...servers import Server
+    from .client import HttpSession
+    from .server import UpstreamHttp
 
 __all__ = ["BUFSIZE", "PENDING_LIMIT", "PIPELINE_LIMIT", "Exchange"]
 
@@ -44,6 +55,7 @@ class Exchange:
         "buffering",
         "chunked",
         "complete",
+        "conn",
         "error",
         "got_response",
         "head",
@@ -61,6 +73,7 @@ class Exchange:
         "replay_size",
         "responded",
         "route",
+        "s",
         "server",
         "t0",
         "trailers",
@@ -68,11 +81,12 @@ class Exchange:
         "url",
     )
 
-    def __init__(self, t0: float):
-        # (the head's own fields, method and the like, are set by on_headers_complete)
+    def __init__(self, s: HttpSession, t0: float):
+        # (the head's own fields, method and the like, are set when the head is complete)
+        self.s = s
         self.t0 = t0
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] | None = []
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.head_done = False
         self.complete = False
@@ -80,8 +94,10 @@ class Exchange:
         self.upgrade = False
         self.chunked = False
         self.needs_host = False
+        self.route: Route | None = None
         self.backend: Backend | None = None
         self.server: Server | None = None
+        self.conn: UpstreamHttp | None = None
         self.pending: list[bytes] = NO_BYTES  # framed body bytes not yet sent to the server
         self.pending_size = 0
         self.replay: list[bytes] | None = NO_BYTES  # every framed body byte so far, if small
@@ -92,3 +108,165 @@ class Exchange:
         self.buffering = 0  # 1: a body to buffer before a server is engaged; 2: and 100 to send
         self.got_response = False  # a byte of the response arrived from the server
         self.responded = False  # a byte of the response went to the client
+
+    # -- the client side's calls ----------------------------------------------------------------
+    def attach(self, conn: UpstreamHttp, now: float) -> None:
+        """A connected server connection takes this request: the head (and any body held for
+        it) goes out now."""
+        self.conn = conn
+        conn.take(self, now)
+        head = self.head
+        if self.needs_host:
+            head = head[:-2] + b"host: " + self.server.address.encode() + b"\r\n\r\n"
+        t = conn.transport
+        if self.pending:
+            t.writelines([head, *self.pending])
+            self.pending = []
+            self.pending_size = 0
+            self.s.sent_pending()
+        else:
+            t.write(head)
+
+    def send_body(self, chunks: tuple[bytes, ...], n: int) -> bool:
+        """Body bytes (already framed for the server): to the server connection if one is
+        attached, else held (True: as much as the pending limit allows, or more)."""
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += n
+            if self.replay_size > BUFSIZE:
+                self.replay = None
+            elif replay is NO_BYTES:
+                self.replay = list(chunks)
+            else:
+                replay += chunks
+        conn = self.conn
+        if conn is not None:
+            conn.last_rx = self.s.last_rx  # the server is taking our bytes: it is alive
+            if len(chunks) == 1:
+                conn.transport.write(chunks[0])
+            else:
+                conn.transport.writelines(chunks)
+            return False
+        if self.pending is NO_BYTES:
+            self.pending = list(chunks)
+        else:
+            self.pending += chunks
+        self.pending_size += n
+        return self.pending_size > PENDING_LIMIT
+
+    def send_raw(self, data: bytes) -> bool:
+        """Tunnel bytes from the client: to the server connection, or held until it is
+        attached (True: more than the pending limit is held)."""
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(data)
+            return False
+        if self.pending is NO_BYTES:
+            self.pending = []
+        self.pending.append(data)
+        self.pending_size += len(data)
+        return self.pending_size > PENDING_LIMIT
+
+    def replay_body(self) -> None:
+        """The request goes again: its whole body is pending again."""
+        self.pending = list(self.replay)
+        self.pending_size = self.replay_size
+
+    def detach(self) -> None:
+        """The client side lets go of the server connection (it went away, or refused or timed
+        out): the connection is closed, never reused."""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.unlink()
+
+    def release_server(self) -> None:
+        """The server's slot is given back (the attempt or the exchange is over)."""
+        server = self.server
+        if server is not None:
+            self.server = None
+            self.backend.release(server)
+
+    def pause_server(self) -> None:
+        """The client does not take our bytes: stop reading the server."""
+        conn = self.conn
+        if conn is not None:
+            conn.pause()
+
+    def resume_server(self, now: float) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.resume(now)
+
+    def server_rx(self) -> float:
+        """When the server connection last sent something (0: none attached)."""
+        conn = self.conn
+        return conn.last_rx if conn is not None else 0.0
+
+    # -- the server side's calls ----------------------------------------------------------------
+    def client_stays(self) -> bool:
+        """Whether the client connection stays open after this response."""
+        return self.keep_alive and not self.upgrade and not self.s.closing
+
+    def to_client(self, out: list[bytes]) -> None:
+        """Response bytes for the client (one write; big bodies are not copied again)."""
+        t = self.s.transport
+        if t is None or t.is_closing():
+            return
+        if len(out) == 1:
+            t.write(out[0])
+        elif len(out[-1]) < 8192:
+            t.write(b"".join(out))
+        else:
+            t.writelines(out)
+
+    def close_client_after(self) -> None:
+        """The client connection closes after this response (it says `Connection: close`)."""
+        self.s.closing = True
+
+    def end(self, conn: UpstreamHttp) -> None:
+        """The whole response went to the client; `conn` has unlinked itself."""
+        if self.conn is conn:
+            self.conn = None
+        self.s.response_done(self, conn.last_rx)
+
+    def fail(self, conn: UpstreamHttp, reason: str, timeout: bool = False) -> None:
+        """The server attempt failed (a broken, late or cut response, or none); `conn` has
+        unlinked itself. The client session retries or answers."""
+        if self.conn is conn:
+            self.conn = None
+        self.s.attempt_failed(self, conn.reused, reason, connected=True, timeout=timeout)
+
+    def pause_client(self) -> None:
+        """The server does not take our bytes: stop reading the client."""
+        self.s.server_full()
+
+    def resume_client(self) -> None:
+        self.s.server_ready()
+
+    def tunnel(self, rest: bytes) -> None:
+        """The server switched protocols (101): raw bytes both ways from now on."""
+        s = self.s
+        held = self.pending
+        conn = self.conn
+        if held and conn is not None:
+            conn.transport.writelines(held)
+        self.pending = []
+        self.pending_size = 0
+        s.tunnel_started(self.backend.timeouts.tunnel)
+        if rest:
+            self.to_client([rest])
+
+    def tunnel_eof(self, from_server: bool) -> bool:
+        """A FIN on one leg of a tunnel; the return value is eof_received's on that leg."""
+        conn = self.conn
+        s = self.s
+        if from_server:
+            return pass_eof(s.eof_in, s.transport)
+        return pass_eof(conn is None or conn.eof_in, conn.transport if conn is not None else None)
+
+    def tunnel_closed(self, exc: Exception | None) -> None:
+        """The server side of a tunnel closed: so does the client side."""
+        self.conn = None
+        self.s.end_tunnel(exc)
+

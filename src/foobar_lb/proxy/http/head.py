@@ -34,9 +34,11 @@ __all__ = [
     "UNTIL_CLOSE",
     "HeadError",
     "error_response",
+    "good_host",
     "request_head",
     "request_target",
     "response_framing",
+    "response_head",
     "tokens",
 ]
 
@@ -69,6 +71,17 @@ class HeadError(Exception):
         super().__init__(status, why)
         self.status = status
         self.why = why
+
+
+def good_host(value: bytes) -> bool:
+    """Whether a Host value is valid (a reg-name or IP literal, an optional port); the valid
+    ones are remembered, so that the same few values cost a set lookup next time."""
+    if not value.strip() or not _HOST_VALUE.fullmatch(value):
+        return False
+    if len(_GOOD_HOSTS) >= 4096:
+        _GOOD_HOSTS.clear()
+    _GOOD_HOSTS.add(value)
+    return True
 
 
 def tokens(value: bytes) -> list[bytes]:
@@ -206,12 +219,8 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
         raise HeadError(431, "head too large")
     if nhost > 1 or (http11 and nhost == 0):  # RFC 9112 3.2, absolute-form included
         raise HeadError(400, "missing or repeated Host")
-    if nhost and host_value not in _GOOD_HOSTS:
-        if not host_value.strip() or not _HOST_VALUE.fullmatch(host_value):
-            raise HeadError(400, "empty or invalid Host")
-        if len(_GOOD_HOSTS) >= 4096:
-            _GOOD_HOSTS.clear()
-        _GOOD_HOSTS.add(host_value)
+    if nhost and host_value not in _GOOD_HOSTS and not good_host(host_value):
+        raise HeadError(400, "empty or invalid Host")
     chunked = False
     if te is not None:
         if not http11:
@@ -278,6 +287,82 @@ def response_framing(status: int, is_head: bool, http11: bool, te_chunked: bool,
     # delimited by the server's close: chunked for an HTTP/1.1 client, so that a truncation
     # stays visible; an HTTP/1.0 client learns the end from our close
     return (CHUNK if http11 else UNTIL_CLOSE), True
+
+
+_PLAIN_CONNECTION = (b"close", b"keep-alive", b"upgrade")
+
+
+def _field_lines(names: list[bytes]) -> re.Pattern[bytes]:
+    """A pattern matching whole field lines ("Name: value" CRLF) for any of `names`."""
+    alt = b"|".join(re.escape(n) for n in names)
+    return re.compile(rb"^(" + alt + rb")[ \t]*:([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE)
+
+
+def response_head(rx: bytes, start: int, end: int, status: int, route, is_head: bool,
+                  http11: bool, keep_client: bool | None) -> tuple[bytes, int, bool]:
+    """The head the client gets for a server's response head that llhttp accepted, found in
+    `rx` from `start` to its empty line at `end`: our status line, the server's fields minus
+    the hop-by-hop ones (with those `Connection` names) and the route's deletions, our framing
+    and `Connection`, the route's additions. `keep_client`: whether the client connection stays
+    open; None for an interim (1xx) or 101 head, which has no body. Returns (head, mode,
+    eof_ends), the last two from `response_framing`; HeadError(502) for a head over the limits.
+    """
+    line = rx.find(b"\r\n", start) + 2  # the fields start after the status line
+    fields = rx[line:end + 2]  # each field line ends with CRLF
+    n = len(fields)
+    # (a field line takes at least 4 bytes: only a long head may have too many of them)
+    if n + line - start > route.max_header_size or (
+            n > 4 * route.max_headers and fields.count(b"\n") > route.max_headers):
+        raise HeadError(502, "response head too large")
+    parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+    cl = te = False
+    extra = None
+    upgrade = b""
+    # the lines to cut or read: each found as (line, name) in the lower-cased fields after a
+    # leading newline; found at `a` there, a line starts at `a` here
+    low = b"\n" + fields.lower()
+    pos = 0
+    for ln, name in route.resp_scan.findall(low):
+        if name == b"content-length":
+            cl = True
+            continue
+        a = low.find(b"\n" + ln, pos)
+        if a > pos:
+            parts.append(fields[pos:a])
+        pos = a + len(ln) + 2
+        if name == b"connection":
+            value = ln[ln.index(b":") + 1:].strip()
+            if value not in _PLAIN_CONNECTION:
+                more = [t for t in tokens(value) if t not in _PLAIN_CONNECTION]
+                if more:
+                    extra = (extra or []) + more
+        elif name == b"transfer-encoding":
+            te = ln.rstrip().endswith(b"chunked")
+        elif name == b"upgrade":
+            value = fields[a:pos - 2]
+            upgrade = value[value.index(b":") + 1:].strip()
+    parts.append(fields[pos:] if pos else fields)
+    if extra:  # rare: Connection names more fields to drop; cut those lines too
+        kept = b"".join(parts[1:])
+        parts = [parts[0]]
+        pos = 0
+        for m in _field_lines(extra).finditer(kept):
+            parts.append(kept[pos:m.start()])
+            pos = m.end()
+        parts.append(kept[pos:])
+    mode, eof_ends = NO_BODY, False
+    if status == 101:
+        parts += (b"connection: upgrade\r\nupgrade: ", upgrade or b"websocket", CRLF)
+    elif keep_client is not None:
+        mode, eof_ends = response_framing(status, is_head, http11, te, cl)
+        if mode in (CHUNK, RAW):
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not keep_client or mode == UNTIL_CLOSE:
+            parts.append(b"connection: close\r\n")
+        elif not http11:
+            parts.append(b"connection: keep-alive\r\n")
+    parts.append(route.resp_add)
+    return b"".join(parts), mode, eof_ends
 
 
 # ---------------------------------------------------------------------------------------------
