@@ -314,55 +314,87 @@ def response_head(rx: bytes, start: int, end: int, status: int, route, is_head: 
     if n + line - start > route.max_header_size or (
             n > 4 * route.max_headers and fields.count(b"\n") > route.max_headers):
         raise HeadError(502, "response head too large")
-    parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
     cl = te = False
-    extra = None
-    upgrade = b""
     # the lines to cut or read: each found as (line, name) in the lower-cased fields after a
     # leading newline; found at `a` there, a line starts at `a` here
     low = b"\n" + fields.lower()
+    kept = None
+    odd = False  # a Connection or Upgrade line to read
     pos = 0
     for ln, name in route.resp_scan.findall(low):
         if name == b"content-length":
             cl = True
             continue
         a = low.find(b"\n" + ln, pos)
-        if a > pos:
-            parts.append(fields[pos:a])
+        if kept is None:
+            kept = [fields[:a]]
+        elif a > pos:
+            kept.append(fields[pos:a])
         pos = a + len(ln) + 2
-        if name == b"connection":
-            value = ln[ln.index(b":") + 1:].strip()
-            if value not in _PLAIN_CONNECTION:
-                more = [t for t in tokens(value) if t not in _PLAIN_CONNECTION]
-                if more:
-                    extra = (extra or []) + more
-        elif name == b"transfer-encoding":
+        if ln in _PLAIN_CONNECTION_LINES:
+            continue
+        if name == b"transfer-encoding":
             te = ln.rstrip().endswith(b"chunked")
-        elif name == b"upgrade":
-            value = fields[a:pos - 2]
-            upgrade = value[value.index(b":") + 1:].strip()
-    parts.append(fields[pos:] if pos else fields)
-    if extra:  # rare: Connection names more fields to drop; cut those lines too
-        kept = b"".join(parts[1:])
-        parts = [parts[0]]
-        pos = 0
-        for m in _field_lines(extra).finditer(kept):
-            parts.append(kept[pos:m.start()])
-            pos = m.end()
-        parts.append(kept[pos:])
-    mode, eof_ends = NO_BODY, False
+        elif name == b"connection" or name == b"upgrade":
+            kept.append((name, fields[a:pos - 2]))  # (read below, and cut)
+            odd = True
+    if kept is not None:
+        kept.append(fields[pos:])
+        fields = _rest(kept) if odd else b"".join(kept)
+    status_line = STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
     if status == 101:
-        parts += (b"connection: upgrade\r\nupgrade: ", upgrade or b"websocket", CRLF)
-    elif keep_client is not None:
-        mode, eof_ends = response_framing(status, is_head, http11, te, cl)
-        if mode in (CHUNK, RAW):
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if not keep_client or mode == UNTIL_CLOSE:
-            parts.append(b"connection: close\r\n")
-        elif not http11:
-            parts.append(b"connection: keep-alive\r\n")
-    parts.append(route.resp_add)
-    return b"".join(parts), mode, eof_ends
+        return status_line + fields + _upgrade_lines(kept) + route.resp_add, NO_BODY, False
+    if keep_client is None:  # an interim head
+        return status_line + fields + route.resp_add, NO_BODY, False
+    mode, eof_ends = response_framing(status, is_head, http11, te, cl)
+    if mode == PASS and keep_client and http11:  # the commonest case
+        return b"".join((status_line, fields, route.resp_add)), mode, eof_ends
+    ours = b"transfer-encoding: chunked\r\n" if mode in (CHUNK, RAW) else b""
+    if not keep_client or mode == UNTIL_CLOSE:
+        ours += b"connection: close\r\n"
+    elif not http11:
+        ours += b"connection: keep-alive\r\n"
+    return b"".join((status_line, fields, ours, route.resp_add)), mode, eof_ends
+
+
+# the usual Connection lines, lower-cased (nothing to read in them: they are just cut)
+_PLAIN_CONNECTION_LINES = frozenset(
+    b"connection:" + sp + v + tail for sp in (b"", b" ") for v in (b"keep-alive", b"close")
+    for tail in (b"", b" "))
+
+
+def _rest(kept: list) -> bytes:
+    """The kept field lines, joined; Connection values name more lines to cut (rare)."""
+    extra = []
+    lines = []
+    for part in kept:
+        if isinstance(part, tuple):
+            name, whole = part
+            if name == b"connection":
+                value = whole[whole.index(b":") + 1:].strip()
+                extra += [t for t in tokens(value) if t not in _PLAIN_CONNECTION]
+        else:
+            lines.append(part)
+    fields = b"".join(lines)
+    if not extra:
+        return fields
+    out = []
+    pos = 0
+    for m in _field_lines(extra).finditer(fields):
+        out.append(fields[pos:m.start()])
+        pos = m.end()
+    out.append(fields[pos:])
+    return b"".join(out)
+
+
+def _upgrade_lines(kept: list | None) -> bytes:
+    """Ours for a 101 response: the protocol the server switched to."""
+    upgrade = b""
+    for part in kept or ():
+        if isinstance(part, tuple) and part[0] == b"upgrade":
+            whole = part[1]
+            upgrade = whole[whole.index(b":") + 1:].strip()
+    return b"connection: upgrade\r\nupgrade: " + (upgrade or b"websocket") + CRLF
 
 
 # ---------------------------------------------------------------------------------------------
