@@ -115,6 +115,11 @@ TARGETS = (
            "ratio_p99", "<=", 2.0),
     Target("Stretch: HTTP small c=50: CPU per request (user+system) vs HAProxy", "http-small-c50",
            "foobar_lb", "ratio_cpu_per_req", "<=", 1.10, stretch=True),
+    # the floor (benchmarks/floor_proxy.py): what Python on uvloop and httptools costs at the least
+    Target("Floor proxy, HTTP small c=50: CPU per request (user+system) vs HAProxy", "http-small-c50",
+           "floor", "ratio_cpu_per_req", "", 0.0),
+    Target("Floor proxy, HTTP small c=50: req/s vs HAProxy", "http-small-c50", "floor", "ratio_rps", "",
+           0.0),
 )
 
 

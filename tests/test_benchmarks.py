@@ -88,6 +88,8 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
     assert [(r["scenario"], r["metric"], r["limit"]) for r in stretch] == [
         ("http-small-c50", "ratio_cpu_per_req", 1.10)]
     assert rows["HTTP small c=50: CPU per request (user+system) vs HAProxy"]["limit"] == 1.35
+    floor = rows["Floor proxy, HTTP small c=50: CPU per request (user+system) vs HAProxy"]
+    assert floor["status"] == "reported (no target)" and floor["value"] > 0, floor
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["haproxy"].startswith("HAProxy")
 
     for name in ("results.md", "results.png"):
