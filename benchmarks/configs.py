@@ -4,7 +4,8 @@ Rule: the proxies compared in one scenario get equivalent settings (round robin 
 servers, no health checks, the same timeouts, the same parallelism: N HAProxy threads for N
 foobar_lb worker processes, given to it as `--workers N` on its command line, each worker one
 event loop; keep-alive reuse of server connections "safe"), so a difference in the numbers is a
-difference in the proxies.
+difference in the proxies. With TLS both terminate it with the same certificate (ECDSA P-256,
+ALPN http/1.1, TLS 1.2 and up), from the same file.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ http {{
 
 
 def haproxy_cfg(path: Path, mode: str, port: int, servers: list[tuple[str, int]], timeouts: Timeouts,
-                maxconn: int, hard_nofile: int, threads: int = 1) -> Path:
+                maxconn: int, hard_nofile: int, threads: int = 1, tls_pem: Path | None = None) -> Path:
     """haproxy: `threads` threads (nbthread), one frontend, round robin over `servers`, no checks.
 
     When `maxconn` needs more descriptors than the hard limit allows (the idle scenario), haproxy
@@ -105,7 +106,8 @@ def haproxy_cfg(path: Path, mode: str, port: int, servers: list[tuple[str, int]]
         "global", *glob,
         "defaults", *dflt,
         "frontend fe",
-        f"    bind 127.0.0.1:{port}",
+        f"    bind 127.0.0.1:{port}" + (f" ssl crt {tls_pem} alpn http/1.1 ssl-min-ver TLSv1.2"
+                                          if tls_pem else ""),
         "    default_backend be",
         "backend be",
         "    balance roundrobin",
@@ -117,7 +119,7 @@ def haproxy_cfg(path: Path, mode: str, port: int, servers: list[tuple[str, int]]
 
 
 def foobar_lb_toml(path: Path, mode: str, port: int, servers: list[tuple[str, int]],
-                   timeouts: Timeouts) -> Path:
+                   timeouts: Timeouts, tls: tuple[Path, Path] | None = None) -> Path:
     """foobar_lb: the same frontend and backend as haproxy's, in its TOML (the worker count is
     given on the command line, `--workers N`, so the configuration is the same for every N)."""
     tmo = [f'connect = "{timeouts.connect}"', f'client = "{timeouts.client}"',
@@ -137,6 +139,7 @@ timeout = {{ {", ".join(tmo)} }}
 [frontends.fe]
 bind = ["127.0.0.1:{port}"]
 default_backend = "be"
+{f'tls = {{ cert = "{tls[0]}", key = "{tls[1]}" }}' if tls else ""}
 
 [backends.be]
 balance = "roundrobin"

@@ -45,6 +45,7 @@ from .tools import (
     nginx_accepts,
     probe,
     process_tree,
+    throwaway_certificate,
     tree_cpu,
     tree_rss_kib,
     wait_port,
@@ -78,6 +79,7 @@ class Scenario:
     backends: str  # "nginx" or "app"
     title: str
     headers: tuple[str, ...] = ()  # extra request header lines wrk sends (wrk -H)
+    tls: bool = False  # clients speak HTTPS to the proxies (TLS termination, same certificate)
 
     @property
     def reference(self) -> str:
@@ -92,6 +94,9 @@ SCENARIOS = {s.name: s for s in (
     Scenario("http-close-c20", "wrk", "http", "/", 20, HTTP_TARGETS, "nginx",
              'HTTP, small body (GET /), a new client connection per request '
              '(wrk -H "Connection: close"), wrk -t1 -c20', headers=("Connection: close",)),
+    Scenario("https-small-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
+             "HTTPS (TLS terminated by the proxy, keep-alive), small body (GET /), wrk -t1 -c50",
+             tls=True),
     Scenario("http-64k", "wrk", "http", "/64k", 50, HTTP_TARGETS, "nginx",
              "HTTP, 64 KiB body (GET /64k), wrk -t1 -c50"),
     Scenario("tcp-small-c50", "wrk", "tcp", "/", 50, TCP_TARGETS, "nginx",
@@ -248,13 +253,16 @@ class Bench:
         port = free_port()
         kind = target_kind(target)
         tag = f"{sc.name}-{target}-{port}"
+        cert = throwaway_certificate(self.workdir) if sc.tls else None
         if kind == "haproxy":
             cfg = configs.haproxy_cfg(self.workdir / f"{tag}.cfg", sc.mode, port, servers, timeouts,
-                                      maxconn, self.nofile_hard, threads=self.workers)
+                                      maxconn, self.nofile_hard, threads=self.workers,
+                                      tls_pem=cert[2] if cert else None)
             argv = self.pinning.proxy([self.tools["haproxy"], "-db", "-f", str(cfg)])
             proc = self.procs.start(target, argv)
         elif kind == "foobar_lb":
-            cfg = configs.foobar_lb_toml(self.workdir / f"{tag}.toml", sc.mode, port, servers, timeouts)
+            cfg = configs.foobar_lb_toml(self.workdir / f"{tag}.toml", sc.mode, port, servers, timeouts,
+                                         tls=cert[:2] if cert else None)
             argv = self.pinning.proxy([sys.executable, "-m", "foobar_lb", "serve", "--config", str(cfg),
                                        "--workers", str(self.workers)])
             proc = self.procs.start(target, argv, env=self.python_env())
@@ -270,7 +278,7 @@ class Bench:
         else:
             raise BenchError(f"unknown target {target!r}")
         wait_port(proc, port)
-        probe(proc, port, sc.path)
+        probe(proc, port, sc.path, tls=sc.tls)
         self.settle(proc, 1 + self.workers if kind == "foobar_lb" else 1)
         return proc, port
 
@@ -300,7 +308,8 @@ class Bench:
 
 def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, duration: float,
              label: str) -> dict:
-    argv = bench.pinning.client(wrk.command(bench.tools["wrk"], f"http://{LOOPBACK}:{port}{sc.path}",
+    scheme = "https" if sc.tls else "http"
+    argv = bench.pinning.client(wrk.command(bench.tools["wrk"], f"{scheme}://{LOOPBACK}:{port}{sc.path}",
                                             sc.connections, duration, headers=sc.headers))
     client_pids = bench.client_pids()
     conns0 = bench.server_conns_reading(sc)

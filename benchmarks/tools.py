@@ -22,6 +22,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ INSTALL_HINTS = {
     "haproxy": "apt-get install -y wrk haproxy nginx",
     "nginx": "apt-get install -y wrk haproxy nginx",
     "taskset": "apt-get install -y util-linux",
+    "openssl": "apt-get install -y openssl",
     "pproxy": "pip install pproxy==2.7.9",
     "matplotlib": "pip install matplotlib",
 }
@@ -63,7 +65,7 @@ def check_tools(need_pproxy: bool = True) -> tuple[dict[str, str], list[str]]:
     """Return ({tool: path or module}, [one message per missing tool])."""
     found: dict[str, str] = {}
     missing: list[str] = []
-    for name in ("wrk", "haproxy", "nginx", "taskset"):
+    for name in ("wrk", "haproxy", "nginx", "taskset", "openssl"):
         path = find_executable(name)
         if path:
             found[name] = path
@@ -276,15 +278,23 @@ def wait_port(proc: Proc, port: int, timeout: float = 15.0) -> None:
 
 
 def http_request(port: int, method: str = "GET", path: str = "/", body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on its own connection (Connection: close); return (status, body)."""
+                 headers: dict[str, str] | None = None, timeout: float = 5.0,
+                 tls: bool = False) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on its own connection (Connection: close); return (status, body).
+    `tls`: over TLS, the certificate not verified (the benchmark's own throwaway one)."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {LOOPBACK}:{port}", "Connection: close"]
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=timeout))
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = stack.enter_context(ctx.wrap_socket(s, server_hostname="localhost"))
         s.sendall(raw)
         chunks = []
         while True:
@@ -301,7 +311,7 @@ def http_request(port: int, method: str = "GET", path: str = "/", body: bytes | 
     return status, rest
 
 
-def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0) -> None:
+def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0, tls: bool = False) -> None:
     """A GET through `proc` must answer 200 (retried until `timeout`): the whole chain works."""
     deadline = time.monotonic() + timeout
     last = ""
@@ -309,7 +319,7 @@ def probe(proc: Proc, port: int, path: str = "/", timeout: float = 10.0) -> None
         if not proc.alive():
             raise proc.failure(f"died during its first request: {proc.describe_exit()}")
         try:
-            status, _ = http_request(port, path=path, timeout=2.0)
+            status, _ = http_request(port, path=path, timeout=2.0, tls=tls)
             if status == 200:
                 return
             last = f"status {status}"
@@ -511,3 +521,16 @@ def machine_description(tools: dict[str, str], pinning: Pinning) -> dict:
         "workers": pinning.workers,
         "proxy_has_own_cores": pinning.proxy_has_own_cores,
     }
+
+
+def throwaway_certificate(workdir: Path) -> tuple[Path, Path, Path]:
+    """A self-signed ECDSA P-256 certificate for localhost and 127.0.0.1, made with the openssl
+    command: (certificate, key, both in one file for HAProxy)."""
+    cert, key, both = workdir / "bench-cert.pem", workdir / "bench-key.pem", workdir / "bench-both.pem"
+    if not both.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return cert, key, both
