@@ -2,7 +2,8 @@
 # The test command: installs what the tests need, then runs them.
 #   - system packages, only when missing: nginx (a real backend), mariadb-server (a real
 #     server-speaks-first TCP peer, and the primary and replicas), haproxy and wrk (the
-#     benchmark runner, which the suite runs once with --quick)
+#     benchmark runner, which the suite runs once with --quick), openssl (its throwaway
+#     certificate for the HTTPS scenario)
 #   - the project itself with its test extras, into the current Python
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
@@ -15,6 +16,7 @@ have nginx || missing+=(nginx)
 have mariadbd || missing+=(mariadb-server)
 have haproxy || missing+=(haproxy)
 have wrk || missing+=(wrk)
+have openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing system packages: ${missing[*]}"
   sudo=""
