@@ -27,6 +27,7 @@ from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend
 from ..base import ClientSide
+from ..upstream import Pool
 from .exchange import (
     BLOCK_PARKED,
     BLOCK_PENDING,
@@ -53,7 +54,7 @@ from .head import (
     request_head,
     request_target,
 )
-from .server import PRIVATE, UpstreamHttp
+from .server import UpstreamHttp
 
 if TYPE_CHECKING:
     from ...backend import Waiter
@@ -117,6 +118,7 @@ class HttpSession(ClientSide):
         "lb",
         "loop",
         "mode",
+        "own_pool",
         "parser",
         "parsing",
         "peer_ip",
@@ -160,6 +162,7 @@ class HttpSession(ClientSide):
         self.proxied = None  # ((src ip, port), (dst ip, port)) from a PROXY header
         self.xff_trust = None  # the trusted proxies' networks, when the peer is one of them
         self.simple = fe.simple  # the simple path's route (None: every request the full path)
+        self.own_pool: Pool | None = None  # idle connections private to this client (send_proxy)
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
         self.held: list[bytes] | None = None  # bytes read while parked
@@ -205,6 +208,8 @@ class HttpSession(ClientSide):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
+        if self.own_pool is not None:
+            self.own_pool.close_all()
         for r in self.q:
             r.detach()
             r.release_server()
@@ -569,12 +574,23 @@ class HttpSession(ClientSide):
         # has served a response already; if the server closed it meanwhile, the request goes
         # again on a fresh one (see _attempt_failed: not counted as a retry)
         if not fresh and r.idempotent and not r.upgrade:
-            conn = be.pool.acquire(server.pool_key, now)
+            pool = be.pool if server.send_proxy is None else self._private(be)
+            conn = pool.acquire(server.pool_key, now)
         if conn is not None:
             conn.reused = True
             r.attach(conn, now)
         else:
             self.lb.spawn(self._connect(r, server))
+
+    def _private(self, be) -> Pool:
+        """The pool of this client's own server connections: one that began with a PROXY
+        header carries this client's address, so it is reused by this client only (HAProxy
+        makes such connections private)."""
+        pool = self.own_pool
+        if pool is None:
+            pool = self.own_pool = Pool(max_idle=min(be.pool.max_idle, 1),
+                                        idle_timeout=be.pool.idle_timeout)
+        return pool
 
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
@@ -599,7 +615,7 @@ class HttpSession(ClientSide):
         timeout = be.timeouts.connect or None
         try:
             async with asyncio.timeout(timeout):
-                pool = be.pool if server.send_proxy is None else PRIVATE
+                pool = be.pool if server.send_proxy is None else self._private(be)
                 _, conn = await self.loop.create_connection(
                     lambda: UpstreamHttp(pool, server, self.loop), server.host, server.port
                 )

@@ -38,7 +38,7 @@ from .head import (
 if TYPE_CHECKING:
     from ...servers import Server
 
-__all__ = ["PRIVATE", "UpstreamHttp"]
+__all__ = ["UpstreamHttp"]
 
 log = logging.getLogger("foobar_lb.http")
 
@@ -66,19 +66,6 @@ def _chunked_end(buf: bytes, off: int) -> int:
             pos += size + 2
     except ValueError:
         return -1
-
-
-class _Private:
-    """The "pool" of a connection private to one client connection (one that began with a
-    PROXY header carrying that client's address): released means closed, never reused."""
-
-    __slots__ = ()
-
-    def release(self, key, conn, now: float) -> None:
-        conn.close()
-
-
-PRIVATE = _Private()
 
 
 class _HeadDone(Exception):
