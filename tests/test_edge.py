@@ -252,7 +252,7 @@ async def test_proxy_in_and_out_http_byte_for_byte(incoming, send, expected, cli
                     writer.write(piece)
                     await asyncio.sleep(0.02)
                 assert await reader.readexactly(len(OK)) == OK
-                assert client_keys(lb) == [client]
+                assert set(client_keys(lb)) == {client}
             finally:
                 writer.close()
             assert be.conns[1].data == be.conns[0].data
@@ -372,3 +372,37 @@ async def test_checks_to_a_send_proxy_server_send_a_header(send, expected):
 def test_build_v1_matches_incoming_example():
     assert build_v1(("192.0.2.1", 5555), ("198.51.100.2", 80)) == V1_IN
 
+
+
+async def test_tcp_a_proxy_header_from_an_untrusted_source_reaches_no_server():
+    async with RecordingServer(http=False) as be:
+        cfg = lb_config([be.address], mode="tcp",
+                        frontend={"accept_proxy": {"from": ["127.0.0.1/32"]}})
+        async with running_lb(cfg) as lb:
+            # (a tcp server may speak first, so its connection is made at accept: it gets
+            # nothing from this client, and is closed with it)
+            got = await talk(lb.address[1], V1_IN + b"hello", local="127.0.0.2", until=None)
+            assert got == (b"", True)
+            assert denied(lb) == 1
+            assert all(c.data == b"" for c in be.conns)
+            got, _ = await talk(lb.address[1], b"hello", local="127.0.0.2", until=b"echo:hello")
+            assert got == b"echo:hello"
+
+
+async def test_a_local_or_unknown_header_leaves_the_peer_address():
+    async with RecordingServer() as be:
+        cfg = lb_config([{"name": "s1", "address": be.address, "send_proxy": "v1"}],
+                        frontend={"accept_proxy": {"from": ["127.0.0.1/32"]}})
+        async with running_lb(cfg) as lb:
+            for incoming in (SIG_V2 + b"\x20\x00\x00\x00", b"PROXY UNKNOWN\r\n"):
+                reader, writer = await asyncio.open_connection(*lb.address)
+                try:
+                    writer.write(incoming + GET)
+                    assert await reader.readexactly(len(OK)) == OK
+                    assert set(client_keys(lb)) == {b"127.0.0.1"}
+                    src = writer.get_extra_info("sockname")
+                    assert be.conns[-1].data.startswith(build_v1(src, lb.address) + GET[:-2]
+                                                        + b"X-Forwarded-For: 127.0.0.1\r\n")
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
