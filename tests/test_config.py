@@ -89,10 +89,10 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
-     "reject_underscore_headers"),
+     "reject_underscore_headers, allow, deny, trusted_proxies, accept_proxy"),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
-     "backup, maxconn, check, command, env"),
+     "backup, maxconn, check, command, env, send_proxy"),
     ("backend-timeout-in-frontend", FE + '[frontends.web.timeout]\nconnect = "5s"\n' + BE,
      "{file}: frontends.web.timeout.connect: unknown key; expected one of client, http_request, "
      "http_keep_alive"),
@@ -182,6 +182,17 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("bad-forwardfor-network", FE + '[frontends.web.forwardfor]\nexcept = ["nonsense"]\n' + BE,
      '{file}: frontends.web.forwardfor.except[0] = "nonsense": expected a network like "10.0.0.0/8" '
      'or "::1"'),
+    ("bad-allow-cidr", FE + 'allow = ["10.0.0.0/8", "10.1.2.3/8"]\n' + BE,
+     '{file}: frontends.web.allow[1] = "10.1.2.3/8": expected a network like "10.0.0.0/8" or '
+     '"::1/128" (no host bits set)'),
+    ("bad-deny-cidr", FE + 'deny = ["::1/129"]\n' + BE,
+     '{file}: frontends.web.deny[0] = "::1/129": expected a network like "10.0.0.0/8" or '
+     '"::1/128" (no host bits set)'),
+    ("accept-proxy-without-from", FE + 'accept_proxy = {}\n' + BE,
+     '{file}: frontends.web.accept_proxy.from: missing; expected a list of networks like '
+     '["127.0.0.1/32"]'),
+    ("bad-send-proxy", server('address = "127.0.0.1:9001", send_proxy = "v3"'),
+     '{file}: backends.app.servers[0].send_proxy = "v3": expected one of "v1", "v2"'),
     ("frontend-not-a-table", 'frontends = { web = "127.0.0.1:8080" }\n' + BE,
      '{file}: frontends.web = "127.0.0.1:8080": expected a table'),
     ("frontends-not-a-table", 'frontends = "web"\n' + BE,

@@ -21,6 +21,7 @@ from typing import Any
 
 import httptools
 
+from .proxy import proxyproto
 from .servers import Server
 
 __all__ = ["Checks"]
@@ -119,6 +120,8 @@ class Checks:
         try:
             async with asyncio.timeout(c.timeout):
                 reader, writer = await asyncio.open_connection(server.host, port)
+                if server.send_proxy:  # a server that wants one gets one: LOCAL / UNKNOWN
+                    writer.write(proxyproto.header(server.send_proxy, None, None))
                 if c.type == "tcp":
                     return True, "layer4 check passed"
                 layer = "layer7"

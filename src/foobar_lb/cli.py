@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="quick form: a server, like 127.0.0.1:9001 (repeatable)")
     serve.add_argument("--mode", choices=("http", "tcp"), default="http",
                        help="quick form: http (default) or tcp")
+    serve.add_argument("--allow", action="append", metavar="CIDR",
+                       help="quick form: only clients in this network, like 10.0.0.0/8 (repeatable)")
+    serve.add_argument("--deny", action="append", metavar="CIDR",
+                       help="quick form: refuse clients in this network (repeatable; deny wins)")
     serve.add_argument("--algorithm", default="roundrobin", metavar="NAME",
                        help="quick form: balancing algorithm (" + ", ".join(algorithm_names()) + ")")
     serve.add_argument("--workers", "-w", type=_workers, metavar="N",
@@ -105,7 +109,8 @@ def _load(args: argparse.Namespace) -> Config:
         if not args.bind or not args.backend:
             missing = "--bind" if not args.bind else "--backend"
             raise ConfigError("", f"the quick form needs {missing} too", "command line")
-        return quick_config(args.bind, args.backend, args.mode, args.algorithm, algos)
+        return quick_config(args.bind, args.backend, args.mode, args.algorithm, algos,
+                            allow=args.allow, deny=args.deny)
     if args.config:
         return load_config(args.config, algos)
     if Path(DEFAULT_CONFIG).is_file():

@@ -172,6 +172,7 @@ class ServerConfig:
     check: CheckConfig | None = None  # None: no active check (the server counts as up)
     command: tuple[str, ...] = ()  # a managed server: the command line that runs it
     env: tuple[tuple[str, str], ...] = ()  # extra environment for the command
+    send_proxy: str | None = None  # "v1" or "v2": a PROXY header first on each connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,12 @@ class FrontendConfig:
     request_headers: HeaderRules = field(default_factory=HeaderRules)
     response_headers: HeaderRules = field(default_factory=HeaderRules)
     reject_underscore_headers: bool = False  # refuse any field name with "_" (400)
+    # client addresses (clientaddr.py): firewall rules at accept, trusted X-Forwarded-For,
+    # PROXY protocol in (None: off; else the sources that may, and must, send a header)
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    accept_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +501,22 @@ def _forwardfor(value: Any, path: str) -> ForwardFor:
     )
 
 
+def _cidr(raw: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(raw, strict=True)
+    except (TypeError, ValueError):
+        raise _bad(path, raw, 'a network like "10.0.0.0/8" or "::1/128" (no host bits set)'
+                   ) from None
+
+
+_CIDRS = _list_of(_cidr, 'networks like ["10.0.0.0/8"]', single_ok=True)
+
+
+def _accept_proxy(value: Any, path: str):
+    t = _Table(value, path, ("from",), 'a table { from = ["127.0.0.1/32"] }')
+    return t.need("from", _CIDRS, 'a list of networks like ["127.0.0.1/32"]')
+
+
 def _rule(value: Any, path: str) -> Rule:
     t = _Table(value, path, ("host", "path_prefix", "backend"), "a table {host, path_prefix, backend}")
 
@@ -557,7 +580,7 @@ def _env(value: Any, path: str) -> tuple[tuple[str, str], ...]:
 def _server(value: Any, path: str, index: int, check: CheckConfig | None,
             check_raw: dict | None) -> ServerConfig:
     t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn", "check", "command",
-                             "env"),
+                             "env", "send_proxy"),
                "a table {name, address, weight, backup, maxconn, check, command, env}")
     if t.has("check"):
         raw = t.data["check"]
@@ -578,6 +601,7 @@ def _server(value: Any, path: str, index: int, check: CheckConfig | None,
         check=check,
         command=command,
         env=t.get("env", _env, ()),
+        send_proxy=t.get("send_proxy", _choice(("v1", "v2")), None),
     )
 
 
@@ -688,7 +712,8 @@ def _defaults(value: Any, path: str, algos: tuple[str, ...]) -> _Defaults:
 def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     t = _Table(value, path, ("bind", "mode", "default_backend", "rules", "timeout", "limits",
                              "forwardfor", "forwarded_proto", "request_headers", "response_headers",
-                             "reject_underscore_headers"))
+                             "reject_underscore_headers", "allow", "deny", "trusted_proxies",
+                             "accept_proxy"))
     return FrontendConfig(
         name=name,
         bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),
@@ -704,6 +729,10 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
         request_headers=t.get("request_headers", _header_rules, HeaderRules()),
         response_headers=t.get("response_headers", _header_rules, HeaderRules()),
         reject_underscore_headers=t.get("reject_underscore_headers", _bool, False),
+        allow=t.get("allow", _CIDRS, ()),
+        deny=t.get("deny", _CIDRS, ()),
+        trusted_proxies=t.get("trusted_proxies", _CIDRS, ()),
+        accept_proxy=t.get("accept_proxy", _accept_proxy, None),
     )
 
 
@@ -891,10 +920,16 @@ def load_config(path: str | Path, algorithms: tuple[str, ...] | list[str] | None
 
 def quick_config(bind: list[str], backends: list[str], mode: str = "http",
                  algorithm: str = "roundrobin",
-                 algorithms: tuple[str, ...] | list[str] | None = None) -> Config:
+                 algorithms: tuple[str, ...] | list[str] | None = None, *,
+                 allow: list[str] | None = None, deny: list[str] | None = None) -> Config:
     """The configuration behind `serve --bind A --backend B ...`; mistakes name the option."""
+    fe: dict[str, Any] = {"bind": bind, "mode": mode, "default_backend": "main"}
+    if allow:
+        fe["allow"] = allow
+    if deny:
+        fe["deny"] = deny
     data = {
-        "frontends": {"main": {"bind": bind, "mode": mode, "default_backend": "main"}},
+        "frontends": {"main": fe},
         "backends": {"main": {
             "mode": mode,
             "balance": algorithm,
@@ -906,7 +941,8 @@ def quick_config(bind: list[str], backends: list[str], mode: str = "http",
     except ConfigError as e:
         option = e.path
         for prefix, opt in (("frontends.main.bind", "--bind"), ("backends.main.servers", "--backend"),
-                            ("backends.main.balance", "--algorithm"), ("frontends.main.mode", "--mode")):
+                            ("backends.main.balance", "--algorithm"), ("frontends.main.mode", "--mode"),
+                            ("frontends.main.allow", "--allow"), ("frontends.main.deny", "--deny")):
             if option.startswith(prefix):
                 option = opt
                 break

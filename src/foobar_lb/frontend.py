@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .backend import Backend
+from .clientaddr import Edge
 from .config import FrontendConfig, HeaderRules
 from .shared import F_1XX, F_SIZE
 
@@ -116,6 +117,7 @@ class Frontend:
         "cls0",
         "ctr",
         "default",
+        "edge",
         "forwarded_proto",
         "http_keep_alive",
         "http_request",
@@ -180,6 +182,8 @@ class Frontend:
                                                      _scan_pattern(HOP_BY_HOP)))
         # the route of every request when there are no rules: the simple path needs no routing
         self.simple = self.routes[self.default.name] if self.default and not self.rules else None
+        # accept-time rules and client addresses (clientaddr.py); None: nothing to check
+        self.edge = Edge.from_config(cfg)
 
     def _backends(self) -> list[Backend]:
         return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())

@@ -43,6 +43,7 @@ from .shared import (
     COUNTER_BYTES,
     F_1XX,
     F_CONNECTIONS,
+    F_DENIED,
     S_FAILURES,
     S_REQUESTS,
     Counters,
@@ -567,6 +568,7 @@ class Master:
             frontends[name] = {
                 "mode": fe.mode,
                 "connections": t[off + F_CONNECTIONS],
+                "denied": t[off + F_DENIED],
                 "requests": sum(t[off + F_1XX + c] for c in range(5)),
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
             }

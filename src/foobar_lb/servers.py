@@ -47,6 +47,7 @@ class Server:
         "name",
         "pool_key",
         "port",
+        "send_proxy",
         "slots",
         "state",
         "weight",
@@ -64,6 +65,7 @@ class Server:
         backend: str = "",
         state: State = State.UP,
         check: CheckConfig | None = None,
+        send_proxy: str | None = None,
     ):
         self.name = name
         self.backend = backend
@@ -94,6 +96,9 @@ class Server:
         # idle connections are pooled by (server, its TLS settings): a TLS connection is never
         # handed out for a plain one (no TLS to servers yet: None)
         self.pool_key = (self, None)
+        # "v1"/"v2": a PROXY header first on each connection (clientaddr.py); such a
+        # connection carries one client's address, so it is never pooled
+        self.send_proxy = send_proxy
 
     @classmethod
     def from_config(cls, cfg: ServerConfig, backend: str = "") -> Server:
@@ -106,6 +111,7 @@ class Server:
             maxconn=cfg.maxconn,
             backend=backend,
             check=cfg.check,
+            send_proxy=cfg.send_proxy,
         )
 
     @property

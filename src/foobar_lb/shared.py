@@ -35,7 +35,9 @@ S_SIZE = 8
 # A frontend's counters
 F_CONNECTIONS = 0  # client connections accepted
 F_1XX = 1  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx (requests answered:
-F_SIZE = 8  # their sum, one increment per request on the hot path)
+# their sum, one increment per request on the hot path)
+F_DENIED = 6  # connections refused at accept by allow/deny (or a PROXY header not allowed)
+F_SIZE = 8
 
 COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used
 SEM_SIZE = 32  # sizeof(sem_t) on 64-bit Linux

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..backend import ASSIGNED, QUEUED
+from ..clientaddr import send_proxy_header
 from .base import ClientSide, pass_eof
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class TcpSession(ClientSide):
     __slots__ = (
         "attempts",
         "be",
+        "client_key",
         "closing",
         "eof_in",
         "fe",
@@ -41,9 +43,11 @@ class TcpSession(ClientSide):
         "lb",
         "loop",
         "paused",
+        "peer_ip",
         "peer_key",
         "pending",
         "pending_size",
+        "proxied",
         "server",
         "th",
         "th_when",
@@ -67,7 +71,10 @@ class TcpSession(ClientSide):
         self.closing = False
         self.paused = False
         self.attempts = 0
+        self.peer_ip = ""
         self.peer_key = b""
+        self.client_key = b""  # the client's address as bytes (see clientaddr.py)
+        self.proxied = None  # ((src ip, port), (dst ip, port)) from a PROXY header
         self.last_rx = 0.0
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
@@ -76,7 +83,15 @@ class TcpSession(ClientSide):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer_key = peer[0].encode()
+            self.peer_ip = peer[0]
+            self.peer_key = self.client_key = peer[0].encode()
+        edge = self.fe.edge
+        if edge is None or edge.accept(self):
+            self.accepted()
+
+    def accepted(self) -> None:
+        """The client address is established and allowed (at accept, or after the PROXY
+        header)."""
         if self.lb.admit(self):  # else parked, unread, until global maxconn has room
             self.admitted()
 
@@ -136,6 +151,8 @@ class TcpSession(ClientSide):
             return
         self.up = up
         server.errors = 0
+        if server.send_proxy is not None:
+            send_proxy_header(up.transport, server.send_proxy, self)
         if self.pending:
             if self.paused:
                 # resume before writing: if the held bytes fill the server's buffer, the
@@ -199,6 +216,9 @@ class TcpSession(ClientSide):
         self.closing = True
         if not self.transport.is_closing():
             self.transport.close()
+
+    def trust_xff(self, trusted) -> None:
+        """No X-Forwarded-For in TCP mode: `trusted_proxies` changes nothing here."""
 
     def drain(self) -> None:
         """Reload: a TCP connection is left to finish (until hard_stop_after)."""

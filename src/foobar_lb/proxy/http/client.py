@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING
 import httptools
 
 from ...backend import ASSIGNED, QUEUED
+from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend
 from ..base import ClientSide
+from ..upstream import Pool
 from .exchange import (
     BLOCK_PARKED,
     BLOCK_PENDING,
@@ -104,6 +106,7 @@ class HttpSession(ClientSide):
 
     __slots__ = (
         "block",
+        "client_key",
         "closing",
         "eof_in",
         "fe",
@@ -115,13 +118,16 @@ class HttpSession(ClientSide):
         "lb",
         "loop",
         "mode",
+        "own_pool",
         "parser",
         "parsing",
         "peer_ip",
         "peer_key",
+        "proxied",
         "q",
         "rx",
         "served",
+        "simple",
         "th",
         "th_when",
         "transport",
@@ -129,6 +135,7 @@ class HttpSession(ClientSide):
         "wblocked_at",
         "xff_ip",
         "xff_line",
+        "xff_trust",
     )
 
     def __init__(self, lb, fe: Frontend):
@@ -149,6 +156,13 @@ class HttpSession(ClientSide):
         self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
         self.peer_ip = ""
         self.peer_key = b""
+        # the client's address as bytes, for per-client rules and limits: the peer's, or the
+        # PROXY header's, or per request a trusted proxy's X-Forwarded-For's (clientaddr.py)
+        self.client_key = b""
+        self.proxied = None  # ((src ip, port), (dst ip, port)) from a PROXY header
+        self.xff_trust = None  # the trusted proxies' networks, when the peer is one of them
+        self.simple = fe.simple  # the simple path's route (None: every request the full path)
+        self.own_pool: Pool | None = None  # idle connections private to this client (send_proxy)
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
         self.held: list[bytes] | None = None  # bytes read while parked
@@ -165,7 +179,14 @@ class HttpSession(ClientSide):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
-            self.peer_key = peer[0].encode()
+            self.peer_key = self.client_key = peer[0].encode()
+        edge = self.fe.edge
+        if edge is None or edge.accept(self):
+            self.accepted()
+
+    def accepted(self) -> None:
+        """The client address is established and allowed (at accept, or after the PROXY
+        header): admission, then the first request."""
         if self.fe.forward_for(self.peer_ip):
             self.xff_ip = self.peer_key
             self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
@@ -187,6 +208,8 @@ class HttpSession(ClientSide):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
+        if self.own_pool is not None:
+            self.own_pool.close_all()
         for r in self.q:
             r.detach()
             r.release_server()
@@ -294,7 +317,7 @@ class HttpSession(ClientSide):
         same head the full path would, byte for byte, and refuses nothing itself: anything it
         does not handle (a field to drop or check, a Host not seen before, a size near a limit)
         returns False before any state changed, and the full path parses the same bytes."""
-        route = self.fe.simple
+        route = self.simple
         if route is None:
             return False
         method, url, fields = m.group(1, 2, 3)
@@ -405,6 +428,8 @@ class HttpSession(ClientSide):
         r.backend = be
         route = fe.routes[be.name] if be is not None else fe.no_route
         r.route = route
+        if self.xff_trust is not None:  # the peer is a trusted proxy: the client is in XFF
+            self._trusted_client(fields)
         r.head, chunked, body, r.upgrade, r.needs_host, expect = request_head(
             method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
         r.chunked = chunked
@@ -432,6 +457,18 @@ class HttpSession(ClientSide):
             self._start(r, self.last_rx)
         elif len(q) > PIPELINE_LIMIT:
             self._block(BLOCK_PIPELINE)
+
+    def trust_xff(self, trusted) -> None:
+        """The peer is a trusted proxy (clientaddr.Edge): each request's client address comes
+        from its X-Forwarded-For, so no request takes the simple path."""
+        self.xff_trust = trusted
+        self.simple = None
+
+    def _trusted_client(self, fields: list[tuple[bytes, bytes]]) -> None:
+        name = self.fe.xff_low or b"x-forwarded-for"
+        values = [v for n, v in fields if n.lower() == name]
+        got = client_from_xff(values, self.xff_trust) if values else None
+        self.client_key = got if got is not None else self.peer_key
 
     def on_body(self, data: bytes) -> None:
         r = self.parsing
@@ -537,12 +574,23 @@ class HttpSession(ClientSide):
         # has served a response already; if the server closed it meanwhile, the request goes
         # again on a fresh one (see _attempt_failed: not counted as a retry)
         if not fresh and r.idempotent and not r.upgrade:
-            conn = be.pool.acquire(server.pool_key, now)
+            pool = be.pool if server.send_proxy is None else self._private(be)
+            conn = pool.acquire(server.pool_key, now)
         if conn is not None:
             conn.reused = True
             r.attach(conn, now)
         else:
             self.lb.spawn(self._connect(r, server))
+
+    def _private(self, be) -> Pool:
+        """The pool of this client's own server connections: one that began with a PROXY
+        header carries this client's address, so it is reused by this client only (HAProxy
+        makes such connections private)."""
+        pool = self.own_pool
+        if pool is None:
+            pool = self.own_pool = Pool(max_idle=min(be.pool.max_idle, 1),
+                                        idle_timeout=be.pool.idle_timeout)
+        return pool
 
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
@@ -567,8 +615,9 @@ class HttpSession(ClientSide):
         timeout = be.timeouts.connect or None
         try:
             async with asyncio.timeout(timeout):
+                pool = be.pool if server.send_proxy is None else self._private(be)
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamHttp(be.pool, server, self.loop), server.host, server.port
+                    lambda: UpstreamHttp(pool, server, self.loop), server.host, server.port
                 )
         except (OSError, TimeoutError) as e:
             reason = "connection timeout" if isinstance(e, TimeoutError) else (
@@ -584,6 +633,8 @@ class HttpSession(ClientSide):
             r.release_server()
             conn.close()
             return
+        if server.send_proxy is not None:
+            send_proxy_header(conn.transport, server.send_proxy, self)
         r.attach(conn, self.loop.time())
 
     def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
