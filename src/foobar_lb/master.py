@@ -36,13 +36,16 @@ from .build import Built, build
 from .channel import Channel, encode
 from .checks import Checks
 from .config import Config, ConfigError, load_config
+from .limits import ClientTable
 from .listeners import ListenError, bind_config, check_managed_ports, key_of
 from .managed import Supervisor, expand_command, unrunnable, uses_data_dir
 from .servers import State
 from .shared import (
     COUNTER_BYTES,
     F_1XX,
+    F_CLIENT_REFUSED,
     F_CONNECTIONS,
+    F_RATE_LIMITED,
     S_FAILURES,
     S_REQUESTS,
     Counters,
@@ -103,6 +106,8 @@ class Master:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.socks: dict[tuple, socket.socket] = {}
         self.sems = SemTable()
+        # per-client limits: one table for the master's lifetime, so reloads keep the state
+        self.clients = ClientTable(config.settings.limit_table_size, config.settings.ipv6_prefix)
         self.layout = Layout()
         self.own = Counters()  # the master's Server objects count nothing; cells for its build
         self.retired: list[int] = []  # counters of workers that ended, summed
@@ -276,7 +281,7 @@ class Master:
         # only the sockets of its configuration: a socket a worker held on to would stay open
         socks = {key_of(name, i, a): self.socks[key_of(name, i, a)]
                  for name, f in cfg.frontends.items() for i, a in enumerate(f.bind)}
-        fds = [child.fileno(), self.sems.region.fd, w.counters.region.fd,
+        fds = [child.fileno(), self.sems.region.fd, w.counters.region.fd, self.clients.region.fd,
                *(s.fileno() for s in socks.values())]
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -295,6 +300,7 @@ class Master:
             "sems_fd": self.sems.region.fd,
             "sems": self.sems.index,
             "counters_fd": w.counters.region.fd,
+            "clients_fd": self.clients.region.fd,
             "layout": self.layout.offsets,
             "cells": self.layout.cells,
             "states": states,
@@ -443,7 +449,7 @@ class Master:
                 new = load_config(old.source, algorithm_names())
             except ConfigError as e:
                 return False, str(e)
-        for key in ("user", "group"):
+        for key in ("user", "group", "limit_table_size"):
             if getattr(new.settings, key) != getattr(old.settings, key):
                 return False, (f"{new.source}: global.{key}: cannot change on a reload "
                                f"(restart to change it)")
@@ -569,6 +575,8 @@ class Master:
                 "connections": t[off + F_CONNECTIONS],
                 "requests": sum(t[off + F_1XX + c] for c in range(5)),
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
+                "rate_limited": t[off + F_RATE_LIMITED],
+                "client_refused": t[off + F_CLIENT_REFUSED],
             }
         backends = {}
         for be in self.built.backends.values():

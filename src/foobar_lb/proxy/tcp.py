@@ -34,6 +34,7 @@ class TcpSession(ClientSide):
     __slots__ = (
         "attempts",
         "be",
+        "client_key",
         "closing",
         "eof_in",
         "fe",
@@ -68,6 +69,7 @@ class TcpSession(ClientSide):
         self.paused = False
         self.attempts = 0
         self.peer_key = b""
+        self.client_key = b""  # the client's address: rules and limits use it (the peer's)
         self.last_rx = 0.0
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
@@ -76,7 +78,7 @@ class TcpSession(ClientSide):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer_key = peer[0].encode()
+            self.client_key = self.peer_key = peer[0].encode()
         if self.lb.admit(self):  # else parked, unread, until global maxconn has room
             self.admitted()
 
