@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 
@@ -22,7 +23,7 @@ from foobar_lb.limits import (
     retry_after,
     too_many_requests,
 )
-from foobar_lb.shared import F_RATE_LIMITED
+from foobar_lb.shared import F_RATE_LIMITED, Region
 from procs import LbProcess, established_to, socket_inodes
 
 from support import (
@@ -199,6 +200,27 @@ def test_two_mappings_of_one_table_share_it_and_a_dead_lock_holder_does_not_wedg
     assert worker.take(0, b"10.0.0.1", 1 / 60, 5, now) > 0
     assert master.take(0, b"10.0.0.7", 1 / 60, 5, now) == 0.0
     worker.close()
+    master.close()
+
+
+def test_the_connections_of_a_worker_that_died_are_taken_off_the_table():
+    master = ClientTable(1000)
+    held = Region(master.held_bytes())
+    worker = ClientTable(1000, fd=os.dup(master.region.fd), held_fd=os.dup(held.fd))
+    now = time.monotonic()
+    kept = master.connect(0, b"10.0.0.1", 3, now)  # another worker's connection: it stays
+    for _ in range(2):
+        assert worker.connect(0, b"10.0.0.1", 3, now) >= 0
+    off = worker.connect(0, b"10.0.0.2", 3, now)
+    worker.disconnect(off)  # given back already: not taken off twice
+    assert master.connect(0, b"10.0.0.1", 3, now) == REFUSED
+    worker.close()  # the worker is gone without giving its two back
+    assert master.forget(held) == 2
+    assert master.lookup(0, b"10.0.0.1")[2] == 1
+    assert master.lookup(0, b"10.0.0.2")[2] == 0
+    assert master.forget(held) == 0
+    master.disconnect(kept)
+    held.close()
     master.close()
 
 
@@ -403,6 +425,31 @@ async def test_rate_limit_counts_requests_from_before_a_reload(tmp_path):
 
 
 @pytest.mark.slow
+async def test_a_killed_worker_does_not_leave_its_clients_at_their_limit(tmp_path):
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        async with LbProcess(tmp_path, _cfg(port, a, 1, {"max_client_connections": 2})) as lb:
+            (worker,) = lb.workers()
+            held = []
+            for _ in range(2):
+                r, w = await _open(port)
+                assert (await _ask(r, w)).status == 200
+                held.append(w)
+            r, w = await _open(port)
+            assert await _refused(r, w)
+            os.kill(worker, signal.SIGKILL)
+            await lb.wait_err(r"worker \d+ \(pid \d+\) replaces worker", 20)
+            for w in held:
+                w.close()
+            r, w = await _open(port)
+            assert (await _ask(r, w)).status == 200
+            r2, w2 = await _open(port)
+            assert (await _ask(r2, w2)).status == 200
+            w.close()
+            w2.close()
+
+
+@pytest.mark.slow
 async def test_max_client_connections_holds_across_two_workers(tmp_path):
     async with ScriptedServer("a") as a:
         port = free_port()
@@ -432,3 +479,16 @@ async def test_max_client_connections_holds_across_two_workers(tmp_path):
             assert spread == 2, "the kernel gave every connection to one worker"
             stats = await lb.stats()
             assert stats["frontends"]["www"]["client_refused"] == x - 1
+
+
+@pytest.mark.slow
+async def test_limit_table_size_cannot_change_on_a_reload(tmp_path):
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        async with LbProcess(tmp_path, _cfg(port, a, 1, {"rate_limit": LIMIT})) as lb:
+            lb.config.write_text(lb.config.read_text().replace(
+                "[global]\n", "[global]\nlimit_table_size = 500\n"))
+            rc, _, err = await lb.reload()
+            assert rc == 2
+            assert err == (f"foobar-lb: error: {lb.config}: global.limit_table_size: cannot "
+                           "change on a reload (restart to change it)\n")

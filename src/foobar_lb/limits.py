@@ -26,6 +26,9 @@ Rules of this module:
   semaphore (SIGKILL, the OOM killer) leaves it taken and wedges the group for good; the
   kernel releases a robust mutex of a dead owner, and the next taker (EOWNERDEAD) marks it
   consistent and goes on, which is safe because of the rule above;
+- a worker records, in a region of its own the master keeps (`held`: a count per entry), the
+  connections it counted; when a worker dies without giving them back (SIGKILL, a crash) the
+  master takes them off the table (`forget`), so its clients are not held over the limit;
 - time is CLOCK_MONOTONIC (`time.monotonic()`), the same clock in every process.
 It knows nothing of HTTP or sockets: `Limiter.request` says how long until a token is free,
 `Limiter.connect` whether a connection may stay; the callers answer (admission, client.py).
@@ -104,11 +107,11 @@ class ClientTable:
     """The per-client table: created by the master (`fd=None`), mapped by workers (`fd`), or
     private to one process (`private=True`)."""
 
-    __slots__ = ("_lock", "_unlock", "cache", "capacity", "mask", "mm", "region", "secret",
-                 "sets", "size")
+    __slots__ = ("_lock", "_unlock", "cache", "capacity", "held", "held_region", "mask", "mm",
+                 "region", "secret", "sets", "size")
 
     def __init__(self, size: int = 100000, ipv6_prefix: int = 64, fd: int | None = None,
-                 private: bool = False):
+                 private: bool = False, held_fd: int | None = None):
         nbytes = table_bytes(size)
         self.size = size
         if private:
@@ -142,6 +145,12 @@ class ClientTable:
         bits = 128 - ipv6_prefix
         self.mask = ((1 << 128) - 1) >> bits << bits
         self.cache: dict[tuple[int, bytes], tuple[bytes, int, int]] = {}
+        # this worker's connections by entry (see `forget`), or None (the library)
+        self.held_region = None
+        self.held = None
+        if held_fd is not None:
+            self.held_region = Region(self.held_bytes(), held_fd)
+            self.held = memoryview(self.held_region.mm).cast("i")
         lock, unlock = lib.pthread_mutex_lock, lib.pthread_mutex_unlock
         consistent = lib.pthread_mutex_consistent
 
@@ -238,6 +247,8 @@ class ClientTable:
             if conns >= limit:
                 return REFUSED
             struct.pack_into("<q", mm, off + 48, conns + 1)
+            if self.held is not None:
+                self.held[(off - DATA) // ESIZE] += 1
             return off
         finally:
             self._unlock(stripe)
@@ -252,8 +263,43 @@ class ClientTable:
             conns = struct.unpack_from("<q", mm, off + 48)[0]
             if conns > 0:
                 struct.pack_into("<q", mm, off + 48, conns - 1)
+            if self.held is not None:
+                self.held[(off - DATA) // ESIZE] -= 1
         finally:
             self._unlock(stripe)
+
+    def held_bytes(self) -> int:
+        """The size of a worker's `held` region: an int32 per entry, whole pages (touched
+        only where used)."""
+        return -(-self.capacity * 4 // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    def forget(self, held: Region) -> int:
+        """The master's part, for a worker that ended: take off the table the connections its
+        `held` region still records (none after a normal exit); how many there were."""
+        counts = memoryview(held.mm).cast("i")
+        raw = bytes(held.mm)
+        gone = 0
+        zero = bytes(mmap.PAGESIZE)
+        try:
+            for page in range(0, len(raw), mmap.PAGESIZE):
+                if raw[page:page + mmap.PAGESIZE] == zero:
+                    continue  # (a page the worker never touched)
+                for i in range(page // 4, min((page + mmap.PAGESIZE) // 4, self.capacity)):
+                    n = counts[i]
+                    if n > 0:
+                        off = DATA + i * ESIZE
+                        stripe = ((off - DATA) // SET_BYTES) % STRIPES
+                        self._lock(stripe)
+                        try:
+                            conns = struct.unpack_from("<q", self.mm, off + 48)[0]
+                            struct.pack_into("<q", self.mm, off + 48, max(0, conns - n))
+                        finally:
+                            self._unlock(stripe)
+                        gone += n
+                        counts[i] = 0
+        finally:
+            counts.release()
+        return gone
 
     def lookup(self, tag: int, client: bytes) -> tuple[float, float, int] | None:
         """(tokens, stamp, open connections) of `client`'s entry, or None (for tests)."""
@@ -275,6 +321,10 @@ class ClientTable:
                    if mm[off:off + 24] != _EMPTY)
 
     def close(self) -> None:
+        if self.held is not None:
+            self.held.release()
+            self.held_region.close()
+            self.held = None
         if self.region is not None:
             self.region.close()
         else:

@@ -82,7 +82,8 @@ def control_path(pid_file: str | os.PathLike[str]) -> Path:
 
 
 class WorkerProc:
-    __slots__ = ("channel", "counters", "gen", "id", "pid", "proc", "ready", "started", "status")
+    __slots__ = ("channel", "counters", "gen", "held", "id", "pid", "proc", "ready", "started",
+                 "status")
 
     def __init__(self, wid: int, gen: int):
         self.id = wid
@@ -91,6 +92,7 @@ class WorkerProc:
         self.pid = 0
         self.channel: Channel | None = None
         self.counters: Counters | None = None
+        self.held: Region | None = None  # its connections per client (limits.ClientTable)
         self.ready: asyncio.Future | None = None
         self.status = "starting"  # starting, serving, draining, stopping
         self.started = time.monotonic()
@@ -278,10 +280,12 @@ class Master:
         self.next_id += 1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         w.counters = Counters(Region(COUNTER_BYTES))
+        w.held = Region(self.clients.held_bytes())
         # only the sockets of its configuration: a socket a worker held on to would stay open
         socks = {key_of(name, i, a): self.socks[key_of(name, i, a)]
                  for name, f in cfg.frontends.items() for i, a in enumerate(f.bind)}
         fds = [child.fileno(), self.sems.region.fd, w.counters.region.fd, self.clients.region.fd,
+               w.held.fd,
                *(s.fileno() for s in socks.values())]
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -301,6 +305,7 @@ class Master:
             "sems": self.sems.index,
             "counters_fd": w.counters.region.fd,
             "clients_fd": self.clients.region.fd,
+            "held_fd": w.held.fd,
             "layout": self.layout.offsets,
             "cells": self.layout.cells,
             "states": states,
@@ -340,6 +345,10 @@ class Master:
     async def _watch(self, w: WorkerProc) -> None:
         rc = await w.proc.wait()
         self._fold(w)
+        if w.held is not None:  # connections it never gave back (killed): off the table
+            self.clients.forget(w.held)
+            w.held.close()
+            w.held = None
         if w in self.workers:
             self.workers.remove(w)
         if w.channel is not None:

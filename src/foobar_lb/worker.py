@@ -109,7 +109,8 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
                   slots=lambda b, s: SemSlots(sem_region, sems[(b, s.name)], s.maxconn),
                   states=init["states"])
     settings = config.settings
-    clients = ClientTable(settings.limit_table_size, settings.ipv6_prefix, fd=init["clients_fd"])
+    clients = ClientTable(settings.limit_table_size, settings.ipv6_prefix, fd=init["clients_fd"],
+                          held_fd=init["held_fd"])
     admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], settings.maxconn),
                           clients)
     serving = Serving(loop, built, admission)
