@@ -89,7 +89,8 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
-     "reject_underscore_headers, allow, deny, trusted_proxies, accept_proxy"),
+     "reject_underscore_headers, allow, deny, trusted_proxies, accept_proxy, rate_limit, "
+     "max_client_connections"),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
      "backup, maxconn, check, command, env, send_proxy"),
@@ -165,6 +166,14 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("rule-bad-path-prefix",
      '[frontends.web]\nbind = "127.0.0.1:8080"\nrules = [{ path_prefix = "api", backend = "app" }]\n' + BE,
      '{file}: frontends.web.rules[0].path_prefix = "api": expected a path prefix starting with "/"'),
+    ("rate-limit-per-zero", FE + 'rate_limit = { requests = 10, per = "0s" }\n' + BE,
+     '{file}: frontends.web.rate_limit.per = "0s": expected a duration above 0'),
+    ("rate-limit-in-tcp-mode",
+     '[frontends.web]\nbind = "127.0.0.1:8080"\nmode = "tcp"\ndefault_backend = "db"\n'
+     'rate_limit = { requests = 10 }\n'
+     '[backends.db]\nmode = "tcp"\nservers = [{ address = "127.0.0.1:9001" }]\n',
+     '{file}: frontends.web.rate_limit: limits requests, so needs mode "http" '
+     '(max_client_connections works in tcp mode)'),
     ("rules-in-tcp-mode",
      '[frontends.web]\nbind = "127.0.0.1:8080"\nmode = "tcp"\nrules = [{ host = "a.test", backend = "db" }]\n'
      '[backends.db]\nmode = "tcp"\nservers = [{ address = "127.0.0.1:9001" }]\n',

@@ -3,8 +3,10 @@
 Rule of this module: the global `maxconn` is a limit of the whole worker group (group-wide
 slots in shared memory) or of the one process (the library); a connection beyond it is
 accepted but parked, unread, until a slot frees (in this process at once; freed by another
-worker, found by a short poll while anything is parked). It counts accepted connections. It
-never reads or parses a byte (per-client limits will live here too).
+worker, found by a short poll while anything is parked). It counts accepted connections.
+A frontend's `max_client_connections` (group-wide, in `limits.ClientTable`) is checked first:
+a client address over it is closed at once, counted, and takes no maxconn slot. It never
+reads or parses a byte.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 from collections import deque
 from typing import Any
 
+from .limits import REFUSED
 from .shared import F_CONNECTIONS, SemSlots
 
 __all__ = ["Admission"]
@@ -22,20 +25,25 @@ PARKED_POLL = 0.01
 
 
 class Admission:
-    __slots__ = ("_poll", "loop", "parked", "sessions", "shared", "slots")
+    __slots__ = ("_poll", "clients", "counted", "loop", "parked", "sessions", "shared", "slots")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, slots: Any):
+    def __init__(self, loop: asyncio.AbstractEventLoop, slots: Any, clients: Any = None):
         self.loop = loop
         self.slots = slots  # shared.SemSlots (group) or shared.LocalSlots (one process)
         self.sessions: set[Any] = set()  # client connections being served
         self.parked: deque[Any] = deque()  # accepted beyond global maxconn, not read yet
         self._poll: asyncio.TimerHandle | None = None
         self.shared = isinstance(slots, SemSlots)
+        self.clients = clients  # limits.ClientTable (per-client limits), or None
+        self.counted: dict[Any, int] = {}  # session -> its entry in `clients`
 
     def admit(self, session: Any) -> bool:
         """Called by a new session; False means it is parked (its reading is paused)."""
         fe = session.fe
         fe.ctr[fe.cbase + F_CONNECTIONS] += 1
+        lim = fe.climits
+        if lim is not None and lim.max_conns and not self.limit_client(session):
+            return False
         if not self.parked and self.slots.take():
             self.sessions.add(session)
             return True
@@ -46,8 +54,24 @@ class Admission:
         self._schedule()
         return False
 
+    def limit_client(self, session: Any) -> bool:
+        """`max_client_connections` for `session.client_key`: False when over it (the
+        connection is closed, counted). Called at accept; a session whose client address is
+        known only later (a PROXY header) calls it then."""
+        got = session.fe.climits.connect(session.client_key)
+        if got >= 0:
+            self.counted[session] = got
+        elif got == REFUSED:
+            session.transport.close()
+            return False
+        return True
+
     def leave(self, session: Any) -> None:
         """Called when a session's connection is gone."""
+        if self.counted:
+            off = self.counted.pop(session, None)
+            if off is not None:
+                self.clients.disconnect(off)
         if session in self.sessions:
             self.sessions.discard(session)
             self.slots.give()
@@ -83,6 +107,12 @@ class Admission:
     def _pause_if_parked(self, session: Any) -> None:
         if session in self.parked and not session.transport.is_closing():
             session.transport.pause_reading()
+
+    def release_clients(self) -> None:
+        """Give back every connection counted per client (the sessions are being cut)."""
+        counted, self.counted = self.counted, {}
+        for off in counted.values():
+            self.clients.disconnect(off)
 
     def close(self) -> None:
         if self._poll is not None:

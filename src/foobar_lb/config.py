@@ -33,6 +33,7 @@ __all__ = [
     "GlobalConfig",
     "HeaderRules",
     "Limits",
+    "RateLimit",
     "Rule",
     "ServerConfig",
     "Timeouts",
@@ -118,6 +119,15 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A frontend's token bucket per client: `requests` per `per` seconds, `burst` at most."""
+
+    requests: int
+    per: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class HeaderRules:
     """Applied in the order delete, set, add (names compared case-insensitively)."""
 
@@ -195,6 +205,8 @@ class FrontendConfig:
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     accept_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    rate_limit: RateLimit | None = None  # requests per client address (whole group)
+    max_client_connections: int = 0  # connections at once per client address; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +250,8 @@ class GlobalConfig:
     backlog: int = 0  # listen backlog; 0: default_backlog()
     user: str | None = None  # drop root to this user after binding
     group: str | None = None
+    limit_table_size: int = 100000  # clients the per-client limits remember (whole group)
+    ipv6_prefix: int = 64  # IPv6 clients are one client per prefix of this length
 
     @property
     def worker_count(self) -> int:
@@ -713,7 +727,7 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     t = _Table(value, path, ("bind", "mode", "default_backend", "rules", "timeout", "limits",
                              "forwardfor", "forwarded_proto", "request_headers", "response_headers",
                              "reject_underscore_headers", "allow", "deny", "trusted_proxies",
-                             "accept_proxy"))
+                             "accept_proxy", "rate_limit", "max_client_connections"))
     return FrontendConfig(
         name=name,
         bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),
@@ -733,7 +747,19 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
         deny=t.get("deny", _CIDRS, ()),
         trusted_proxies=t.get("trusted_proxies", _CIDRS, ()),
         accept_proxy=t.get("accept_proxy", _accept_proxy, None),
+        rate_limit=t.get("rate_limit", _rate_limit, None),
+        max_client_connections=t.get("max_client_connections", _int(0, 1_000_000), 0),
     )
+
+
+def _rate_limit(value: Any, path: str) -> RateLimit:
+    t = _Table(value, path, ("requests", "per", "burst"),
+               'a table like { requests = 100, per = "10s", burst = 20 }')
+    requests = t.need("requests", _int(1, 1_000_000_000), "an integer of at least 1")
+    per = t.get("per", _duration, 1.0)
+    if per <= 0:
+        raise _bad(t.key("per"), t.data["per"], "a duration above 0")
+    return RateLimit(requests, per, t.get("burst", _int(1, 1_000_000_000), requests))
 
 
 def _backend(name: str, value: Any, path: str, d: _Defaults,
@@ -805,7 +831,8 @@ def _workers(value: Any, path: str) -> int | str:
 
 def _global(value: Any, path: str) -> GlobalConfig:
     t = _Table(value, path, ("grace", "log_level", "maxconn", "data_dir", "startup_timeout",
-                             "workers", "hard_stop_after", "backlog", "user", "group"))
+                             "workers", "hard_stop_after", "backlog", "user", "group",
+                             "limit_table_size", "ipv6_prefix"))
     d = GlobalConfig()
     return GlobalConfig(
         grace=t.get("grace", _duration, d.grace),
@@ -818,6 +845,8 @@ def _global(value: Any, path: str) -> GlobalConfig:
         backlog=t.get("backlog", _int(1, 1 << 20), d.backlog),
         user=t.get("user", _str, None),
         group=t.get("group", _str, None),
+        limit_table_size=t.get("limit_table_size", _int(8, 100_000_000), d.limit_table_size),
+        ipv6_prefix=t.get("ipv6_prefix", _int(1, 128), d.ipv6_prefix),
     )
 
 
@@ -896,6 +925,9 @@ def _check_references(fe: FrontendConfig, backends: dict[str, BackendConfig]) ->
                                    f"(backends.{name}.mode is \"{be.mode}\")")
     if fe.mode == "tcp" and fe.rules:
         raise ConfigError(f"{base}.rules", ": host and path rules need mode \"http\"")
+    if fe.mode == "tcp" and fe.rate_limit is not None:
+        raise ConfigError(f"{base}.rate_limit", ": limits requests, so needs mode \"http\" "
+                                                "(max_client_connections works in tcp mode)")
 
 
 def parse_config(text: str, source: str | None = None,

@@ -114,6 +114,7 @@ class Frontend:
         "cbase",
         "cfg",
         "client_timeout",
+        "climits",
         "cls0",
         "ctr",
         "default",
@@ -146,6 +147,7 @@ class Frontend:
         # counters (shared.F_*): cells of this process's counter block, from `cbase` on
         self.ctr = memoryview(bytearray(F_SIZE * 8)).cast("q")
         self.cbase = 0
+        self.climits = None  # limits.Limiter when per-client limits are set (limits.attach)
         self.cls0 = F_1XX - 1  # ctr[cls0 + status // 100]: responses of that class
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits

@@ -36,14 +36,17 @@ from .build import Built, build
 from .channel import Channel, encode
 from .checks import Checks
 from .config import Config, ConfigError, load_config
+from .limits import ClientTable
 from .listeners import ListenError, bind_config, check_managed_ports, key_of
 from .managed import Supervisor, expand_command, unrunnable, uses_data_dir
 from .servers import State
 from .shared import (
     COUNTER_BYTES,
     F_1XX,
+    F_CLIENT_REFUSED,
     F_CONNECTIONS,
     F_DENIED,
+    F_RATE_LIMITED,
     S_FAILURES,
     S_REQUESTS,
     Counters,
@@ -80,7 +83,8 @@ def control_path(pid_file: str | os.PathLike[str]) -> Path:
 
 
 class WorkerProc:
-    __slots__ = ("channel", "counters", "gen", "id", "pid", "proc", "ready", "started", "status")
+    __slots__ = ("channel", "counters", "gen", "held", "id", "pid", "proc", "ready", "started",
+                 "status")
 
     def __init__(self, wid: int, gen: int):
         self.id = wid
@@ -89,6 +93,7 @@ class WorkerProc:
         self.pid = 0
         self.channel: Channel | None = None
         self.counters: Counters | None = None
+        self.held: Region | None = None  # its connections per client (limits.ClientTable)
         self.ready: asyncio.Future | None = None
         self.status = "starting"  # starting, serving, draining, stopping
         self.started = time.monotonic()
@@ -104,6 +109,8 @@ class Master:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.socks: dict[tuple, socket.socket] = {}
         self.sems = SemTable()
+        # per-client limits: one table for the master's lifetime, so reloads keep the state
+        self.clients = ClientTable(config.settings.limit_table_size, config.settings.ipv6_prefix)
         self.layout = Layout()
         self.own = Counters()  # the master's Server objects count nothing; cells for its build
         self.retired: list[int] = []  # counters of workers that ended, summed
@@ -274,10 +281,12 @@ class Master:
         self.next_id += 1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         w.counters = Counters(Region(COUNTER_BYTES))
+        w.held = Region(self.clients.held_bytes())
         # only the sockets of its configuration: a socket a worker held on to would stay open
         socks = {key_of(name, i, a): self.socks[key_of(name, i, a)]
                  for name, f in cfg.frontends.items() for i, a in enumerate(f.bind)}
-        fds = [child.fileno(), self.sems.region.fd, w.counters.region.fd,
+        fds = [child.fileno(), self.sems.region.fd, w.counters.region.fd, self.clients.region.fd,
+               w.held.fd,
                *(s.fileno() for s in socks.values())]
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -296,6 +305,8 @@ class Master:
             "sems_fd": self.sems.region.fd,
             "sems": self.sems.index,
             "counters_fd": w.counters.region.fd,
+            "clients_fd": self.clients.region.fd,
+            "held_fd": w.held.fd,
             "layout": self.layout.offsets,
             "cells": self.layout.cells,
             "states": states,
@@ -335,6 +346,10 @@ class Master:
     async def _watch(self, w: WorkerProc) -> None:
         rc = await w.proc.wait()
         self._fold(w)
+        if w.held is not None:  # connections it never gave back (killed): off the table
+            self.clients.forget(w.held)
+            w.held.close()
+            w.held = None
         if w in self.workers:
             self.workers.remove(w)
         if w.channel is not None:
@@ -444,7 +459,7 @@ class Master:
                 new = load_config(old.source, algorithm_names())
             except ConfigError as e:
                 return False, str(e)
-        for key in ("user", "group"):
+        for key in ("user", "group", "limit_table_size"):
             if getattr(new.settings, key) != getattr(old.settings, key):
                 return False, (f"{new.source}: global.{key}: cannot change on a reload "
                                f"(restart to change it)")
@@ -571,6 +586,8 @@ class Master:
                 "denied": t[off + F_DENIED],
                 "requests": sum(t[off + F_1XX + c] for c in range(5)),
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
+                "rate_limited": t[off + F_RATE_LIMITED],
+                "client_refused": t[off + F_CLIENT_REFUSED],
             }
         backends = {}
         for be in self.built.backends.values():

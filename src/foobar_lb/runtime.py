@@ -29,6 +29,7 @@ from .build import build
 from .checks import Checks
 from .config import Config, config_from_dict, load_config
 from .frontend import Frontend
+from .limits import ClientTable
 from .listeners import ListenError, bind_config, check_managed_ports
 from .managed import Supervisor, expand_command, uses_data_dir
 from .servers import Server, State
@@ -96,7 +97,10 @@ class LoadBalancer:
         built = build(cfg, layout=self.layout, counters=self.counters, observer=self.machine)
         self.backends = built.backends
         self.frontends = built.frontends
-        self.serving = Serving(loop, built, Admission(loop, LocalSlots(cfg.settings.maxconn)))
+        clients = ClientTable(cfg.settings.limit_table_size, cfg.settings.ipv6_prefix,
+                              private=True)  # per-client limits: the same table, private
+        self.serving = Serving(loop, built, Admission(loop, LocalSlots(cfg.settings.maxconn),
+                                                      clients))
         self.started = True
         _raise_fd_limit(cfg.settings.maxconn)
         for be in self.backends.values():

@@ -19,6 +19,7 @@ from typing import Any
 
 from .admission import Admission
 from .build import Built
+from .limits import attach
 from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
@@ -36,6 +37,7 @@ class Serving:
         self.frontends = built.frontends
         self.backends = built.backends
         self.admission = admission
+        attach(self.frontends, admission.clients)  # per-client limits, where configured
         self.admit = admission.admit
         self.leave = admission.leave
         self.tasks: set[asyncio.Task] = set()  # connects (kept referenced until they end)
@@ -122,6 +124,7 @@ class Serving:
                 cut += 1
                 s.transport.abort()
         self.sessions.clear()
+        self.admission.release_clients()
         return cut
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from .admission import Admission
 from .build import build
 from .channel import Channel, recv_one
+from .limits import ClientTable
 from .servers import Server
 from .serving import Serving
 from .shared import COUNTER_BYTES, SEM_CAPACITY, SEM_SIZE, Counters, Layout, Region, SemSlots
@@ -107,7 +108,11 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
     built = build(config, layout=layout, counters=counters, observer=_MasterLink(channel),
                   slots=lambda b, s: SemSlots(sem_region, sems[(b, s.name)], s.maxconn),
                   states=init["states"])
-    admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], config.settings.maxconn))
+    settings = config.settings
+    clients = ClientTable(settings.limit_table_size, settings.ipv6_prefix, fd=init["clients_fd"],
+                          held_fd=init["held_fd"])
+    admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], settings.maxconn),
+                          clients)
     serving = Serving(loop, built, admission)
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
     await serving.listen(socks, init["backlog"])

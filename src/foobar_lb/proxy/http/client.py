@@ -26,6 +26,7 @@ import httptools
 from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend
+from ...limits import too_many_requests
 from ..base import ClientSide
 from ..upstream import Pool
 from .exchange import (
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 __all__ = ["HttpSession"]
 
 log = logging.getLogger("foobar_lb.http")
+
+
+HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
 
 
 class _Stop(Exception):
@@ -443,6 +447,12 @@ class HttpSession(ClientSide):
                 raise HeadError(400)
         if be is None:
             r.error = 503
+        elif fe.climits is not None and fe.climits.rate:
+            wait = fe.climits.request(self.client_key)  # (the simple path is off: limits.attach)
+            if wait:
+                r.error = 429
+                r.retry_after = wait
+                r.buffering = HELD  # answered once the request is whole: the connection stays
         if body:
             # a body follows: from now on the client may be silent for `timeout client` at most
             when = self.last_rx + fe.client_timeout
@@ -488,6 +498,9 @@ class HttpSession(ClientSide):
         r = self.parsing
         self.parsing = None
         if r.error:
+            if r.buffering == HELD:  # a 429, answered now that its request is whole
+                r.complete = True
+                self._buffered(r)
             return
         r.complete = True
         if r.chunked:
@@ -519,7 +532,7 @@ class HttpSession(ClientSide):
 
     def _start(self, r: Exchange, now: float = 0.0) -> None:
         """Send `r` on its way (`now`: the loop time, when the caller has it fresh)."""
-        if r.error:
+        if r.error and r.buffering != HELD:
             self._send_error(r, r.error)
             return
         if r.buffering:  # its body is not buffered yet (see _buffered)
@@ -719,9 +732,12 @@ class HttpSession(ClientSide):
         r.responded = True
         fe = self.fe
         fe.ctr[fe.cls0 + status // 100] += 1
-        keep = (status in ERR_KEEP and r.complete and r.keep_alive and not self.closing
+        keep = ((status in ERR_KEEP or status == 429) and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & BLOCK_STOP))
-        answer = ERR_KEEP[status] if keep else (ERR_CLOSE.get(status) or error_response(status))
+        if status == 429:
+            answer = too_many_requests(r.retry_after, keep)
+        else:
+            answer = ERR_KEEP[status] if keep else (ERR_CLOSE.get(status) or error_response(status))
         if r.is_head:  # the same head, without the body a HEAD response never has
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
         transport.write(answer)

@@ -72,6 +72,7 @@ class Exchange:
         "replay",
         "replay_size",
         "responded",
+        "retry_after",  # a 429's seconds to wait: set only with it (no cost per request)
         "route",
         "s",
         "server",
