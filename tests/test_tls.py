@@ -1,0 +1,280 @@
+"""Issue 12, TLS: HTTPS termination (SNI, versions, HSTS, redirect, reload, start-up errors),
+mutual TLS, and TLS to servers. Real sockets on loopback, real TLS with trustme certificates;
+the bytes asserted are the exact ones sent and received."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import trustme
+
+from procs import LbProcess
+
+from support import LOOPBACK, ScriptedServer, free_port, lb_config, running_lb
+
+# a refused handshake: the server's alert, or (uvloop's transport closes at once) a reset
+REFUSED = (ssl.SSLError, ConnectionResetError)
+
+
+def write_pair(cert: trustme.LeafCert, d: Path, name: str) -> tuple[str, str]:
+    c, k = d / f"{name}.pem", d / f"{name}.key"
+    cert.cert_chain_pems[0].write_to_path(str(c))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(c), append=True)
+    cert.private_key_pem.write_to_path(str(k))
+    return str(c), str(k)
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def client_ctx(ca: trustme.CA, **kw) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+async def https_get(port: int, ctx: ssl.SSLContext, host: str = "localhost", path: str = "/",
+                    server_hostname: str | None = None) -> tuple[bytes, ssl.SSLObject | None]:
+    """One request on a new TLS connection; returns (all bytes until close, the ssl object's
+    peer certificate (binary))."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(
+        LOOPBACK, port, ssl=ctx, server_hostname=server_hostname or host), 5)
+    try:
+        w.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(r.read(), 5)
+        return data, w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        w.close()
+
+
+def der(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+async def test_https_request_gets_forwarded_proto_https_and_hsts(tmp_path, ca):
+    leaf = ca.issue_cert("localhost")
+    cert, key = write_pair(leaf, tmp_path, "site")
+    async with ScriptedServer("a") as a:
+        cfg = lb_config([a.address], frontend={"tls": {"cert": cert, "key": key},
+                                               "hsts": "max-age=31536000"})
+        async with running_lb(cfg) as lb:
+            data, peer = await https_get(lb.address[1], client_ctx(ca), path="/x?y=1")
+    assert peer == der(leaf)
+    assert data == (b"HTTP/1.1 200 OK\r\nX-Server: a\r\nContent-Length: 13\r\n"
+                    b"connection: close\r\nstrict-transport-security: max-age=31536000\r\n\r\n"
+                    b"a GET /x?y=1\n")
+    req = a.requests[0]
+    assert ("x-forwarded-proto", "https") in req.headers
+
+
+async def test_sni_picks_the_certificate_and_an_unknown_name_gets_the_default(tmp_path, ca):
+    a = ca.issue_cert("a.test")
+    b = ca.issue_cert("*.b.test", "b.test")
+    ca_, ka = write_pair(a, tmp_path, "a")
+    cb, kb = write_pair(b, tmp_path, "b")
+    async with ScriptedServer("s") as s:
+        cfg = lb_config([s.address], frontend={"tls": {"certificates": [
+            {"cert": ca_, "key": ka}, {"cert": cb, "key": kb}]}})
+        async with running_lb(cfg) as lb:
+            port = lb.address[1]
+            ctx = client_ctx(ca)
+            data, peer = await https_get(port, ctx, host="a.test")
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(a)
+            data, peer = await https_get(port, ctx, host="x.b.test")
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(b)
+            data, peer = await https_get(port, ctx, host="b.test")
+            assert peer == der(b)
+            lax = client_ctx(ca, check_hostname=False)
+            data, peer = await https_get(port, lax, host="unknown.test")
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(a)
+            # one label deep only: "y.x.b.test" is not "*.b.test"
+            _, peer = await https_get(port, lax, host="y.x.b.test")
+            assert peer == der(a)
+
+
+async def test_a_client_limited_to_tls_1_1_fails_the_handshake(tmp_path, ca):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("s") as s:
+        cfg = lb_config([s.address], frontend={"tls": {"cert": cert, "key": key}})
+        async with running_lb(cfg) as lb:
+            old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            old.check_hostname = False
+            old.verify_mode = ssl.CERT_NONE
+            old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that it may offer TLS 1.1 at all
+            with warnings.catch_warnings():  # (TLSv1_1 is deprecated: that is the point)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                old.minimum_version = ssl.TLSVersion.TLSv1_1
+                old.maximum_version = ssl.TLSVersion.TLSv1_1
+            # refused: the protocol-version alert, or (uvloop closes at once) a reset
+            with pytest.raises(REFUSED):
+                await https_get(lb.address[1], old)
+            # a TLS 1.2 client on the same listener is served
+            data, _ = await https_get(lb.address[1], client_ctx(ca))
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert s.requests and len(s.requests) == 1
+
+
+async def test_min_version_1_3_refuses_tls_1_2(tmp_path, ca):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("s") as s:
+        cfg = lb_config([s.address], frontend={"tls": {"cert": cert, "key": key,
+                                                       "min_version": "1.3"}})
+        async with running_lb(cfg) as lb:
+            with pytest.raises(REFUSED):
+                await https_get(lb.address[1], client_ctx(
+                    ca, maximum_version=ssl.TLSVersion.TLSv1_2))
+            data, _ = await https_get(lb.address[1], client_ctx(ca))
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    r, w = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        w.write(data)
+        out = b""
+        async with asyncio.timeout(timeout):
+            while b"\r\n\r\n" not in out:
+                chunk = await r.read(65536)
+                if not chunk:
+                    break
+                out += chunk
+        return out
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize(("value", "location"), [
+    (True, b"https://example.com/p/q?x=1&y=%20"),
+    (8443, b"https://example.com:8443/p/q?x=1&y=%20"),
+])
+async def test_redirect_https_keeps_path_and_query(value, location):
+    async with ScriptedServer("s") as s:
+        cfg = lb_config([s.address], frontend={"redirect_https": value})
+        async with running_lb(cfg) as lb:
+            got = await raw(lb.address[1], b"GET /p/q?x=1&y=%20 HTTP/1.1\r\n"
+                                           b"Host: example.com:8080\r\n\r\n")
+            assert got == (b"HTTP/1.1 301 Moved Permanently\r\nlocation: " + location
+                           + b"\r\ncontent-length: 0\r\n\r\n")
+            got = await raw(lb.address[1], b"POST /a HTTP/1.1\r\nHost: [::1]\r\n"
+                                           b"Content-Length: 2\r\nConnection: close\r\n\r\nhi")
+            port = b"" if value is True else b":8443"
+            assert got == (b"HTTP/1.1 301 Moved Permanently\r\nlocation: https://[::1]" + port
+                           + b"/a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    assert s.requests == []  # nothing reached a server
+
+
+def run_cli(*args: str, cwd: Path) -> tuple[int, str]:
+    p = subprocess.run([sys.executable, "-m", "foobar_lb", *args], cwd=cwd, capture_output=True,
+                       text=True, timeout=30)
+    return p.returncode, p.stderr
+
+
+def test_tls_file_errors_are_one_line_naming_key_and_file(tmp_path, ca):
+    good_c, good_k = write_pair(ca.issue_cert("localhost"), tmp_path, "good")
+    _other_c, other_k = write_pair(ca.issue_cert("other"), tmp_path, "other")
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    old_c, old_k = write_pair(ca.issue_cert("localhost", not_before=past - datetime.timedelta(
+        days=30), not_after=past), tmp_path, "old")
+    (tmp_path / "junk.pem").write_text("hello\n")
+    cases = [
+        ({"cert": "missing.pem", "key": good_k},
+         'frontends.www.tls.cert = "missing.pem": no such file'),
+        ({"cert": "junk.pem", "key": good_k},
+         'frontends.www.tls.cert = "junk.pem": not a PEM certificate'),
+        ({"cert": good_c, "key": "junk.pem"},
+         'frontends.www.tls.key = "junk.pem": not a PEM private key'),
+        ({"cert": good_c, "key": other_k},
+         f'frontends.www.tls.key = "{other_k}": does not match the certificate "{good_c}"'),
+        ({"cert": old_c, "key": old_k},
+         f'frontends.www.tls.cert = "{old_c}": certificate expired (Jan  1 00:00:00 2020 GMT)'),
+        ({"certificates": [{"cert": good_c, "key": good_k}, {"cert": "nope.pem", "key": good_k}]},
+         'frontends.www.tls.certificates[1].cert = "nope.pem": no such file'),
+    ]
+    from procs import to_toml
+    for tls, line in cases:
+        cfg = lb_config(["127.0.0.1:9"], frontend={"tls": tls})
+        (tmp_path / "lb.toml").write_text(to_toml(cfg))
+        rc, err = run_cli("check", "--config", "lb.toml", cwd=tmp_path)
+        assert (rc, err) == (2, f"foobar-lb: error: lb.toml: {line}\n")
+    # the server side: a CA that is not PEM
+    cfg = lb_config(["127.0.0.1:9"], backend={"tls": {"ca": "junk.pem"}})
+    (tmp_path / "lb.toml").write_text(to_toml(cfg))
+    assert run_cli("check", "--config", "lb.toml", cwd=tmp_path) == (
+        2, 'foobar-lb: error: lb.toml: backends.app.tls.ca = "junk.pem": not a PEM certificate\n')
+    # a lower version is a configuration error
+    cfg = lb_config(["127.0.0.1:9"], frontend={"tls": {"cert": good_c, "key": good_k,
+                                                       "min_version": "1.1"}})
+    (tmp_path / "lb.toml").write_text(to_toml(cfg))
+    assert run_cli("check", "--config", "lb.toml", cwd=tmp_path) == (
+        2, 'foobar-lb: error: lb.toml: frontends.www.tls.min_version = "1.1": expected one of '
+           '"1.2", "1.3"\n')
+    # the quick form names its options, at start-up (nothing is left running)
+    port = free_port()
+    assert run_cli("serve", "--bind", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9",
+                   "--tls-cert", "missing.pem", "--tls-key", good_k, cwd=tmp_path) == (
+        2, 'foobar-lb: error: command line: --tls-cert "missing.pem": no such file\n')
+    assert run_cli("serve", "--bind", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9",
+                   "--tls-cert", good_c, "--tls-key", other_k, cwd=tmp_path) == (
+        2, f'foobar-lb: error: command line: --tls-key "{other_k}": does not match the '
+           f'certificate "{good_c}"\n')
+
+
+async def read_response(r: asyncio.StreamReader) -> bytes:
+    """One response with a Content-Length body."""
+    async with asyncio.timeout(5):
+        head = await r.readuntil(b"\r\n\r\n")
+        n = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                n = int(line.split(b":")[1])
+        return head + await r.readexactly(n)
+
+
+@pytest.mark.slow
+async def test_reload_swaps_the_certificate_and_keeps_open_connections(tmp_path, ca):
+    first = ca.issue_cert("localhost")
+    second = ca.issue_cert("localhost", organization_name="second")
+    write_pair(first, tmp_path, "site")
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        cfg = lb_config([a.address], frontend={"bind": [f"{LOOPBACK}:{port}"],
+                                               "tls": {"cert": "site.pem", "key": "site.key"}})
+        async with LbProcess(tmp_path, cfg) as lb:
+            ctx = client_ctx(ca)
+            r, w = await asyncio.open_connection(LOOPBACK, port, ssl=ctx,
+                                                 server_hostname="localhost")
+            try:
+                assert w.get_extra_info("ssl_object").getpeercert(True) == der(first)
+                w.write(b"GET /1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert (await read_response(r)).startswith(b"HTTP/1.1 200 OK\r\n")
+                write_pair(second, tmp_path, "site")
+                rc, _out, err = await lb.reload()
+                assert rc == 0, err
+                # the connection opened before: still served (by the old generation, which
+                # says it closes after this response)
+                w.write(b"GET /2 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                got = await read_response(r)
+                assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"a GET /2\n")
+            finally:
+                w.close()
+            data, peer = await https_get(port, ctx)
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(second)
+            # a broken file on reload: refused in one line, the running certificate stays
+            (tmp_path / "site.key").write_text("junk\n")
+            rc, _out, err = await lb.reload()
+            assert (rc, err) == (2, f'foobar-lb: error: {lb.config}: frontends.www.tls.key = '
+                                    f'"site.key": not a PEM private key\n')
+            data, peer = await https_get(port, ctx)
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(second)
