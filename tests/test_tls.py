@@ -17,7 +17,7 @@ import trustme
 
 from procs import LbProcess
 
-from support import LOOPBACK, ScriptedServer, free_port, lb_config, running_lb
+from support import LOOPBACK, ScriptedServer, _ServerConn, free_port, lb_config, running_lb
 
 # a refused handshake: the server's alert, or (uvloop's transport closes at once) a reset
 REFUSED = (ssl.SSLError, ConnectionResetError)
@@ -278,3 +278,114 @@ async def test_reload_swaps_the_certificate_and_keeps_open_connections(tmp_path,
                                     f'"site.key": not a PEM private key\n')
             data, peer = await https_get(port, ctx)
             assert data.startswith(b"HTTP/1.1 200 OK\r\n") and peer == der(second)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS to servers
+
+
+class TlsServer(ScriptedServer):
+    """A ScriptedServer behind TLS with `cert` (a trustme leaf). `handshakes`: completed ones."""
+
+    def __init__(self, name: str, cert: trustme.LeafCert):
+        super().__init__(name)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self.ctx)
+
+    async def start(self, port: int = 0) -> TlsServer:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _ServerConn(self), self.host, port,
+                                               ssl=self.ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+
+async def http_keepalive(port: int, paths: list[str]) -> list[bytes]:
+    r, w = await asyncio.open_connection(LOOPBACK, port)
+    out = []
+    try:
+        for p in paths:
+            w.write(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            out.append(await read_response(r))
+    finally:
+        w.close()
+    return out
+
+
+async def test_tls_to_servers_verifies_and_reuses_pooled_connections(tmp_path, ca):
+    stranger = trustme.CA()  # another CA: its server must not be taken for ours
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with TlsServer("good", ca.issue_cert("127.0.0.1")) as good, \
+            TlsServer("bad", stranger.issue_cert("127.0.0.1")) as bad:
+        cfg = lb_config([bad.address, good.address],
+                        backend={"tls": {"ca": str(tmp_path / "ca.pem")}})
+        async with running_lb(cfg) as lb:
+            got = await http_keepalive(lb.address[1], [f"/{i}" for i in range(6)])
+        # every request was served by the good server: the bad one failed its connects
+        # (retried on the good one), never a silent success
+        assert [g.split(b"\r\n\r\n", 1)[1] for g in got] == [
+            f"good GET /{i}\n".encode() for i in range(6)]
+        assert bad.requests == []
+        # pooled TLS connections reused: one connection carried them all
+        assert good.connections == 1
+        assert {r.conn_id for r in good.requests} == {1}
+        assert ("x-forwarded-proto", "http") in good.requests[0].headers
+
+
+async def test_tls_to_a_server_from_another_ca_is_a_503(tmp_path, ca):
+    stranger = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with TlsServer("bad", stranger.issue_cert("127.0.0.1")) as bad:
+        cfg = lb_config([bad.address], backend={"retries": 1, "tls": {
+            "ca": str(tmp_path / "ca.pem")}})
+        async with running_lb(cfg) as lb:
+            got = await http_keepalive(lb.address[1], ["/"])
+        assert got[0].startswith(b"HTTP/1.1 503 ")
+        assert bad.requests == []
+        # verify = false, said explicitly: the same server is used
+        cfg = lb_config([bad.address], backend={"tls": {"verify": False}})
+        async with running_lb(cfg) as lb:
+            got = await http_keepalive(lb.address[1], ["/"])
+        assert got[0].endswith(b"\r\n\r\nbad GET /\n")
+
+
+async def test_tls_sni_name_checks_and_tcp_mode(tmp_path, ca):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with TlsServer("named", ca.issue_cert("app.internal")) as named:
+        tls = {"ca": str(tmp_path / "ca.pem"), "sni": "app.internal"}
+        async with running_lb(lb_config([named.address], backend={"tls": tls})) as lb:
+            got = await http_keepalive(lb.address[1], ["/a"])
+        assert got[0].endswith(b"\r\n\r\nnamed GET /a\n")
+        # without the name, the address does not match the certificate: refused
+        tls = {"ca": str(tmp_path / "ca.pem")}
+        async with running_lb(lb_config([named.address], backend={"tls": tls})) as lb:
+            got = await http_keepalive(lb.address[1], ["/a"])
+        assert got[0].startswith(b"HTTP/1.1 503 ")
+        # TCP mode: the bytes relayed over TLS to the server
+        tls = {"ca": str(tmp_path / "ca.pem"), "sni": "app.internal"}
+        async with running_lb(lb_config([named.address], mode="tcp",
+                                        backend={"tls": tls})) as lb:
+            got = await http_keepalive(lb.address[1], ["/t"])
+        assert got[0].endswith(b"\r\n\r\nnamed GET /t\n")
+    assert len(named.requests) == 2
+
+
+async def test_checks_use_tls(tmp_path, ca):
+    stranger = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    check = {"inter": "100ms", "rise": 1, "fall": 1, "timeout": "500ms", "path": "/health"}
+    async with TlsServer("good", ca.issue_cert("127.0.0.1")) as good, \
+            TlsServer("bad", stranger.issue_cert("127.0.0.1")) as bad:
+        cfg = lb_config({"app": [{"name": "good", "address": good.address},
+                                 {"name": "bad", "address": bad.address}]},
+                        backend={"check": check, "tls": {"ca": str(tmp_path / "ca.pem")}})
+        async with running_lb(cfg) as lb:
+            for _ in range(100):
+                if (lb.server("app", "bad").state.value == "down"
+                        and any(r.url == "/health" for r in good.requests)):
+                    break
+                await asyncio.sleep(0.05)
+            assert lb.server("app", "bad").state.value == "down"
+            assert lb.server("app", "good").state.value == "up"
+    assert [r.url for r in good.requests][:1] == ["/health"]
+    assert bad.requests == []

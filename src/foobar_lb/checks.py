@@ -118,7 +118,8 @@ class Checks:
         writer = None
         try:
             async with asyncio.timeout(c.timeout):
-                reader, writer = await asyncio.open_connection(server.host, port)
+                reader, writer = await asyncio.open_connection(
+                    server.host, port, ssl=server.ssl, server_hostname=server.sni)
                 if c.type == "tcp":
                     return True, "layer4 check passed"
                 layer = "layer7"

@@ -116,7 +116,8 @@ class TcpSession(ClientSide):
         try:
             async with asyncio.timeout(be.timeouts.connect or None):
                 _, up = await self.loop.create_connection(
-                    lambda: TcpUpstream(self), server.host, server.port)
+                    lambda: TcpUpstream(self), server.host, server.port, ssl=server.ssl,
+                    server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
             what = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()

@@ -568,8 +568,8 @@ class HttpSession(ClientSide):
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamHttp(be.pool, server, self.loop), server.host, server.port
-                )
+                    lambda: UpstreamHttp(be.pool, server, self.loop), server.host, server.port,
+                    ssl=server.ssl, server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
             reason = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
