@@ -389,3 +389,52 @@ async def test_checks_use_tls(tmp_path, ca):
             assert lb.server("app", "good").state.value == "up"
     assert [r.url for r in good.requests][:1] == ["/health"]
     assert bad.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual TLS
+
+
+@pytest.mark.parametrize("verify", ["required", "optional"])
+async def test_mutual_tls(tmp_path, ca, verify):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    client_ca = trustme.CA()
+    client_ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    alice = client_ca.issue_cert("alice.test", common_name="alice", organization_name="Example",
+                                 organization_unit_name="Ops")
+    async with ScriptedServer("a") as a:
+        cfg = lb_config([a.address], frontend={"tls": {
+            "cert": cert, "key": key, "client_ca": str(tmp_path / "clients.pem"),
+            "verify_client": verify}})
+        async with running_lb(cfg) as lb:
+            port = lb.address[1]
+            with_cert = client_ctx(ca)
+            alice.configure_cert(with_cert)
+            # a client certificate: served, its subject passed on (and a forged one dropped,
+            # on the simple path and the full one alike)
+            for extra in ("", "X-Client-Cert-Subject: CN=mallory\r\n"):
+                r, w = await asyncio.open_connection(LOOPBACK, port, ssl=with_cert,
+                                                     server_hostname="localhost")
+                w.write(f"GET /m HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
+                assert (await read_response(r)).endswith(b"\r\n\r\na GET /m\n")
+                w.close()
+            # a certificate from another CA: refused whatever verify_client says
+            stranger = client_ctx(ca)
+            trustme.CA().issue_cert("eve.test").configure_cert(stranger)
+            try:
+                data, _ = await https_get(port, stranger)
+            except REFUSED:
+                data = b""
+            assert data == b""
+            # no certificate at all
+            try:
+                data, _ = await https_get(port, client_ctx(ca))
+            except REFUSED:
+                data = b""
+            if verify == "required":
+                assert data == b""  # (TLS 1.3: refused after the client's handshake ended)
+            else:
+                assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    subjects = [[v for n, v in r.headers if n == "x-client-cert-subject"] for r in a.requests]
+    want = [["O=Example,OU=Ops,CN=alice"]] * 2
+    assert subjects == (want if verify == "required" else [*want, []])

@@ -19,7 +19,7 @@ import httptools
 
 from .config import Config, FrontendConfig, ServerTls, TlsCert, TlsConfig
 
-__all__ = ["CIPHERS", "RedirectSession", "TlsError", "check_config", "client_subject",
+__all__ = ["CIPHERS", "RedirectSession", "TlsError", "check_config", "client_subject_line",
            "frontend_context", "server_context"]
 
 # Mozilla's "intermediate" TLS 1.2 list: forward secrecy and AEAD only (TLS 1.3 suites are
@@ -165,14 +165,21 @@ def frontend_context(tls: TlsConfig) -> ssl.SSLContext:
     return default
 
 
-def client_subject(transport: asyncio.BaseTransport) -> bytes | None:
-    """The verified client certificate's subject ("CN=alice,O=Example"), or None."""
+_SUBJECT_KEYS = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                 "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+                 "emailAddress": "emailAddress", "domainComponent": "DC"}
+
+
+def client_subject_line(transport: asyncio.BaseTransport) -> bytes:
+    """The `X-Client-Cert-Subject` line for the verified client certificate of a connection
+    ("O=Example,CN=alice" in the certificate's order), or b"" without one. (Only a verified
+    certificate is seen: OpenSSL refused the handshake otherwise.)"""
     cert = transport.get_extra_info("peercert")
     if not cert:
-        return None
-    parts = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
-    text = ",".join(parts).replace("\r", "").replace("\n", "")
-    return text.encode("utf-8", "replace") if text else None
+        return b""
+    parts = [f"{_SUBJECT_KEYS.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    text = "".join(c for c in ",".join(parts) if c >= " " and c != "\x7f")
+    return b"x-client-cert-subject: %s\r\n" % text.encode("utf-8") if text else b""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import httptools
 
 from ...backend import ASSIGNED, QUEUED
 from ...frontend import Frontend
+from ...tls import client_subject_line
 from ..base import ClientSide
 from .exchange import (
     BLOCK_PARKED,
@@ -104,6 +105,7 @@ class HttpSession(ClientSide):
 
     __slots__ = (
         "block",
+        "cert_line",
         "closing",
         "eof_in",
         "fe",
@@ -151,6 +153,7 @@ class HttpSession(ClientSide):
         self.peer_key = b""
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
+        self.cert_line = b""  # mutual TLS: the X-Client-Cert-Subject line (tls.py)
         self.held: list[bytes] | None = None  # bytes read while parked
         self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
@@ -169,6 +172,8 @@ class HttpSession(ClientSide):
         if self.fe.forward_for(self.peer_ip):
             self.xff_ip = self.peer_key
             self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
+        if self.fe.cfg.tls is not None and self.fe.cfg.tls.client_ca is not None:
+            self.cert_line = client_subject_line(transport)
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -337,7 +342,7 @@ class HttpSession(ClientSide):
         r.backend = route.backend
         r.route = route
         r.head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields, self.xff_line,
-                           route.req_add))
+                           self.cert_line, route.req_add))
         q = self.q
         q.append(r)
         self._start(r, now)
@@ -407,6 +412,9 @@ class HttpSession(ClientSide):
         r.route = route
         r.head, chunked, body, r.upgrade, r.needs_host, expect = request_head(
             method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
+        if self.cert_line:  # (where the simple path puts it: before the route's lines)
+            n = len(route.req_add)
+            r.head = r.head[:-n] + self.cert_line + r.head[-n:]
         r.chunked = chunked
         r.headers = None  # not needed any more
         if chunked:
