@@ -438,3 +438,74 @@ async def test_mutual_tls(tmp_path, ca, verify):
     subjects = [[v for n, v in r.headers if n == "x-client-cert-subject"] for r in a.requests]
     want = [["O=Example,OU=Ops,CN=alice"]] * 2
     assert subjects == (want if verify == "required" else [*want, []])
+
+
+async def test_the_handshake_counts_against_http_request(tmp_path, ca):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("s") as s:
+        cfg = lb_config([s.address], frontend={"tls": {"cert": cert, "key": key},
+                                               "timeout": {"http_request": "300ms"}})
+        async with running_lb(cfg) as lb:
+            loop = asyncio.get_running_loop()
+            r, w = await asyncio.open_connection(LOOPBACK, lb.address[1])
+            t0 = loop.time()
+            w.write(b"\x16\x03\x01")  # the start of a ClientHello, never finished
+            async with asyncio.timeout(5):
+                assert await r.read() == b""  # closed, without a byte
+            assert 0.25 <= loop.time() - t0 < 3
+            w.close()
+
+
+async def test_a_client_certificate_to_servers(tmp_path, ca):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    lb_cert, lb_key = write_pair(ca.issue_cert("lb.internal"), tmp_path, "lb")
+    async with TlsServer("app", ca.issue_cert("127.0.0.1")) as app:
+        app.ctx.verify_mode = ssl.CERT_REQUIRED  # the server wants ours
+        ca.configure_trust(app.ctx)
+        tls = {"ca": str(tmp_path / "ca.pem")}
+        async with running_lb(lb_config([app.address], backend={"retries": 0, "tls": tls})) as lb:
+            got = await http_keepalive(lb.address[1], ["/no"])
+        assert got[0].startswith(b"HTTP/1.1 50")  # refused by the server: no response
+        tls = {**tls, "cert": lb_cert, "key": lb_key}
+        async with running_lb(lb_config([app.address], backend={"tls": tls})) as lb:
+            got = await http_keepalive(lb.address[1], ["/yes"])
+        assert got[0].endswith(b"\r\n\r\napp GET /yes\n")
+    assert [r.url for r in app.requests] == ["/yes"]
+
+
+@pytest.mark.slow
+async def test_quick_form_serves_https(tmp_path, ca):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("q") as q:
+        port = free_port()
+        lb = LbProcess(tmp_path, None, "--bind", f"{LOOPBACK}:{port}", "--backend", q.address,
+                       "--tls-cert", cert, "--tls-key", key)
+        async with lb:
+            data, _ = await https_get(port, client_ctx(ca), path="/quick")
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"q GET /quick\n")
+    assert ("x-forwarded-proto", "https") in q.requests[0].headers
+
+
+async def test_redirect_answers_pipelined_requests_and_closes_after_an_upgrade():
+    async with running_lb(lb_config(["127.0.0.1:9"], frontend={"redirect_https": True})) as lb:
+        port = lb.address[1]
+        r, w = await asyncio.open_connection(LOOPBACK, port)
+        w.write(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            got = await r.readexactly(2 * len(b"HTTP/1.1 301 Moved Permanently\r\nlocation: "
+                                              b"https://h/a\r\ncontent-length: 0\r\n\r\n"))
+        assert got == (b"HTTP/1.1 301 Moved Permanently\r\nlocation: https://h/a\r\n"
+                       b"content-length: 0\r\n\r\nHTTP/1.1 301 Moved Permanently\r\n"
+                       b"location: https://h/b\r\ncontent-length: 0\r\n\r\n")
+        w.close()
+        r, w = await asyncio.open_connection(LOOPBACK, port)
+        w.write(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n")
+        async with asyncio.timeout(5):
+            got = await r.read()  # to the close
+        w.close()
+        assert got == (b"HTTP/1.1 301 Moved Permanently\r\nlocation: https://h/ws\r\n"
+                       b"content-length: 0\r\n\r\n")
+        # no Host: 400, closed
+        assert await raw(port, b"GET / HTTP/1.1\r\n\r\n") == (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")

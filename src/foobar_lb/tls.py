@@ -269,8 +269,9 @@ class RedirectSession(asyncio.Protocol):
             self.timer = self.loop.call_later(self.idle, self.transport.close)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
+        except httptools.HttpParserUpgrade:  # answered (301); what follows is not HTTP
+            self.parser = None
+            self.transport.close()
         except httptools.HttpParserError:
             self._answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
                          b"connection: close\r\n\r\n", close=True)
