@@ -104,7 +104,7 @@ async def test_sni_picks_the_certificate_and_an_unknown_name_gets_the_default(tm
             assert peer == der(a)
 
 
-async def test_a_client_limited_to_tls_1_1_fails_the_handshake(tmp_path, ca):
+async def test_a_client_limited_to_tls_1_1_fails_the_handshake(tmp_path, ca, caplog):
     cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
     async with ScriptedServer("s") as s:
         cfg = lb_config([s.address], frontend={"tls": {"cert": cert, "key": key}})
@@ -118,8 +118,17 @@ async def test_a_client_limited_to_tls_1_1_fails_the_handshake(tmp_path, ca):
                 old.minimum_version = ssl.TLSVersion.TLSv1_1
                 old.maximum_version = ssl.TLSVersion.TLSv1_1
             # refused: the protocol-version alert, or (uvloop closes at once) a reset
-            with pytest.raises(REFUSED):
-                await https_get(lb.address[1], old)
+            with caplog.at_level("INFO", logger="foobar_lb.tls"):
+                with pytest.raises(REFUSED):
+                    await https_get(lb.address[1], old)
+                for _ in range(100):  # (the server side may see it a moment later)
+                    if lb.serving.tls_refusals["www"].count:
+                        break
+                    await asyncio.sleep(0.01)
+            # the server side counted and logged the refusal
+            assert lb.serving.tls_refusals["www"].count == 1
+            assert [r.getMessage() for r in caplog.records if r.name == "foobar_lb.tls"] == [
+                "frontend www: TLS handshake refused: UNSUPPORTED_PROTOCOL"]
             # a TLS 1.2 client on the same listener is served
             data, _ = await https_get(lb.address[1], client_ctx(ca))
             assert data.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -23,7 +23,7 @@ from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
 from .servers import State
-from .tls import RedirectSession, frontend_context
+from .tls import RedirectSession, Refusals, frontend_context
 
 __all__ = ["Serving"]
 
@@ -44,6 +44,7 @@ class Serving:
         # (fd, session class, frontend, its SSL context or None)
         self.listening: list[tuple[int, type, Any, Any]] = []
         self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self.tls_refusals: dict[str, Refusals] = {}  # refused TLS handshakes, by frontend
 
     @property
     def sessions(self) -> set[Any]:
@@ -63,7 +64,10 @@ class Serving:
             if fe.mode == "http" and fe.cfg.redirect_https:
                 cls = RedirectSession
             # built here, in each generation: a reload re-reads the certificate files
-            ctx = frontend_context(fe.cfg.tls) if fe.cfg.tls is not None else None
+            ctx = None
+            if fe.cfg.tls is not None:
+                refusals = self.tls_refusals[name] = Refusals(name)
+                ctx = frontend_context(fe.cfg.tls, refusals)
             tls = {"ssl": ctx, "ssl_handshake_timeout": fe.cfg.timeouts.http_request or None
                    } if ctx is not None else {}
             for i, addr in enumerate(fe.cfg.bind):

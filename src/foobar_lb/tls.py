@@ -12,6 +12,7 @@ binds or accepts a socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 
@@ -19,7 +20,7 @@ import httptools
 
 from .config import Config, FrontendConfig, ServerTls, TlsCert, TlsConfig
 
-__all__ = ["CIPHERS", "RedirectSession", "TlsError", "check_config", "client_subject_line",
+__all__ = ["CIPHERS", "RedirectSession", "Refusals", "TlsError", "check_config", "client_subject_line",
            "frontend_context", "server_context"]
 
 # Mozilla's "intermediate" TLS 1.2 list: forward secrecy and AEAD only (TLS 1.3 suites are
@@ -30,6 +31,8 @@ CIPHERS = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
 ))
+log = logging.getLogger("foobar_lb.tls")
+
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -129,15 +132,58 @@ def _pair_paths(tls: TlsConfig, pair: TlsCert) -> str:
     return pair.path or tls.path
 
 
-def frontend_context(tls: TlsConfig) -> ssl.SSLContext:
+class Refusals:
+    """Refused handshakes of one frontend: counted (`count`) and logged, at most one line a
+    second (with how many were refused since the last line), so a flood cannot flood the log."""
+
+    __slots__ = ("count", "frontend", "last_log", "logged")
+
+    def __init__(self, frontend: str):
+        self.frontend = frontend
+        self.count = 0
+        self.logged = 0  # `count` at the last line
+        self.last_log = 0.0
+
+    def refused(self, e: ssl.SSLError) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_log >= 1.0:
+            n = self.count - self.logged
+            more = f" ({n - 1} more since the last line)" if n > 1 else ""
+            log.info("frontend %s: TLS handshake refused: %s%s", self.frontend,
+                     e.reason or e.__class__.__name__, more)
+            self.last_log = now
+            self.logged = self.count
+
+
+def _counting_sslobject(refusals: Refusals) -> type[ssl.SSLObject]:
+    """An SSLObject class whose failed handshakes are told to `refusals` (the event loop's TLS
+    transport drops them silently otherwise)."""
+
+    def do_handshake(self) -> None:
+        try:
+            ssl.SSLObject.do_handshake(self)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            refusals.refused(e)
+            raise
+
+    return type("CountingSSLObject", (ssl.SSLObject,), {"do_handshake": do_handshake})
+
+
+def frontend_context(tls: TlsConfig, refusals: Refusals | None = None) -> ssl.SSLContext:
     """The server context of a frontend: the first certificate by default, the others chosen
-    by the SNI name (exact names first, then `*.` wildcards, one label deep)."""
+    by the SNI name (exact names first, then `*.` wildcards, one label deep). With `refusals`,
+    refused handshakes are counted and logged there."""
     contexts: list[tuple[ssl.SSLContext, dict]] = []
     for pair in tls.certificates:
         ctx = _base_server_context(tls)
         info = _load_pair(ctx, _pair_paths(tls, pair), pair.cert, pair.key)
         contexts.append((ctx, info))
     default = contexts[0][0]
+    if refusals is not None:  # (the class is fixed when the connection's object is made)
+        default.sslobject_class = _counting_sslobject(refusals)
     if len(contexts) == 1:
         return default
     exact: dict[str, ssl.SSLContext] = {}
