@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import ssl
 import subprocess
 import sys
@@ -518,3 +519,25 @@ async def test_redirect_answers_pipelined_requests_and_closes_after_an_upgrade()
         # no Host: 400, closed
         assert await raw(port, b"GET / HTTP/1.1\r\n\r\n") == (
             b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+async def test_a_root_only_key_serves_with_workers_as_nobody(tmp_path, ca):
+    """Workers read the TLS files before they give up root (global.user)."""
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    os.chmod(key, 0o600)  # root's alone, as keys usually are
+    os.chmod(tmp_path, 0o777)
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        cfg = lb_config([a.address], frontend={"bind": [f"{LOOPBACK}:{port}"],
+                                               "tls": {"cert": cert, "key": key}})
+        cfg["global"] = {"user": "nobody", "group": "nogroup"}
+        async with LbProcess(tmp_path, cfg) as lb:
+            assert len(lb.workers()) == 1
+            data, _ = await https_get(port, client_ctx(ca))
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+            rc, _out, err = await lb.reload()  # the new workers too
+            assert rc == 0, err
+            data, _ = await https_get(port, client_ctx(ca))
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -20,8 +20,17 @@ import httptools
 
 from .config import Config, FrontendConfig, ServerTls, TlsCert, TlsConfig
 
-__all__ = ["CIPHERS", "RedirectSession", "Refusals", "TlsError", "check_config", "client_subject_line",
-           "frontend_context", "server_context"]
+__all__ = [
+    "CIPHERS",
+    "RedirectSession",
+    "Refusals",
+    "TlsError",
+    "check_config",
+    "client_subject_line",
+    "frontend_context",
+    "preload",
+    "server_context",
+]
 
 # Mozilla's "intermediate" TLS 1.2 list: forward secrecy and AEAD only (TLS 1.3 suites are
 # OpenSSL's own, all modern)
@@ -176,6 +185,11 @@ def frontend_context(tls: TlsConfig, refusals: Refusals | None = None) -> ssl.SS
     """The server context of a frontend: the first certificate by default, the others chosen
     by the SNI name (exact names first, then `*.` wildcards, one label deep). With `refusals`,
     refused handshakes are counted and logged there."""
+    ctx = _preloaded.get(tls)
+    if ctx is not None:
+        if refusals is not None:
+            ctx.sslobject_class = _counting_sslobject(refusals)
+        return ctx
     contexts: list[tuple[ssl.SSLContext, dict]] = []
     for pair in tls.certificates:
         ctx = _base_server_context(tls)
@@ -235,6 +249,9 @@ def client_subject_line(transport: asyncio.BaseTransport) -> bytes:
 def server_context(tls: ServerTls) -> ssl.SSLContext:
     """A client context to servers: verified against `ca` (or the system's CAs) unless
     `verify = false` was said; with a client certificate if `cert`/`key` are given."""
+    pre = _preloaded.get(tls)
+    if pre is not None:
+        return pre
     if tls.verify:
         ctx = ssl.create_default_context()
         if tls.ca is not None:
@@ -252,6 +269,24 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
 
 # ---------------------------------------------------------------------------------------------
 # The whole configuration, checked (start-up, `check`, reload)
+
+# contexts built ahead by `preload` (a worker, before it gives up root for global.user: key
+# files are often readable by root alone), by the configuration object they come from
+_preloaded: dict[TlsConfig | ServerTls, ssl.SSLContext] = {}
+
+
+def preload(config: Config) -> None:
+    """Build every context of `config` now (reading the files with this process's rights);
+    `frontend_context` and `server_context` hand these out afterwards. For a worker process,
+    which serves one configuration only."""
+    for fe in config.frontends.values():
+        if fe.tls is not None:
+            _preloaded[fe.tls] = frontend_context(fe.tls)
+    for be in config.backends.values():
+        for srv in be.servers:
+            if srv.tls is not None and srv.tls not in _preloaded:
+                _preloaded[srv.tls] = server_context(srv.tls)
+
 
 
 def check_config(config: Config) -> str | None:
