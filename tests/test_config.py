@@ -103,6 +103,8 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      + BE, "{file}: frontends.web.redirect_https: only on a plain HTTP frontend (this one has tls)"),
     ("hsts-without-tls", FE + 'hsts = "max-age=1"\n' + BE,
      "{file}: frontends.web.hsts: only on a frontend with tls"),
+    ("redirect-in-tcp-mode", FE + 'mode = "tcp"\nredirect_https = true\n' + BE,
+     '{file}: frontends.web.redirect_https: only in mode "http"'),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
      "backup, maxconn, check, command, env, tls"),

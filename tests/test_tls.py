@@ -541,3 +541,21 @@ async def test_a_root_only_key_serves_with_workers_as_nobody(tmp_path, ca):
             assert rc == 0, err
             data, _ = await https_get(port, client_ctx(ca))
             assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_tls_termination_in_tcp_mode(tmp_path, ca, caplog):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("t") as t:
+        cfg = lb_config([t.address], mode="tcp", frontend={"tls": {"cert": cert, "key": key}})
+        async with running_lb(cfg) as lb:
+            r, w = await asyncio.open_connection(LOOPBACK, lb.address[1], ssl=client_ctx(ca),
+                                                 server_hostname="localhost")
+            w.write(b"GET /tcp HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            got = await read_response(r)
+            w.close()
+            await w.wait_closed()
+            await asyncio.sleep(0.1)  # (the proxy sees the client's close_notify)
+    # the bytes relayed as they are: nothing added in tcp mode
+    assert got == b"HTTP/1.1 200 OK\r\nX-Server: t\r\nContent-Length: 11\r\n\r\nt GET /tcp\n"
+    assert t.requests[0].headers == [("Host", "localhost")]
+    assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []

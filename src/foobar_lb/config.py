@@ -785,6 +785,9 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
         raise ConfigError(t.key("redirect_https"), ": only on a plain HTTP frontend (this one has tls)")
     if t.has("hsts") and tls is None:
         raise ConfigError(t.key("hsts"), ": only on a frontend with tls")
+    for key in ("hsts", "redirect_https"):
+        if t.has(key) and t.data.get("mode", d.mode) == "tcp":
+            raise ConfigError(t.key(key), ': only in mode "http"')
     return FrontendConfig(
         name=name,
         bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),

@@ -167,7 +167,9 @@ class TcpSession(ClientSide):
         up = self.up
         if up is None:
             return True  # passed on once the server connection is up
-        return pass_eof(up.eof_in, up.transport)
+        # (a TLS client's close_notify closes its side whatever we say: asyncio warns on True)
+        return pass_eof(up.eof_in, up.transport) and (
+            self.transport.get_extra_info("sslcontext") is None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
