@@ -559,3 +559,30 @@ async def test_tls_termination_in_tcp_mode(tmp_path, ca, caplog):
     assert got == b"HTTP/1.1 200 OK\r\nX-Server: t\r\nContent-Length: 11\r\n\r\nt GET /tcp\n"
     assert t.requests[0].headers == [("Host", "localhost")]
     assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []
+
+
+async def test_a_tls_client_closing_with_a_request_in_flight(tmp_path, ca, caplog):
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+
+    async def slow(req) -> bytes:
+        await asyncio.sleep(0.5)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async with ScriptedServer("s", slow) as s:
+        cfg = lb_config([s.address], frontend={"tls": {"cert": cert, "key": key}})
+        async with running_lb(cfg) as lb:
+            _r, w = await asyncio.open_connection(LOOPBACK, lb.address[1], ssl=client_ctx(ca),
+                                                  server_hostname="localhost")
+            w.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            for _ in range(100):
+                if s.requests:
+                    break
+                await asyncio.sleep(0.01)
+            assert s.requests  # the request is at the server, its response owed
+            w.close()  # close_notify
+            for _ in range(100):
+                if not lb.serving.sessions:
+                    break
+                await asyncio.sleep(0.01)
+            assert not lb.serving.sessions  # the connection is gone, nothing leaked
+    assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []

@@ -206,7 +206,9 @@ class HttpSession(ClientSide):
             return self.q[0].tunnel_eof(from_server=False) if self.q else False
         self.closing = True
         self._block(BLOCK_STOP)
-        return bool(self.q)  # keep the connection open while a response is owed
+        # keep the connection open while a response is owed (a TLS client's close_notify closes
+        # it whatever we say: asyncio warns on True)
+        return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         self.wblocked_at = self.loop.time()
