@@ -4,9 +4,10 @@ Rule of this module: it owns every `ssl.SSLContext` the load balancer uses (a fr
 its SNI choice among certificates, and the client contexts to servers) and the checks of the
 files they read (missing, not PEM, a key not matching its certificate, an expired certificate),
 each a one-line `TlsError` naming the key path and the file. Contexts are built from the
-configuration where they are used (each worker generation builds its own, so a reload re-reads
-the files); the master only checks them. It parses no HTTP except the redirect's, and it never
-binds or accepts a socket.
+configuration where they are used (each worker generation builds its own, before it gives up
+root, so a reload re-reads the files); the master only checks them. Refused handshakes are
+counted and logged here (the event loop drops them silently). It parses no HTTP except the
+redirect's, and it never binds or accepts a socket.
 """
 
 from __future__ import annotations
