@@ -90,10 +90,25 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
      "reject_underscore_headers, allow, deny, trusted_proxies, accept_proxy, rate_limit, "
-     "max_client_connections"),
+     "max_client_connections, tls, hsts, redirect_https"),
+    # TLS (issue 12): the configuration's own checks; the files' checks are in test_tls.py
+    ("tls-both-forms", FE + 'tls = { cert = "a.pem", key = "a.key", certificates = [] }\n' + BE,
+     "{file}: frontends.web.tls.certificates: give either cert/key or certificates"),
+    ("tls-verify-client-without-ca",
+     FE + 'tls = { cert = "a.pem", key = "a.key", verify_client = "optional" }\n' + BE,
+     '{file}: frontends.web.tls.client_ca: missing; expected a PEM CA file (verify_client is '
+     '"optional")'),
+    ("server-tls-cert-without-key", server('address = "127.0.0.1:9001", tls = { cert = "c.pem" }'),
+     "{file}: backends.app.servers[0].tls.key: missing; cert and key go together"),
+    ("redirect-on-tls", FE + 'tls = { cert = "a.pem", key = "a.key" }\nredirect_https = true\n'
+     + BE, "{file}: frontends.web.redirect_https: only on a plain HTTP frontend (this one has tls)"),
+    ("hsts-without-tls", FE + 'hsts = "max-age=1"\n' + BE,
+     "{file}: frontends.web.hsts: only on a frontend with tls"),
+    ("redirect-in-tcp-mode", FE + 'mode = "tcp"\nredirect_https = true\n' + BE,
+     '{file}: frontends.web.redirect_https: only in mode "http"'),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),
      "{file}: backends.app.servers[0].adress: unknown key; expected one of name, address, weight, "
-     "backup, maxconn, check, command, env, send_proxy"),
+     "backup, maxconn, check, command, env, send_proxy, tls"),
     ("backend-timeout-in-frontend", FE + '[frontends.web.timeout]\nconnect = "5s"\n' + BE,
      "{file}: frontends.web.timeout.connect: unknown key; expected one of client, http_request, "
      "http_keep_alive"),

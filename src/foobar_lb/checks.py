@@ -119,9 +119,14 @@ class Checks:
         writer = None
         try:
             async with asyncio.timeout(c.timeout):
-                reader, writer = await asyncio.open_connection(server.host, port)
+                tls_now = not server.send_proxy  # (a PROXY header goes before TLS)
+                reader, writer = await asyncio.open_connection(
+                    server.host, port, ssl=server.ssl if tls_now else None,
+                    server_hostname=server.sni if tls_now else None)
                 if server.send_proxy:  # a server that wants one gets one: LOCAL / UNKNOWN
                     writer.write(proxyproto.header(server.send_proxy, None, None))
+                    if server.ssl is not None:
+                        await writer.start_tls(server.ssl, server_hostname=server.sni)
                 if c.type == "tcp":
                     return True, "layer4 check passed"
                 layer = "layer7"

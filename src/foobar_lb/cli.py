@@ -23,6 +23,7 @@ from .listeners import ListenError
 from .managed import unrunnable
 from .master import Master, StartError, ask, control_path, say
 from .runtime import new_event_loop
+from .tls import check_config as check_tls
 
 __all__ = ["main"]
 
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="quick form: refuse clients in this network (repeatable; deny wins)")
     serve.add_argument("--algorithm", default="roundrobin", metavar="NAME",
                        help="quick form: balancing algorithm (" + ", ".join(algorithm_names()) + ")")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="quick form: serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--tls-key", metavar="FILE",
+                       help="quick form: the PEM private key of --tls-cert")
     serve.add_argument("--workers", "-w", type=_workers, metavar="N",
                        help="worker processes (overrides global.workers; default 1)")
     serve.add_argument("--pid-file", metavar="PATH",
@@ -102,6 +107,9 @@ def _fail(message: str) -> int:
 def _load(args: argparse.Namespace) -> Config:
     algos = algorithm_names()
     quick = args.bind or args.backend
+    if (args.tls_cert or args.tls_key) and not quick:
+        raise ConfigError("", "--tls-cert and --tls-key go with the quick form (--bind, "
+                              "--backend); in a file: tls = { cert, key }", "command line")
     if quick:
         if args.config:
             raise ConfigError("", "give either --config or --bind/--backend, not both",
@@ -110,7 +118,8 @@ def _load(args: argparse.Namespace) -> Config:
             missing = "--bind" if not args.bind else "--backend"
             raise ConfigError("", f"the quick form needs {missing} too", "command line")
         return quick_config(args.bind, args.backend, args.mode, args.algorithm, algos,
-                            allow=args.allow, deny=args.deny)
+                            allow=args.allow, deny=args.deny, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key)
     if args.config:
         return load_config(args.config, algos)
     if Path(DEFAULT_CONFIG).is_file():
@@ -121,7 +130,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _check(cfg: Config) -> int:
-    why = unrunnable(cfg)
+    why = unrunnable(cfg) or check_tls(cfg)
     if why:
         return _fail(why)
     n = sum(len(b.servers) for b in cfg.backends.values())

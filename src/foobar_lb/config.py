@@ -36,7 +36,10 @@ __all__ = [
     "RateLimit",
     "Rule",
     "ServerConfig",
+    "ServerTls",
     "Timeouts",
+    "TlsCert",
+    "TlsConfig",
     "load_config",
     "parse_address",
     "parse_config",
@@ -173,6 +176,38 @@ class CheckConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsCert:
+    """A certificate chain and its key (PEM files); `path`: its key path, for messages."""
+
+    cert: str
+    key: str
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """HTTPS on a frontend: the first certificate is the default, the others chosen by SNI."""
+
+    certificates: tuple[TlsCert, ...]
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    client_ca: str | None = None  # mutual TLS: CA file client certificates are checked against
+    verify_client: str = "none"  # "none", "optional" or "required" ("required" with client_ca)
+    path: str = ""  # its key path, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS to a server (a backend's, or one server's own)."""
+
+    verify: bool = True
+    ca: str | None = None  # None: the system's CAs
+    sni: str | None = None  # None: the server's host (if it is a name)
+    cert: str | None = None  # a client certificate to present
+    key: str | None = None
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     address: Address
@@ -183,6 +218,7 @@ class ServerConfig:
     command: tuple[str, ...] = ()  # a managed server: the command line that runs it
     env: tuple[tuple[str, str], ...] = ()  # extra environment for the command
     send_proxy: str | None = None  # "v1" or "v2": a PROXY header first on each connection
+    tls: ServerTls | None = None  # TLS to this server (its own, else its backend's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +243,9 @@ class FrontendConfig:
     accept_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     rate_limit: RateLimit | None = None  # requests per client address (whole group)
     max_client_connections: int = 0  # connections at once per client address; 0: no limit
+    tls: TlsConfig | None = None  # HTTPS termination
+    hsts: str | None = None  # Strict-Transport-Security value added to responses
+    redirect_https: int | None = None  # plain HTTP: 301 every request to https on this port
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +266,7 @@ class BackendConfig:
     http_reuse: str = "safe"  # "safe" or "never"
     pool_max_idle: int = 1024  # idle kept-alive connections per server
     pool_idle_timeout: float = 5.0
+    tls: ServerTls | None = None  # TLS to the servers (a server's own `tls` wins)
 
 
 def default_backlog() -> int:
@@ -594,8 +634,8 @@ def _env(value: Any, path: str) -> tuple[tuple[str, str], ...]:
 def _server(value: Any, path: str, index: int, check: CheckConfig | None,
             check_raw: dict | None) -> ServerConfig:
     t = _Table(value, path, ("name", "address", "weight", "backup", "maxconn", "check", "command",
-                             "env", "send_proxy"),
-               "a table {name, address, weight, backup, maxconn, check, command, env}")
+                             "env", "send_proxy", "tls"),
+               "a table {name, address, weight, backup, maxconn, check, command, env, send_proxy, tls}")
     if t.has("check"):
         raw = t.data["check"]
         if isinstance(raw, bool):
@@ -614,6 +654,7 @@ def _server(value: Any, path: str, index: int, check: CheckConfig | None,
         maxconn=t.get("maxconn", _int(0), 0),
         check=check,
         command=command,
+        tls=t.get("tls", _server_tls, None),
         env=t.get("env", _env, ()),
         send_proxy=t.get("send_proxy", _choice(("v1", "v2")), None),
     )
@@ -680,6 +721,56 @@ def _check(value: Any, path: str) -> CheckConfig:
     )
 
 
+def _cert_pair(value: Any, path: str) -> TlsCert:
+    t = _Table(value, path, ("cert", "key"), 'a table { cert = "site.pem", key = "site.key" }')
+    return TlsCert(cert=t.need("cert", _str, "a PEM certificate file"),
+                   key=t.need("key", _str, "a PEM private key file"), path=path)
+
+
+def _frontend_tls(value: Any, path: str) -> TlsConfig:
+    t = _Table(value, path, ("cert", "key", "certificates", "min_version", "client_ca",
+                             "verify_client"),
+               'a table { cert = "site.pem", key = "site.key" }')
+    if t.has("certificates"):
+        if t.has("cert") or t.has("key"):
+            raise ConfigError(t.key("certificates"), ": give either cert/key or certificates")
+        certs = t.get("certificates", _list_of(_cert_pair, "tables {cert, key}"), ())
+    else:
+        certs = (TlsCert(cert=t.need("cert", _str, "a PEM certificate file"),
+                         key=t.need("key", _str, "a PEM private key file"), path=path),)
+    client_ca = t.get("client_ca", _str, None)
+    verify = t.get("verify_client", _choice(("none", "optional", "required")),
+                   "required" if client_ca else "none")
+    if verify != "none" and client_ca is None:
+        raise ConfigError(t.key("client_ca"), f': missing; expected a PEM CA file (verify_client '
+                                              f'is "{verify}")')
+    return TlsConfig(certificates=certs,
+                     min_version=t.get("min_version", _choice(("1.2", "1.3")), "1.2"),
+                     client_ca=client_ca, verify_client=verify, path=path)
+
+
+def _server_tls(value: Any, path: str) -> ServerTls:
+    if value is True:
+        value = {}
+    t = _Table(value, path, ("verify", "ca", "sni", "cert", "key"),
+               'true or a table { verify = true, ca = "ca.pem", sni = "name" }')
+    out = ServerTls(verify=t.get("verify", _bool, True), ca=t.get("ca", _str, None),
+                    sni=t.get("sni", _str, None), cert=t.get("cert", _str, None),
+                    key=t.get("key", _str, None), path=path)
+    if (out.cert is None) != (out.key is None):
+        missing = "key" if out.key is None else "cert"
+        raise ConfigError(t.key(missing), ": missing; cert and key go together")
+    return out
+
+
+def _redirect_port(value: Any, path: str) -> int | None:
+    if value is True:
+        return 443
+    if value is False:
+        return None
+    return _int(1, 65535)(value, path)
+
+
 @dataclass(frozen=True, slots=True)
 class _Defaults:
     mode: str = "http"
@@ -727,7 +818,19 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     t = _Table(value, path, ("bind", "mode", "default_backend", "rules", "timeout", "limits",
                              "forwardfor", "forwarded_proto", "request_headers", "response_headers",
                              "reject_underscore_headers", "allow", "deny", "trusted_proxies",
-                             "accept_proxy", "rate_limit", "max_client_connections"))
+                             "accept_proxy", "rate_limit", "max_client_connections", "tls",
+                             "hsts", "redirect_https"))
+    tls = t.get("tls", _frontend_tls, None)
+    if tls is not None and t.has("redirect_https"):
+        raise ConfigError(t.key("redirect_https"), ": only on a plain HTTP frontend (this one has tls)")
+    if tls is not None and t.has("accept_proxy"):
+        raise ConfigError(t.key("accept_proxy"), ": not with tls yet (a PROXY header comes before "
+                          "the TLS handshake, which this frontend would start at accept)")
+    if t.has("hsts") and tls is None:
+        raise ConfigError(t.key("hsts"), ": only on a frontend with tls")
+    for key in ("hsts", "redirect_https"):
+        if t.has(key) and t.data.get("mode", d.mode) == "tcp":
+            raise ConfigError(t.key(key), ': only in mode "http"')
     return FrontendConfig(
         name=name,
         bind=t.need("bind", _list_of(_bind_address, "addresses", single_ok=True),
@@ -749,6 +852,9 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
         accept_proxy=t.get("accept_proxy", _accept_proxy, None),
         rate_limit=t.get("rate_limit", _rate_limit, None),
         max_client_connections=t.get("max_client_connections", _int(0, 1_000_000), 0),
+        tls=tls,
+        hsts=t.get("hsts", _header_value, None),
+        redirect_https=t.get("redirect_https", _redirect_port, None),
     )
 
 
@@ -767,7 +873,8 @@ def _backend(name: str, value: Any, path: str, d: _Defaults,
     t = _Table(value, path, ("servers", "mode", "balance", "timeout", "retries", "redispatch",
                              "request_headers", "response_headers", "check", "observe",
                              "error_limit", "allbackups", "maxqueue", "http_reuse", "pool_max_idle",
-                             "pool_idle_timeout"))
+                             "pool_idle_timeout", "tls"))
+    be_tls = t.get("tls", _server_tls, None)
     check_raw = t.data.get("check")
     if isinstance(check_raw, bool):
         check = _check({}, t.key("check")) if check_raw else None
@@ -779,6 +886,8 @@ def _backend(name: str, value: Any, path: str, d: _Defaults,
         if not isinstance(raw, list) or not raw:
             raise _bad(p, raw, 'a non-empty list of servers like [{ address = "127.0.0.1:8081" }]')
         out = tuple(_server(item, f"{p}[{i}]", i, check, check_raw) for i, item in enumerate(raw))
+        if be_tls is not None:  # a server's own tls wins over its backend's
+            out = tuple(s if s.tls is not None else replace(s, tls=be_tls) for s in out)
         seen: dict[str, int] = {}
         for i, s in enumerate(out):
             if s.name in seen:
@@ -818,6 +927,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults,
         http_reuse=reuse,
         pool_max_idle=0 if reuse == "never" else t.get("pool_max_idle", _int(0, 100000), 1024),
         pool_idle_timeout=t.get("pool_idle_timeout", _duration, 5.0),
+        tls=be_tls,
     )
 
 
@@ -953,7 +1063,8 @@ def load_config(path: str | Path, algorithms: tuple[str, ...] | list[str] | None
 def quick_config(bind: list[str], backends: list[str], mode: str = "http",
                  algorithm: str = "roundrobin",
                  algorithms: tuple[str, ...] | list[str] | None = None, *,
-                 allow: list[str] | None = None, deny: list[str] | None = None) -> Config:
+                 allow: list[str] | None = None, deny: list[str] | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> Config:
     """The configuration behind `serve --bind A --backend B ...`; mistakes name the option."""
     fe: dict[str, Any] = {"bind": bind, "mode": mode, "default_backend": "main"}
     if allow:
@@ -968,11 +1079,16 @@ def quick_config(bind: list[str], backends: list[str], mode: str = "http",
             "servers": [{"name": f"server-{i + 1}", "address": a} for i, a in enumerate(backends)],
         }},
     }
+    if tls_cert is not None or tls_key is not None:
+        data["frontends"]["main"]["tls"] = {k: v for k, v in (("cert", tls_cert), ("key", tls_key))
+                                            if v is not None}
     try:
         return config_from_dict(data, None, algorithms)
     except ConfigError as e:
         option = e.path
-        for prefix, opt in (("frontends.main.bind", "--bind"), ("backends.main.servers", "--backend"),
+        for prefix, opt in (("frontends.main.tls.cert", "--tls-cert"),
+                            ("frontends.main.tls.key", "--tls-key"),
+                            ("frontends.main.bind", "--bind"), ("backends.main.servers", "--backend"),
                             ("backends.main.balance", "--algorithm"), ("frontends.main.mode", "--mode"),
                             ("frontends.main.allow", "--allow"), ("frontends.main.deny", "--deny")):
             if option.startswith(prefix):

@@ -192,10 +192,18 @@ class Frontend:
 
     def _plan(self, be: Backend) -> HeaderPlan:
         req_drop, req_add = _rules(self.cfg.request_headers, be.cfg.request_headers)
+        tls = self.cfg.tls
         if self.cfg.forwarded_proto:  # ours replaces whatever the client claimed
             req_drop |= {b"x-forwarded-proto"}
-            req_add = b"x-forwarded-proto: http\r\n" + req_add
+            req_add = (b"x-forwarded-proto: https\r\n" if tls is not None
+                       else b"x-forwarded-proto: http\r\n") + req_add
+        if tls is not None and tls.client_ca is not None:
+            # mutual TLS: only we say who the client is (the value: per connection, client.py)
+            req_drop |= {b"x-client-cert-subject"}
         resp_drop, resp_add = _rules(be.cfg.response_headers, self.cfg.response_headers)
+        if self.cfg.hsts is not None:  # ours replaces the server's
+            resp_drop |= {b"strict-transport-security"}
+            resp_add += b"strict-transport-security: %s\r\n" % self.cfg.hsts.encode("latin-1")
         resp_drop = HOP_BY_HOP | resp_drop
         return HeaderPlan(HOP_BY_HOP | req_drop, req_add + b"\r\n", resp_drop,
                           resp_add + b"\r\n", _scan_pattern(resp_drop))

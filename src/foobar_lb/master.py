@@ -55,6 +55,7 @@ from .shared import (
     SemTable,
 )
 from .state import StateMachine
+from .tls import check_config as check_tls
 
 __all__ = ["Master", "StartError", "control_path", "say"]
 
@@ -173,7 +174,7 @@ class Master:
         return 0
 
     def _check_programs(self, cfg: Config) -> None:
-        why = unrunnable(cfg)
+        why = unrunnable(cfg) or check_tls(cfg)  # (TLS files: re-read on every reload)
         if why:
             raise StartError(why)
 

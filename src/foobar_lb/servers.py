@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import zlib
 
-from .config import CheckConfig, ServerConfig
+from .config import CheckConfig, ServerConfig, ServerTls
 from .shared import S_FAILURES, S_REQUESTS, S_SIZE
+from .tls import server_context
 
 __all__ = ["Server", "State"]
 
@@ -49,6 +50,8 @@ class Server:
         "port",
         "send_proxy",
         "slots",
+        "sni",
+        "ssl",
         "state",
         "weight",
     )
@@ -94,15 +97,23 @@ class Server:
         # a stable per-server seed for hashing algorithms; Python's hash() is salted per process
         self.hash_seed = zlib.crc32(f"{backend}/{name}".encode())
         # idle connections are pooled by (server, its TLS settings): a TLS connection is never
-        # handed out for a plain one (no TLS to servers yet: None)
+        # handed out for a plain one (plain: None; see `use_tls`)
         self.pool_key = (self, None)
         # "v1"/"v2": a PROXY header first on each connection (clientaddr.py); such a
         # connection carries one client's address, so it is never pooled
         self.send_proxy = send_proxy
+        self.ssl = None  # TLS to this server: its client SSLContext, and the name to ask for
+        self.sni: str | None = None
+
+    def use_tls(self, tls: ServerTls) -> None:
+        """Connect to this server over TLS (connections, pooled ones and checks alike)."""
+        self.ssl = server_context(tls)
+        self.sni = tls.sni or self.host
+        self.pool_key = (self, tls)
 
     @classmethod
     def from_config(cls, cfg: ServerConfig, backend: str = "") -> Server:
-        return cls(
+        server = cls(
             cfg.name,
             cfg.address.host,
             cfg.address.port,
@@ -113,6 +124,9 @@ class Server:
             check=cfg.check,
             send_proxy=cfg.send_proxy,
         )
+        if cfg.tls is not None:
+            server.use_tls(cfg.tls)
+        return server
 
     @property
     def total(self) -> int:

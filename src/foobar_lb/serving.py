@@ -24,6 +24,7 @@ from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
 from .servers import State
+from .tls import RedirectSession, Refusals, frontend_context
 
 __all__ = ["Serving"]
 
@@ -42,8 +43,10 @@ class Serving:
         self.leave = admission.leave
         self.tasks: set[asyncio.Task] = set()  # connects (kept referenced until they end)
         self.servers: list[asyncio.AbstractServer] = []
-        self.listening: list[tuple[int, type, Any]] = []  # (fd, session class, frontend)
+        # (fd, session class, frontend, its SSL context or None)
+        self.listening: list[tuple[int, type, Any, Any]] = []
         self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self.tls_refusals: dict[str, Refusals] = {}  # refused TLS handshakes, by frontend
 
     @property
     def sessions(self) -> set[Any]:
@@ -60,12 +63,21 @@ class Serving:
         """Accept on the frontends' sockets (keyed like `listeners.key_of`)."""
         for name, fe in self.frontends.items():
             cls = HttpSession if fe.mode == "http" else TcpSession
+            if fe.mode == "http" and fe.cfg.redirect_https:
+                cls = RedirectSession
+            # built here, in each generation: a reload re-reads the certificate files
+            ctx = None
+            if fe.cfg.tls is not None:
+                refusals = self.tls_refusals[name] = Refusals(name)
+                ctx = frontend_context(fe.cfg.tls, refusals)
+            tls = {"ssl": ctx, "ssl_handshake_timeout": fe.cfg.timeouts.http_request or None
+                   } if ctx is not None else {}
             for i, addr in enumerate(fe.cfg.bind):
                 sock = socks[key_of(name, i, addr)]
                 srv = await self.loop.create_server(_factory(self, cls, fe), sock=sock,
-                                                    backlog=backlog)
+                                                    backlog=backlog, **tls)
                 self.servers.append(srv)
-                self.listening.append((sock.fileno(), cls, fe))
+                self.listening.append((sock.fileno(), cls, fe, ctx))
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(name, []).append((host, port))
 
@@ -86,13 +98,13 @@ class Serving:
         Connections the kernel had already accepted for us (in the listen backlog) are taken
         and served too (one request each), rather than reset when the socket closes."""
         queued = []
-        for fd, cls, fe in self.listening:
+        for fd, cls, fe, ctx in self.listening:
             try:
-                queued.append((socket.socket(fileno=os.dup(fd)), cls, fe))
+                queued.append((socket.socket(fileno=os.dup(fd)), cls, fe, ctx))
             except OSError:
                 continue
         self.shutdown()
-        for sock, cls, fe in queued:
+        for sock, cls, fe, ctx in queued:
             with sock:
                 sock.setblocking(False)
                 while True:
@@ -101,7 +113,8 @@ class Serving:
                     except OSError:  # nothing more waiting (or the socket is gone)
                         break
                     conn.setblocking(False)
-                    await self.loop.connect_accepted_socket(_last_call(self, cls, fe), conn)
+                    await self.loop.connect_accepted_socket(_last_call(self, cls, fe), conn,
+                                                            ssl=ctx)
 
     def shutdown(self) -> None:
         """Accept no more; idle connections close now, busy ones after their request."""

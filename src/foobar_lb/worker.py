@@ -28,6 +28,7 @@ from .limits import ClientTable
 from .servers import Server
 from .serving import Serving
 from .shared import COUNTER_BYTES, SEM_CAPACITY, SEM_SIZE, Counters, Layout, Region, SemSlots
+from .tls import TlsError, preload
 
 __all__ = ["main"]
 
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ctrl = socket.socket(fileno=int(argv[0]))
     init = recv_one(ctrl)
     _die_with_master(init["master_pid"])
+    try:
+        preload(init["config"])  # TLS files are read before root is given up
+    except TlsError as e:  # (changed since the master checked them)
+        print(f"foobar-lb: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if init["ids"] is not None:  # global.user/group: no root once the sockets are ours
         uid, gid = init["ids"]
         os.setgroups([])

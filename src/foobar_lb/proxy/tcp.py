@@ -131,7 +131,8 @@ class TcpSession(ClientSide):
         try:
             async with asyncio.timeout(be.timeouts.connect or None):
                 _, up = await self.loop.create_connection(
-                    lambda: TcpUpstream(self), server.host, server.port)
+                    lambda: TcpUpstream(self), server.host, server.port, ssl=server.ssl,
+                    server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
             what = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
@@ -183,7 +184,9 @@ class TcpSession(ClientSide):
         up = self.up
         if up is None:
             return True  # passed on once the server connection is up
-        return pass_eof(up.eof_in, up.transport)
+        # (a TLS client's close_notify closes its side whatever we say: asyncio warns on True)
+        return pass_eof(up.eof_in, up.transport) and (
+            self.transport.get_extra_info("sslcontext") is None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()

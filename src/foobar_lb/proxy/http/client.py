@@ -27,6 +27,7 @@ from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend
 from ...limits import too_many_requests
+from ...tls import client_subject_line
 from ..base import ClientSide
 from ..upstream import Pool
 from .exchange import (
@@ -110,6 +111,7 @@ class HttpSession(ClientSide):
 
     __slots__ = (
         "block",
+        "cert_line",
         "client_key",
         "closing",
         "eof_in",
@@ -169,6 +171,7 @@ class HttpSession(ClientSide):
         self.own_pool: Pool | None = None  # idle connections private to this client (send_proxy)
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
+        self.cert_line = b""  # mutual TLS: the X-Client-Cert-Subject line (tls.py)
         self.held: list[bytes] | None = None  # bytes read while parked
         self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
@@ -194,6 +197,8 @@ class HttpSession(ClientSide):
         if self.fe.forward_for(self.peer_ip):
             self.xff_ip = self.peer_key
             self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
+        if self.fe.cfg.tls is not None and self.fe.cfg.tls.client_ca is not None:
+            self.cert_line = client_subject_line(self.transport)
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -228,7 +233,9 @@ class HttpSession(ClientSide):
             return self.q[0].tunnel_eof(from_server=False) if self.q else False
         self.closing = True
         self._block(BLOCK_STOP)
-        return bool(self.q)  # keep the connection open while a response is owed
+        # keep the connection open while a response is owed (a TLS client's close_notify closes
+        # it whatever we say: asyncio warns on True)
+        return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         self.wblocked_at = self.loop.time()
@@ -364,7 +371,7 @@ class HttpSession(ClientSide):
         r.backend = route.backend
         r.route = route
         r.head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields, self.xff_line,
-                           route.req_add))
+                           self.cert_line, route.req_add))
         q = self.q
         q.append(r)
         self._start(r, now)
@@ -436,6 +443,9 @@ class HttpSession(ClientSide):
             self._trusted_client(fields)
         r.head, chunked, body, r.upgrade, r.needs_host, expect = request_head(
             method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
+        if self.cert_line:  # (where the simple path puts it: before the route's lines)
+            n = len(route.req_add)
+            r.head = r.head[:-n] + self.cert_line + r.head[-n:]
         r.chunked = chunked
         r.headers = None  # not needed any more
         if chunked:
@@ -629,9 +639,17 @@ class HttpSession(ClientSide):
         try:
             async with asyncio.timeout(timeout):
                 pool = be.pool if server.send_proxy is None else self._private(be)
+                # (a PROXY header goes first, before any TLS handshake)
+                tls_now = server.send_proxy is None
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamHttp(pool, server, self.loop), server.host, server.port
-                )
+                    lambda: UpstreamHttp(pool, server, self.loop), server.host, server.port,
+                    ssl=server.ssl if tls_now else None,
+                    server_hostname=server.sni if tls_now else None)
+                if not tls_now:
+                    send_proxy_header(conn.transport, server.send_proxy, self)
+                    if server.ssl is not None:
+                        conn.transport = await self.loop.start_tls(
+                            conn.transport, conn, server.ssl, server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
             reason = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
@@ -646,8 +664,6 @@ class HttpSession(ClientSide):
             r.release_server()
             conn.close()
             return
-        if server.send_proxy is not None:
-            send_proxy_header(conn.transport, server.send_proxy, self)
         r.attach(conn, self.loop.time())
 
     def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
