@@ -658,7 +658,8 @@ class Master:
         self.ready_said = True
         lines = []
         for name, fe in self.built.frontends.items():
-            scheme = "http" if fe.mode == "http" else "tcp"
+            scheme = ("https" if fe.cfg.tls is not None else "http") if fe.mode == "http" else (
+                "tls" if fe.cfg.tls is not None else "tcp")
             for i, a in enumerate(fe.cfg.bind):
                 host, port = self.socks[key_of(name, i, a)].getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
