@@ -6,6 +6,7 @@ workers shares one bucket and one connection count per client, and a reload keep
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -492,3 +493,45 @@ async def test_limit_table_size_cannot_change_on_a_reload(tmp_path):
             assert rc == 2
             assert err == (f"foobar-lb: error: {lb.config}: global.limit_table_size: cannot "
                            "change on a reload (restart to change it)\n")
+
+
+@pytest.mark.slow
+async def test_a_flood_of_200000_proxy_v2_addresses_keeps_the_table_at_its_bound(tmp_path):
+    """The issue's flood, end to end: 200,000 connections, each with a PROXY v2 header naming
+    another client address, against the default `limit_table_size` (100,000). The first
+    client's exhausted bucket must have been evicted meanwhile (it is served again), so the
+    table did not grow past its bound; and the process is still serving."""
+    from foobar_lb.proxy.proxyproto import build_v2
+
+    flood = 200_000
+    async with ScriptedServer("a") as a:
+        port = free_port()
+        frontend = {"accept_proxy": {"from": ["127.0.0.1/32"]},
+                    "rate_limit": {"requests": 1, "per": "1h", "burst": 1}}
+        async with LbProcess(tmp_path, _cfg(port, a, 1, frontend)) as lb:
+
+            async def once(src: str) -> bytes:
+                r, w = await asyncio.open_connection(LOOPBACK, port)
+                w.write(build_v2((src, 1000), (LOOPBACK, port))
+                        + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                try:
+                    return await asyncio.wait_for(r.read(), 10)
+                finally:
+                    w.close()
+
+            first = "192.0.2.1"
+            assert (await once(first)).startswith(b"HTTP/1.1 200 ")
+            assert (await once(first)).startswith(b"HTTP/1.1 429 ")
+            statuses: dict[bytes, int] = {}
+
+            async def worker(k: int) -> None:
+                for i in range(k, flood, 32):
+                    got = await once(str(ipaddress.IPv4Address(0x0A000000 + i)))  # distinct clients
+                    statuses[got[9:12]] = statuses.get(got[9:12], 0) + 1
+
+            deadline = time.monotonic() + 300
+            await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(32))),
+                                   deadline - time.monotonic())
+            assert statuses == {b"200": flood}, statuses  # each a new client: a full bucket
+            assert (await once(first)).startswith(b"HTTP/1.1 200 "), "the first entry was kept"
+            assert lb.proc.returncode is None
