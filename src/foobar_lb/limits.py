@@ -45,7 +45,7 @@ import socket
 import struct
 import time
 
-from .shared import F_CLIENT_REFUSED, F_RATE_LIMITED, Region
+from .shared import F_CLIENT_REFUSED, F_RATE_LIMITED, Region, libc
 
 __all__ = [
     "REFUSED",
@@ -79,30 +79,6 @@ def table_bytes(size: int) -> int:
     return -(-(DATA + sets * SET_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-def _pthread():
-    libc = ctypes.CDLL(None, use_errno=True)
-    p = ctypes.c_void_p
-    for name, args in (("pthread_mutexattr_init", (p,)), ("pthread_mutexattr_destroy", (p,)),
-                       ("pthread_mutexattr_setpshared", (p, ctypes.c_int)),
-                       ("pthread_mutexattr_setrobust", (p, ctypes.c_int)),
-                       ("pthread_mutex_init", (p, p)), ("pthread_mutex_lock", (p,)),
-                       ("pthread_mutex_unlock", (p,)), ("pthread_mutex_consistent", (p,))):
-        fn = getattr(libc, name)
-        fn.argtypes = args
-        fn.restype = ctypes.c_int
-    return libc
-
-
-_LIB = None
-
-
-def _lib():
-    global _LIB
-    if _LIB is None:
-        _LIB = _pthread()
-    return _LIB
-
-
 class ClientTable:
     """The per-client table: created by the master (`fd=None`), mapped by workers (`fd`), or
     private to one process (`private=True`)."""
@@ -124,7 +100,7 @@ class ClientTable:
             self.region = Region(nbytes, fd)
             self.mm = self.region.mm
             base = self.region.addr
-        lib = _lib()
+        lib = libc()
         locks = [base + HEADER + i * LOCK_SIZE for i in range(STRIPES)]
         if private or fd is None:  # new memory: draw a secret, make the locks
             self.sets = max(1, -(-size // WAYS))

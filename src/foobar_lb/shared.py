@@ -69,9 +69,16 @@ class Region:
 
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
-    for name, args in (("sem_init", (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint)),
-                       ("sem_trywait", (ctypes.c_void_p,)), ("sem_post", (ctypes.c_void_p,)),
-                       ("sem_getvalue", (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)))):
+    p = ctypes.c_void_p
+    for name, args in (("sem_init", (p, ctypes.c_int, ctypes.c_uint)),
+                       ("sem_trywait", (p,)), ("sem_post", (p,)),
+                       ("sem_getvalue", (p, ctypes.POINTER(ctypes.c_int))),
+                       # the robust process-shared mutexes of limits.py's table
+                       ("pthread_mutexattr_init", (p,)), ("pthread_mutexattr_destroy", (p,)),
+                       ("pthread_mutexattr_setpshared", (p, ctypes.c_int)),
+                       ("pthread_mutexattr_setrobust", (p, ctypes.c_int)),
+                       ("pthread_mutex_init", (p, p)), ("pthread_mutex_lock", (p,)),
+                       ("pthread_mutex_unlock", (p,)), ("pthread_mutex_consistent", (p,))):
         fn = getattr(libc, name)
         fn.argtypes = args
         fn.restype = ctypes.c_int

@@ -46,9 +46,22 @@ class LazyTimer(asyncio.Protocol):
 
 class ClientSide(LazyTimer):
     """A client connection: counted against global maxconn, maybe waiting in a backend queue.
-    Subclasses have the slots `lb`, `closing` and `waiter`."""
+    Subclasses have the slots `lb`, `fe`, `transport`, `peer_ip`, `peer_key`, `client_key`,
+    `closing` and `waiter`, and a method `accepted`."""
 
     __slots__ = ()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        """Who the client is (the peer, until a PROXY header or a trusted proxy says more), the
+        frontend's rules at accept (`clientaddr.Edge`), then the subclass's `accepted`."""
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0]
+            self.peer_key = self.client_key = peer[0].encode()
+        edge = self.fe.edge
+        if edge is None or edge.accept(self):
+            self.accepted()
 
     def _ended(self) -> None:
         """The connection is gone: free its maxconn slot, its queue place and its timer."""

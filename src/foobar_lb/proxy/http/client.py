@@ -181,16 +181,6 @@ class HttpSession(ClientSide):
         self.wblocked_at = 0.0
 
     # -- connection events ---------------------------------------------------------------
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer_ip = peer[0]
-            self.peer_key = self.client_key = peer[0].encode()
-        edge = self.fe.edge
-        if edge is None or edge.accept(self):
-            self.accepted()
-
     def accepted(self) -> None:
         """The client address is established and allowed (at accept, or after the PROXY
         header): admission, then the first request."""
