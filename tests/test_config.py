@@ -104,10 +104,6 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      + BE, "{file}: frontends.web.redirect_https: only on a plain HTTP frontend (this one has tls)"),
     ("hsts-without-tls", FE + 'hsts = "max-age=1"\n' + BE,
      "{file}: frontends.web.hsts: only on a frontend with tls"),
-    ("accept-proxy-with-tls",
-     FE + 'tls = { cert = "a.pem", key = "a.key" }\naccept_proxy = { from = ["127.0.0.1/32"] }\n' + BE,
-     "{file}: frontends.web.accept_proxy: not with tls yet (a PROXY header comes before the TLS "
-     "handshake, which this frontend would start at accept)"),
     ("redirect-in-tcp-mode", FE + 'mode = "tcp"\nredirect_https = true\n' + BE,
      '{file}: frontends.web.redirect_https: only in mode "http"'),
     ("unknown-server-key", server('adress = "127.0.0.1:9001"'),

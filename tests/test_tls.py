@@ -586,3 +586,44 @@ async def test_a_tls_client_closing_with_a_request_in_flight(tmp_path, ca, caplo
                 await asyncio.sleep(0.01)
             assert not lb.serving.sessions  # the connection is gone, nothing leaked
     assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []
+
+
+async def _tls_after_proxy(port: int, ctx: ssl.SSLContext, proxy: bytes) -> bytes:
+    """A PROXY header, then TLS on the same connection, one request: all bytes until close."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), 5)
+    try:
+        w.write(proxy)
+        await w.drain()
+        await asyncio.wait_for(w.start_tls(ctx, server_hostname="localhost"), 5)
+        w.write(b"GET /p HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(r.read(), 5)
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_a_proxy_header_before_tls(tmp_path, ca, version):
+    """accept_proxy on an HTTPS frontend: the header is read from the socket first, exactly,
+    then the TLS handshake; the header's client is the one X-Forwarded-For names."""
+    from foobar_lb.proxy.proxyproto import header
+
+    cert, key = write_pair(ca.issue_cert("localhost"), tmp_path, "site")
+    async with ScriptedServer("a") as a:
+        cfg = lb_config([a.address], frontend={"tls": {"cert": cert, "key": key},
+                                               "accept_proxy": {"from": ["127.0.0.1/32"]}})
+        async with running_lb(cfg) as lb:
+            port = lb.address[1]
+            proxy = header(version, ("192.0.2.7", 4321), (LOOPBACK, port))
+            data = await _tls_after_proxy(port, client_ctx(ca), proxy)
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+            (req,) = a.requests
+            assert ("X-Forwarded-For", "192.0.2.7") in req.headers
+            assert ("x-forwarded-proto", "https") in req.headers
+            # a header without addresses (LOCAL / UNKNOWN): the peer's address stands
+            data = await _tls_after_proxy(port, client_ctx(ca), header(version, None, None))
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+            assert ("X-Forwarded-For", LOOPBACK) in a.requests[1].headers
+            # no header from a source that must send one: closed, no server touched
+            with pytest.raises((*REFUSED, OSError)):
+                await https_get(port, client_ctx(ca))
+            assert len(a.requests) == 2

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from .proxy.proxyproto import INCOMPLETE, NOT_PROXY, ProxyError, header, parse, starts_like_proxy
 from .shared import F_DENIED
 
-__all__ = ["Edge", "Networks", "client_from_xff", "proxy_header", "send_proxy_header"]
+__all__ = ["Edge", "Networks", "client_from_xff", "proxy_header", "read_header_before_tls",
+           "send_proxy_header"]
 
 PROXY_HEADER_TIMEOUT = 5.0  # a trusted source that does not finish its header within this
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,7 +93,7 @@ def proxy_header(version: str, session) -> bytes:
     """The PROXY header for a `send_proxy` server: the client's address as the session knows it
     (from a PROXY header it received, else its connection's), and the address it reached."""
     p = session.proxied
-    if p is None:
+    if not p:  # (None: no header; (): a header without addresses)
         t = session.transport
         src = t.get_extra_info("peername")
         dst = t.get_extra_info("sockname")
@@ -140,7 +141,7 @@ class Edge:
         to go on now; False when the connection was refused, or waits for its PROXY header
         (`session.accepted()` is called once it is read and allowed)."""
         ip = session.peer_ip
-        if self.proxy_from is not None:
+        if self.proxy_from is not None and session.proxied is None:
             if ip in self.proxy_from:
                 _ProxyReader(self, session)
                 return False
@@ -270,3 +271,62 @@ class _ProxyReader(_Relay):
             self.timer.cancel()
             self.timer = None
         self.session.connection_lost(exc)
+
+
+async def read_header_before_tls(loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                                 edge: Edge) -> tuple | None:
+    """For a TLS frontend with `accept_proxy`: read the PROXY header of a just-accepted socket
+    and nothing after it (the TLS handshake that follows is the TLS layer's), before the socket
+    is handed to the event loop with TLS. Returns what a session's `proxied` becomes: ((src,
+    port), (dst, port)), or () for a header without addresses (LOCAL, UNKNOWN); None when the
+    connection is to be closed (no header from a source that must send one, a malformed one,
+    or none within PROXY_HEADER_TIMEOUT). A source not in `accept_proxy.from` sends no header:
+    () as well, and its first bytes are left for TLS (a PROXY header there fails the
+    handshake, so it is refused all the same)."""
+    peer = conn.getpeername()
+    if not isinstance(peer, tuple) or peer[0] not in edge.proxy_from:
+        return ()
+    deadline = loop.time() + PROXY_HEADER_TIMEOUT
+    while True:
+        try:
+            buf = conn.recv(256, socket.MSG_PEEK)
+        except BlockingIOError:
+            buf = None
+        except OSError:
+            return None
+        if buf == b"":
+            return None  # closed before its header
+        if buf:
+            try:
+                got = parse(buf)
+            except ProxyError:
+                return None
+            if got == NOT_PROXY:
+                return None
+            if got != INCOMPLETE:
+                try:
+                    conn.recv(got.length)  # exactly the header: it is there already
+                except OSError:
+                    return None
+                return (got.src, got.dst) if got.src is not None else ()
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        if buf:
+            # (a peek leaves the bytes unread, so readiness would fire at once again: wait a
+            # little for the rest of a header split across segments, which is rare)
+            await asyncio.sleep(0.005)
+            continue
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), _wake, ready)
+        try:
+            await asyncio.wait_for(ready, left)
+        except TimeoutError:
+            return None
+        finally:
+            loop.remove_reader(conn.fileno())
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

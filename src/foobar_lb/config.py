@@ -823,9 +823,6 @@ def _frontend(name: str, value: Any, path: str, d: _Defaults) -> FrontendConfig:
     tls = t.get("tls", _frontend_tls, None)
     if tls is not None and t.has("redirect_https"):
         raise ConfigError(t.key("redirect_https"), ": only on a plain HTTP frontend (this one has tls)")
-    if tls is not None and t.has("accept_proxy"):
-        raise ConfigError(t.key("accept_proxy"), ": not with tls yet (a PROXY header comes before "
-                          "the TLS handshake, which this frontend would start at accept)")
     if t.has("hsts") and tls is None:
         raise ConfigError(t.key("hsts"), ": only on a frontend with tls")
     for key in ("hsts", "redirect_https"):

@@ -14,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .admission import Admission
 from .build import Built
+from .clientaddr import read_header_before_tls
 from .limits import attach
 from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
 from .servers import State
+from .shared import F_DENIED
 from .tls import RedirectSession, Refusals, frontend_context
 
 __all__ = ["Serving"]
@@ -43,6 +46,7 @@ class Serving:
         self.leave = admission.leave
         self.tasks: set[asyncio.Task] = set()  # connects (kept referenced until they end)
         self.servers: list[asyncio.AbstractServer] = []
+        self.acceptors: list[asyncio.Task] = []  # accept loops of PROXY-before-TLS listeners
         # (fd, session class, frontend, its SSL context or None)
         self.listening: list[tuple[int, type, Any, Any]] = []
         self.addresses: dict[str, list[tuple[str, int]]] = {}
@@ -74,9 +78,16 @@ class Serving:
                    } if ctx is not None else {}
             for i, addr in enumerate(fe.cfg.bind):
                 sock = socks[key_of(name, i, addr)]
-                srv = await self.loop.create_server(_factory(self, cls, fe), sock=sock,
-                                                    backlog=backlog, **tls)
-                self.servers.append(srv)
+                if _header_before_tls(fe, ctx):
+                    # a PROXY header comes before the TLS handshake: accepted here, its header
+                    # read from the socket, then the socket handed over with TLS
+                    sock.setblocking(False)
+                    self.acceptors.append(self.loop.create_task(
+                        self._accept_proxied(sock, cls, fe, ctx)))
+                else:
+                    srv = await self.loop.create_server(_factory(self, cls, fe), sock=sock,
+                                                        backlog=backlog, **tls)
+                    self.servers.append(srv)
                 self.listening.append((sock.fileno(), cls, fe, ctx))
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(name, []).append((host, port))
@@ -85,6 +96,39 @@ class Serving:
         for srv in self.servers:
             srv.close()
         self.servers.clear()
+        for task in self.acceptors:
+            task.cancel()
+        self.acceptors.clear()
+
+    async def _accept_proxied(self, sock: socket.socket, cls: type, fe: Any, ctx: Any) -> None:
+        while True:
+            try:
+                conn, _ = await self.loop.sock_accept(sock)
+            except OSError:  # out of descriptors, say: the connection waits in the backlog
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            self.spawn(self._proxied(conn, _factory(self, cls, fe), fe, ctx))
+
+    async def _proxied(self, conn: socket.socket, make: Callable[[], Any], fe: Any,
+                       ctx: Any) -> None:
+        """Read a connection's PROXY header, then serve it over TLS with that address."""
+        proxied = await read_header_before_tls(self.loop, conn, fe.edge)
+        if proxied is None:
+            fe.ctr[fe.cbase + F_DENIED] += 1
+            conn.close()
+            return
+
+        def session() -> Any:
+            s = make()
+            s.proxied = proxied
+            return s
+
+        try:
+            await self.loop.connect_accepted_socket(
+                session, conn, ssl=ctx, ssl_handshake_timeout=fe.cfg.timeouts.http_request or None)
+        except (OSError, TimeoutError, ssl.SSLError):
+            conn.close()  # (a failed handshake: counted and logged by tls.py's context)
 
     def drain(self) -> None:
         """Reload: accept no more; each connection ends after its next response."""
@@ -113,6 +157,9 @@ class Serving:
                     except OSError:  # nothing more waiting (or the socket is gone)
                         break
                     conn.setblocking(False)
+                    if _header_before_tls(fe, ctx):
+                        await self._proxied(conn, _last_call(self, cls, fe), fe, ctx)
+                        continue
                     await self.loop.connect_accepted_socket(_last_call(self, cls, fe), conn,
                                                             ssl=ctx)
 
@@ -153,6 +200,11 @@ class Serving:
         if srv is not None:
             srv.health = health
             be.apply_state(srv, State(state))
+
+
+def _header_before_tls(fe: Any, ctx: Any) -> bool:
+    """A TLS frontend whose clients (some of them) start with a PROXY header."""
+    return ctx is not None and fe.edge is not None and fe.edge.proxy_from is not None
 
 
 def _factory(serving: Serving, cls: type, fe: Any) -> Callable[[], asyncio.Protocol]:

@@ -47,7 +47,7 @@ class LazyTimer(asyncio.Protocol):
 class ClientSide(LazyTimer):
     """A client connection: counted against global maxconn, maybe waiting in a backend queue.
     Subclasses have the slots `lb`, `fe`, `transport`, `peer_ip`, `peer_key`, `client_key`,
-    `closing` and `waiter`, and a method `accepted`."""
+    `proxied`, `closing` and `waiter`, and a method `accepted`."""
 
     __slots__ = ()
 
@@ -55,7 +55,8 @@ class ClientSide(LazyTimer):
         """Who the client is (the peer, until a PROXY header or a trusted proxy says more), the
         frontend's rules at accept (`clientaddr.Edge`), then the subclass's `accepted`."""
         self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # (a PROXY header read before TLS gives the client's address: serving._proxied)
+        peer = self.proxied[0] if self.proxied else transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
             self.peer_key = self.client_key = peer[0].encode()
