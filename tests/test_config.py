@@ -85,7 +85,7 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("not-utf8", b"\xff\xfe[frontends]\n",
      "{file}: cannot read: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
     ("unknown-top-level-key", "frontend = {}\n" + FE + BE,
-     "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends"),
+     "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends, admin"),
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
@@ -232,6 +232,22 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      '[frontends.web]\nbind = "127.0.0.1:8080"\nrules = [{ host = "a b", backend = "app" }]\n' + BE,
      '{file}: frontends.web.rules[0].host = "a b": expected a host name like "api.foobar.test" or '
      '"*.foobar.test"'),
+    ("admin-no-token", FE + BE + '[admin]\nbind = "0.0.0.0:8404"\n',
+     "{file}: admin.token: the admin listener on 0.0.0.0:8404 is not on a loopback address, so "
+     'it needs a token ([admin] token = "..." or token_file = "...")'),
+    ("admin-short-token", FE + BE + '[admin]\nbind = "127.0.0.1:8404"\ntoken = "abc"\n',
+     "{file}: admin.token: a token of at least 8 printable characters, no edge spaces"),
+    ("admin-token-twice",
+     FE + BE + '[admin]\nbind = "127.0.0.1:8404"\ntoken = "abcdefghi"\ntoken_file = "t"\n',
+     "{file}: admin.token_file: give token or token_file, not both"),
+    ("admin-token-file-missing", FE + BE + '[admin]\nbind = "127.0.0.1:8404"\ntoken_file = "nope"\n',
+     '{file}: admin.token_file = "nope": expected a readable file holding the token (No such file '
+     "or directory)"),
+    ("admin-token-file-empty", FE + BE + '[admin]\nbind = "127.0.0.1:8404"\ntoken_file = "/dev/null"\n',
+     '{file}: admin.token_file = "/dev/null": expected a file holding a token (it is empty)'),
+    ("admin-on-a-frontend", FE + BE + '[admin]\nbind = "127.0.0.1:8080"\n',
+     '{file}: admin.bind = "127.0.0.1:8080": expected an address no frontend uses (frontends.web '
+     "binds 127.0.0.1:8080)"),
     ("empty-data-dir", '[global]\ndata_dir = ""\n' + FE + BE,
      '{file}: global.data_dir = "": expected a non-empty string'),
     ("workers-zero", "[global]\nworkers = 0\n" + FE + BE,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .balancing import algorithm_names
-from .config import Config, ConfigError, load_config, parse_config, quick_config
+from .config import Config, ConfigError, load_config, parse_config, quick_config, with_admin
 from .listeners import ListenError
 from .managed import unrunnable
 from .master import Master, StartError, ask, control_path, say
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="quick form: serve HTTPS with this PEM certificate (chain)")
     serve.add_argument("--tls-key", metavar="FILE",
                        help="quick form: the PEM private key of --tls-cert")
+    serve.add_argument("--admin", metavar="ADDR",
+                       help="serve the admin listener (stats page, /metrics, /ready, runtime "
+                            "API) on ADDR, like 127.0.0.1:8404 (overrides [admin] bind)")
     serve.add_argument("--workers", "-w", type=_workers, metavar="N",
                        help="worker processes (overrides global.workers; default 1)")
     serve.add_argument("--pid-file", metavar="PATH",
@@ -105,6 +108,11 @@ def _fail(message: str) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    cfg = _load_config(args)
+    return with_admin(cfg, args.admin) if args.admin else cfg
+
+
+def _load_config(args: argparse.Namespace) -> Config:
     algos = algorithm_names()
     quick = args.bind or args.backend
     if (args.tls_cert or args.tls_key) and not quick:

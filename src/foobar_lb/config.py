@@ -308,19 +308,30 @@ class GlobalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: the master's admin listener (stats page, metrics, runtime API)."""
+
+    bind: Address
+    token: str | None = None  # required when `bind` is not a loopback address
+    path: str = "admin"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     frontends: Mapping[str, FrontendConfig]
     backends: Mapping[str, BackendConfig]
     settings: GlobalConfig = field(default_factory=GlobalConfig)
     source: str | None = None  # the file it came from, for messages
+    admin: AdminConfig | None = None  # None: no admin listener
 
     def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
         return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
-                                  self.source))
+                                  self.source, self.admin))
 
 
-def _rebuild_config(frontends, backends, settings, source) -> Config:
-    return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source)
+def _rebuild_config(frontends, backends, settings, source, admin=None) -> Config:
+    return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source,
+                  admin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,7 +983,7 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
     algorithm names allowed (default: the built-in ones)."""
     algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
-        top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends"))
+        top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin"))
         d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
         backends = {
@@ -989,16 +1000,88 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
         for fe in frontends.values():
             _check_references(fe, backends)
         _check_binds(frontends)
+        admin = top.get("admin", lambda v, p: _admin(v, p, source), None)
+        if admin is not None:
+            _check_admin_bind(admin, frontends)
         return Config(
             frontends=MappingProxyType(frontends),
             backends=MappingProxyType(backends),
             settings=settings,
             source=source,
+            admin=admin,
         )
     except ConfigError as e:
         e.source = source
         e.args = (e.line(),)
         raise
+
+
+def _admin(value: Any, path: str, source: str | None) -> AdminConfig:
+    t = _Table(value, path, ("bind", "token", "token_file"))
+    bind = t.need("bind", _bind_address, 'an address like "127.0.0.1:8404"')
+    token = t.get("token", _str, None)
+    token_file = t.get("token_file", _str, None)
+    if token is not None and token_file is not None:
+        raise ConfigError(t.key("token_file"), ": give token or token_file, not both")
+    if token_file is not None:
+        where = Path(token_file)
+        if not where.is_absolute() and source:
+            where = Path(source).parent / where
+        try:
+            token = where.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _bad(t.key("token_file"), token_file,
+                       f"a readable file holding the token ({getattr(e, 'strerror', None) or e})"
+                       ) from None
+        if not token:
+            raise _bad(t.key("token_file"), token_file, "a file holding a token (it is empty)")
+    if token is not None and (len(token) < 8 or not _FIELD_VALUE.fullmatch(token)
+                              or token != token.strip()):
+        raise ConfigError(t.key("token" if token_file is None else "token_file"),
+                          ": a token of at least 8 printable characters, no edge spaces")
+    if token is None and not _is_loopback(bind.host):
+        where = t.key("token") if path == "admin" else path
+        raise ConfigError(where, f": the admin listener on {bind} is not on a loopback "
+                                 "address, so it needs a token ([admin] token = \"...\" or "
+                                 "token_file = \"...\")")
+    return AdminConfig(bind=bind, token=token, path=path)
+
+
+def with_admin(cfg: Config, bind: str) -> Config:
+    """`serve --admin ADDR`: the admin listener on ADDR (a token from the file is kept)."""
+    source = "command line"
+    data: dict[str, Any] = {"bind": bind}
+    if cfg.admin is not None and cfg.admin.token is not None:
+        data["token"] = cfg.admin.token
+    try:
+        admin = _admin(data, "--admin", source)
+        _check_admin_bind(admin, dict(cfg.frontends))
+    except ConfigError as e:
+        e.source = source
+        e.args = (e.line(),)
+        raise
+    return replace(cfg, admin=admin)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every address) or a name
+
+
+def _check_admin_bind(admin: AdminConfig, frontends: dict[str, FrontendConfig]) -> None:
+    """The admin listener is never a public frontend's address."""
+    if admin.bind.port == 0:
+        return
+    for fe in frontends.values():
+        for addr in fe.bind:
+            if addr.port == admin.bind.port and (addr.host == admin.bind.host or not addr.host
+                                                 or not admin.bind.host):
+                raise _bad(f"{admin.path}.bind", str(admin.bind),
+                           f"an address no frontend uses (frontends.{fe.name} binds {addr})")
 
 
 def _check_binds(frontends: dict[str, FrontendConfig]) -> None:

@@ -28,8 +28,9 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .balancing import algorithm_names
 from .build import Built, build
@@ -56,6 +57,9 @@ from .shared import (
 )
 from .state import StateMachine
 from .tls import check_config as check_tls
+
+if TYPE_CHECKING:
+    from .admin import AdminServer
 
 __all__ = ["Master", "StartError", "control_path", "say"]
 
@@ -132,6 +136,7 @@ class Master:
         self.started_at = time.time()
         self._reload_lock: asyncio.Lock | None = None
         self._control: asyncio.AbstractServer | None = None
+        self.admin: AdminServer | None = None  # the admin listener ([admin] bind)
         self.ids: tuple[int, int] | None = None  # (uid, gid) the workers switch to
         self.young_deaths = 0  # workers in a row that died within a second of their start
 
@@ -164,6 +169,7 @@ class Master:
                 raise StartError(self.fatal)
             if not self.stopping.is_set():
                 await self._start_generation(cfg)
+                await self._start_admin(cfg)
         except BaseException:
             await self._cleanup(grace=0)
             raise
@@ -502,6 +508,9 @@ class Master:
         if gone:  # removed managed servers stop once the old workers are done with them
             self.spawn(self._stop_after(old_workers, gone))
         self.reloads += 1
+        why = await self._reload_admin(new)
+        if why:
+            log.error("reload: the admin listener: %s", why)
         return True, (f"serving {new.source or 'the command line configuration'} with "
                       f"{len(started)} workers (pids {', '.join(str(w.pid) for w in started)})")
 
@@ -548,6 +557,9 @@ class Master:
                         await w.proc.wait()
                 self._kill(w)
         self.checks.stop()
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
         for task in list(self.tasks):
@@ -620,6 +632,60 @@ class Master:
         self._control = await self.loop.create_unix_server(
             lambda: _Control(self), str(path))
 
+    # -- the admin listener ---------------------------------------------------------------------
+    async def _start_admin(self, cfg: Config) -> None:
+        if cfg.admin is None:
+            return
+        from .admin import AdminServer  # (aiohttp: imported only when there is one)
+
+        admin = AdminServer(self, cfg.admin)
+        try:
+            await admin.start()
+        except OSError as e:
+            raise StartError(f"{cfg.source or 'command line'}: {cfg.admin.path}.bind = "
+                             f"\"{cfg.admin.bind}\": cannot listen: {e.strerror or e}") from None
+        self.admin = admin
+
+    async def _reload_admin(self, new: Config) -> str | None:
+        """A reload's admin listener: kept when unchanged, else rebound (None: done; else why
+        the new one could not listen, and the old one stays)."""
+        old = self.admin
+        if old is not None and new.admin is not None and new.admin.bind == old.cfg.bind:
+            old.cfg = new.admin
+            old.token = new.admin.token.encode() if new.admin.token else None
+            return None
+        if old is not None:
+            await old.close()
+            self.admin = None
+        try:
+            await self._start_admin(new)
+        except StartError as e:
+            if old is not None:  # back to the old one, if its address is still ours
+                with contextlib.suppress(OSError, StartError):
+                    await self._start_admin(replace(new, admin=old.cfg))
+            return str(e)
+        return None
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why the group cannot serve now ([] when it can): `GET /ready`."""
+        if self.stopping is not None and self.stopping.is_set():
+            return ["stopping"]
+        if self.built is None or not self.gen:
+            return ["starting"]
+        out = []
+        current = [w for w in self.workers if w.gen == self.gen]
+        if len(current) < self._worker_count(self.config):
+            out.append(f"{len(current)} of {self._worker_count(self.config)} workers running")
+        for w in current:
+            if w.status != "serving":
+                out.append(f"worker {w.id} (pid {w.pid}) is {w.status}")
+        for name, f in self.config.frontends.items():
+            for i, a in enumerate(f.bind):
+                sock = self.socks.get(key_of(name, i, a))
+                if sock is None or sock.fileno() < 0:
+                    out.append(f"frontend {name}: not listening on {a}")
+        return out + self._not_ready()
+
     # -- output -----------------------------------------------------------------------------------
     def _banner(self) -> None:
         out = []
@@ -638,6 +704,9 @@ class Master:
         for key, sup in self.supervisors.items():
             out.append(f"{PROG}: app server {key} on http://{sup.server.address}/ "
                        f"(pid {sup.pid}, {sup.server.state}): {' '.join(sup.argv)}")
+        if self.admin is not None:
+            out.append(f"{PROG}: admin listener on {self.admin.url()} (stats page {self.admin.url()}"
+                       f"stats, metrics {self.admin.url()}metrics)")
         if any(uses_data_dir(c.command) for b in built.config.backends.values()
                for c in b.servers):
             data_dir = Path(self.data_dir or built.config.settings.data_dir).resolve()
