@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import report
 from .scenarios import (
+    BASELINE_SCENARIO,
     REMEASURE_DISTURBED,
     SCENARIOS,
     TARGET_KINDS,
@@ -73,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(nbthread N) (default 1); pproxy stays one process. The proxy gets cores 1..N "
                         "to itself when the machine has more than N cores; otherwise it is not pinned, "
                         "shares the cores with wrk and nginx, and its figures are reported with no target")
+    p.add_argument("--baseline-src", type=Path, metavar="DIR",
+                   help="another checkout's src/ directory (e.g. a `git worktree` of the commit "
+                        "before a change), run in http-small-c50 as the target foobar_lb-baseline "
+                        "beside this tree's foobar_lb: what the change costs, measured in the same "
+                        "run (issue 13: metrics may cost at most 5%% of the CPU per request)")
     p.add_argument("--pproxy-loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="event loop pproxy runs on (default uvloop, what pproxy picks itself when it can)")
     p.add_argument("--quick", action="store_true",
@@ -115,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if scenarios is None:
         scenarios = list(QUICK_SCENARIOS if args.quick else SCENARIOS)
     workers = args.workers
+    if args.baseline_src is not None and not (args.baseline_src / "foobar_lb").is_dir():
+        _usage_error(f"--baseline-src {args.baseline_src}: no foobar_lb package in it (give a "
+                     "checkout's src directory)")
     if rounds < 1 or duration < 1 or warmup < 0 or idle_n < 1 or wait_quiet < 0 or workers < 1:
         _usage_error("--rounds, --duration, --idle-connections and --workers must be at least 1, "
                      "--warmup and --wait-quiet at least 0")
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         machine["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
     bench = Bench(procs, tools, pinning, workdir, hard, pproxy_loop=args.pproxy_loop, workers=workers,
-                  wait_quiet=wait_quiet)
+                  wait_quiet=wait_quiet, baseline_src=args.baseline_src)
     results: dict[str, dict] = {}
     started = time.monotonic()
     old_term = signal.signal(signal.SIGTERM, _interrupt)
@@ -197,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in scenarios:
             sc = SCENARIOS[name]
             targets = [t for t in sc.targets if target_kind(t) in kinds]
+            if args.baseline_src is not None and name == BASELINE_SCENARIO and "foobar_lb" in targets:
+                targets.insert(targets.index("foobar_lb") + 1, "foobar_lb-baseline")
             if not targets:
                 notes.append(f"{name}: skipped (no selected target)")
                 continue

@@ -73,6 +73,10 @@ def summarize(result: dict) -> dict:
             s["ratio_rps"] = _ratio(s["rps"], ref["rps"])
             s["ratio_p99"] = _ratio(s["p99_ms"], ref["p99_ms"])
             s["ratio_cpu_per_req"] = _ratio(s["cpu_us_per_req"], ref["cpu_us_per_req"])
+    base = per.get("foobar_lb-baseline")
+    if base is not None and "foobar_lb" in per:
+        per["foobar_lb"]["ratio_cpu_vs_baseline"] = _ratio(per["foobar_lb"]["cpu_us_per_req"],
+                                                          base["cpu_us_per_req"])
     lb = per.get("foobar_lb-tcp")
     if lb is not None and "pproxy" in per:
         lb["ratio_rps_vs_pproxy"] = _ratio(lb["rps"], per["pproxy"]["rps"])
@@ -96,6 +100,8 @@ class Target:
     limit: float
     unit: str = "x"
     stretch: bool = False  # a stretch goal: reported met or missed like the others, labelled so
+    # the value is this target's `key` in `scenario` over the same in `over` (a cost: on / off)
+    over: str | None = None
 
 
 # issue 11 item 4 (the HTTP engine), on one worker; all ratios are foobar_lb / HAProxy
@@ -120,6 +126,14 @@ TARGETS = (
            "floor", "ratio_cpu_per_req", "", 0.0),
     Target("Floor proxy, HTTP small c=50: req/s vs HAProxy", "http-small-c50", "floor", "ratio_rps", "",
            0.0),
+    # issue 13 (monitoring): metrics are always on; their cost is measured against the code before
+    # them (--baseline-src), and the access log's as on / off, beside HAProxy's own
+    Target("Metrics (always on), HTTP small c=50: CPU per request vs foobar_lb before them "
+           "(--baseline-src)", "http-small-c50", "foobar_lb", "ratio_cpu_vs_baseline", "<=", 1.05),
+    Target("Access log on vs off, HTTP small c=50: foobar_lb CPU per request", "http-log-c50",
+           "foobar_lb", "cpu_us_per_req", "", 0.0, over="http-small-c50"),
+    Target("Access log on vs off, HTTP small c=50: HAProxy CPU per request", "http-log-c50",
+           "haproxy", "cpu_us_per_req", "", 0.0, over="http-small-c50"),
 )
 
 
@@ -131,6 +145,8 @@ def evaluate_targets(summaries: dict[str, dict], results: dict[str, dict], judge
     rows = []
     for tg in TARGETS:
         value = summaries.get(tg.scenario, {}).get(tg.target, {}).get(tg.key)
+        if tg.over is not None and value is not None:
+            value = _ratio(value, summaries.get(tg.over, {}).get(tg.target, {}).get(tg.key, math.nan))
         if value is None or (isinstance(value, float) and math.isnan(value)):
             status = "not measured"
         elif not tg.op or not judged:
@@ -235,8 +251,9 @@ def markdown(doc: dict) -> str:
     out.append("")
     out.append("## Targets")
     out.append("")
-    out.append("Issue 11's targets (the HTTP engine, one worker). Ratios are foobar_lb / HAProxy (same "
-               "mode, same run); a target missed says by how much; the stretch goal is reported the "
+    out.append("Issue 11's targets (the HTTP engine, one worker) and issue 13's (the cost of "
+               "monitoring). Ratios are foobar_lb / HAProxy (same mode, same run) unless the row says "
+               "otherwise; a target missed says by how much; the stretch goal is reported the "
                "same way."
                + ("" if m.get("proxy_has_own_cores", True) else
                   f" With {workers} workers on {m['cores']} cores the proxy had no cores of its own: "

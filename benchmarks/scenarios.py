@@ -54,6 +54,8 @@ from .tools import (
 HTTP_TARGETS = ("haproxy", "foobar_lb", "floor")
 TCP_TARGETS = ("haproxy-tcp", "foobar_lb-tcp", "pproxy")
 TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy", "floor")
+# where `--baseline-src` adds the target foobar_lb-baseline
+BASELINE_SCENARIO = "http-small-c50"
 # CPU used by processes outside the benchmark, in % of one core, from which a run is disturbed
 OTHER_LOAD_WARN = 10.0
 # how many times a disturbed run is measured again (when waiting for quiet is on)
@@ -80,6 +82,7 @@ class Scenario:
     title: str
     headers: tuple[str, ...] = ()  # extra request header lines wrk sends (wrk -H)
     tls: bool = False  # clients speak HTTPS to the proxies (TLS termination, same certificate)
+    access_log: bool = False  # each proxy writes one access log line per request to a file
 
     @property
     def reference(self) -> str:
@@ -94,6 +97,10 @@ SCENARIOS = {s.name: s for s in (
     Scenario("http-close-c20", "wrk", "http", "/", 20, HTTP_TARGETS, "nginx",
              'HTTP, small body (GET /), a new client connection per request '
              '(wrk -H "Connection: close"), wrk -t1 -c20', headers=("Connection: close",)),
+    Scenario("http-log-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
+             "HTTP, small body (GET /), wrk -t1 -c50, with an access log: one line per request "
+             "to a file (HAProxy: option httplog to stdout; foobar_lb: [log] access, text)",
+             access_log=True),
     Scenario("https-small-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
              "HTTPS (TLS terminated by the proxy, keep-alive), small body (GET /), wrk -t1 -c50",
              tls=True),
@@ -131,12 +138,15 @@ class Bench:
     nginx: tuple[int, int] | None = None
     nginx_status: int | None = None  # nginx's stub_status port (loopback, never proxied)
     apps: tuple[int, int] | None = None
+    # `--baseline-src`: another checkout's src/ run as the target foobar_lb-baseline beside this
+    # one (the same code before a change: what the change costs, in the same run)
+    baseline_src: Path | None = None
     client_side: list[Proc] = field(default_factory=list)  # nginx, app servers: wrk's side
 
     # -- environment for Python children: this working tree's foobar and benchmarks first --------
-    def python_env(self) -> dict[str, str]:
+    def python_env(self, src: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [str(REPO / "src"), str(REPO)]
+        paths = [str(src or REPO / "src"), str(REPO)]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -257,15 +267,22 @@ class Bench:
         if kind == "haproxy":
             cfg = configs.haproxy_cfg(self.workdir / f"{tag}.cfg", sc.mode, port, servers, timeouts,
                                       maxconn, self.nofile_hard, threads=self.workers,
-                                      tls_pem=cert[2] if cert else None)
+                                      tls_pem=cert[2] if cert else None, log=sc.access_log)
             argv = self.pinning.proxy([self.tools["haproxy"], "-db", "-f", str(cfg)])
             proc = self.procs.start(target, argv)
         elif kind == "foobar_lb":
             cfg = configs.foobar_lb_toml(self.workdir / f"{tag}.toml", sc.mode, port, servers, timeouts,
-                                         tls=cert[:2] if cert else None)
+                                         tls=cert[:2] if cert else None,
+                                         access_log=self.workdir / f"{tag}-access.log"
+                                         if sc.access_log else None)
             argv = self.pinning.proxy([sys.executable, "-m", "foobar_lb", "serve", "--config", str(cfg),
                                        "--workers", str(self.workers)])
-            proc = self.procs.start(target, argv, env=self.python_env())
+            src = None
+            if target.endswith("-baseline"):
+                if self.baseline_src is None:
+                    raise BenchError(f"{target}: no --baseline-src given")
+                src = self.baseline_src
+            proc = self.procs.start(target, argv, env=self.python_env(src))
         elif kind == "pproxy":  # a plain TCP forwarder to ONE backend: it does not balance
             argv = self.pinning.proxy([
                 sys.executable, "-m", "benchmarks.pproxy_launch", f"--loop={self.pproxy_loop}",
