@@ -10,7 +10,11 @@ Rules of this module:
   truncated response; such a connection, and one that sent bytes after its response, is closed,
   never pooled: `unlink` is the one place that decides;
 - between requests a connection waits in its backend's pool; bytes or a close while idle mark it
-  closed, and it is skipped at the next checkout.
+  closed, and it is skipped at the next checkout;
+- the commonest response (a whole `Content-Length` response in one read, for a kept-alive
+  HTTP/1.1 client) whose head is byte for byte one llhttp accepted lately on this route skips
+  llhttp and `response_head`: the route's memo (`Route.resp_memo`) holds what the client got
+  for that head, which is all the full path would compute again from the same bytes.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class UpstreamHttp(LazyTimer):
         "in_head",
         "last_rx",
         "loop",
+        "memo_head",
+        "memo_key",
         "mode",
         "out",
         "parser",
@@ -135,6 +141,8 @@ class UpstreamHttp(LazyTimer):
         self.body_off = -1  # where raw body bytes to relay start in rx (-1: none in this read)
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
+        self.memo_key: bytes | None = None  # a head to remember once its response proves whole
+        self.memo_head = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -144,6 +152,7 @@ class UpstreamHttp(LazyTimer):
         """Serve `r` (its head is written next): the server timer runs from now."""
         self.req = r
         self.done = 0
+        self.status = 0  # no response begun: the memo may take the next read
         self.eof_ends = False
         self.last_rx = now
         timeout = r.route.timeouts.server
@@ -193,9 +202,16 @@ class UpstreamHttp(LazyTimer):
         if self.tunnel:
             r.to_client([data])
             return
-        responded = r.responded  # whether any byte went to the client before this read
         r.got_response = True
         hb = self.hb
+        if hb is None and not self.status and not r.is_head and r.http11:
+            # a response begins with this read: one whose head was seen lately, whole in it?
+            end = data.find(b"\r\n\r\n") + 4
+            hit = r.route.resp_memo.get(data[:end]) if end > 4 else None
+            if hit is not None and len(data) - end == hit[1] and r.client_stays():
+                self._memo(r, data, end, hit)
+                return
+        responded = r.responded  # whether any byte went to the client before this read
         if hb is None:
             self.rx = data
         else:
@@ -224,6 +240,13 @@ class UpstreamHttp(LazyTimer):
             out.clear()
             r.responded = False
         self.rx = b""
+        if self.memo_key is not None:
+            key, self.memo_key = self.memo_key, None
+            if broken is None and self.done == 1 and hb is None and self.mode == PASS:
+                memo = r.route.resp_memo  # (the response was this whole read: its length)
+                if len(memo) >= 64:
+                    memo.clear()
+                memo[key] = (self.memo_head, len(data) - len(key), self.status)
         if out:
             r.to_client(out)
         if broken is not None:
@@ -236,6 +259,25 @@ class UpstreamHttp(LazyTimer):
             # is cheaper than cancelling and re-creating a timer for every request
             self.unlink(keep=True)
             r.end(self)
+
+    def _memo(self, r: Exchange, data: bytes, end: int, hit: tuple[bytes, int, int]) -> None:
+        """The full path's outcome for a head it accepted before, whole in this read with its
+        body: counted, sent, and the connection freed, as `on_headers_complete` and
+        `on_message_complete` would."""
+        head, _, status = hit
+        fe = r.route.fe
+        fe.ctr[fe.cls0 + status // 100] += 1
+        srv = r.server
+        if srv is not None and (status >= 500 or srv.errors):
+            r.backend.observe_status(srv, status)
+        self.status = status
+        self.mode = PASS
+        self.resp_close = False
+        r.responded = True
+        r.to_client([head, data[end:]])
+        self.done = 1
+        self.unlink(keep=True)
+        r.end(self)
 
     def _parse_error(self, e: Exception) -> str | None:
         """What a parsing exception means: None, or why the response is broken."""
@@ -319,6 +361,9 @@ class UpstreamHttp(LazyTimer):
         self.mode = mode
         if not keep_client or mode == UNTIL_CLOSE:
             r.close_client_after()
+        elif mode == PASS and not start and r.http11 and not self.resp_close and not r.is_head:
+            self.memo_key = rx[:end + 4]  # remembered if the response proves whole in this read
+            self.memo_head = head
         r.responded = True
         self.out.append(head)
         self.body_off = end + 4 if mode == RAW else -1
