@@ -199,3 +199,37 @@ def test_differential_simple_and_full_paths(loop, method, target, fields):
     data = (f"{method} {target} HTTP/1.1\r\n"
             + "".join(f"{n}{sep}{v}\r\n" for n, sep, v in fields) + "\r\n").encode()
     loop.run_until_complete(both(data))
+
+
+class _OtherPeer(FakeTransport):
+    def get_extra_info(self, key, default=None):
+        return ("10.9.9.9", 50000) if key == "peername" else default
+
+
+@pytest.mark.parametrize("data", [d for d in SIMPLE if b"close" not in d])
+async def test_the_route_remembers_a_request_by_its_bytes(data):
+    """The second time the same bytes come (on this connection or another one), the route's
+    memo gives what `_simple` decided: the server gets the same head, with each connection's
+    own X-Forwarded-For."""
+    loop = asyncio.get_running_loop()
+    fe, be = _frontend()
+    server = be.servers[0]
+    up = UpstreamHttp(be.pool, server, loop)
+    ut = FakeTransport()
+    up.connection_made(ut)
+    be.pool.release(server.pool_key, up, loop.time())
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    heads = []
+    for transport in (FakeTransport(), FakeTransport(), _OtherPeer()):
+        s = CountingSession(FakeLb(loop), fe)
+        s.full = 0
+        s.connection_made(transport)
+        s.data_received(data)
+        heads.append(b"".join(ut.out))
+        ut.out.clear()
+        up.data_received(ok if not data.startswith(b"HEAD") else ok[:-2])
+        assert s.full == 0
+        assert fe.simple.req_memo[data][3].startswith(data.split(b"\r\n", 1)[0])
+    assert heads[0] == heads[1]
+    assert heads[2] == heads[0].replace(b"X-Forwarded-For: 10.1.2.3", b"X-Forwarded-For: 10.9.9.9")
+    assert heads[2] != heads[0]

@@ -41,9 +41,27 @@ class HeaderPlan:
 class Route:
     """What a request of one frontend routed to one backend needs, computed once."""
 
-    __slots__ = ("backend", "fe", "max_body", "max_header_size", "max_headers", "redispatch",
-                 "reject_underscore", "req_add", "req_drop", "req_scan", "resp_add", "resp_drop",
-                 "resp_memo", "resp_scan", "retries", "timeouts", "xff", "xff_low")
+    __slots__ = (
+        "backend",
+        "fe",
+        "max_body",
+        "max_header_size",
+        "max_headers",
+        "redispatch",
+        "reject_underscore",
+        "req_add",
+        "req_drop",
+        "req_memo",
+        "req_scan",
+        "resp_add",
+        "resp_drop",
+        "resp_memo",
+        "resp_scan",
+        "retries",
+        "timeouts",
+        "xff",
+        "xff_low",
+    )
 
     def __init__(self, fe: Frontend, be: Backend | None, plan: HeaderPlan):
         self.fe = fe  # (its counters: responses are counted per frontend)
@@ -64,6 +82,8 @@ class Route:
         self.retries = be.retries if be is not None else 0
         self.redispatch = be.cfg.redispatch if be is not None else False
         self.req_scan = _request_scan(plan.req_drop, self.xff_low)
+        # requests the simple path took lately, by their bytes (client.py `_simple`)
+        self.req_memo: dict[bytes, tuple[bytes, bytes, bool, bytes]] = {}
         # response heads seen lately, whole, and what the client got for each (server.py)
         self.resp_memo: dict[bytes, tuple[bytes, int, int]] = {}
 

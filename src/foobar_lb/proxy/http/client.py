@@ -25,7 +25,7 @@ import httptools
 
 from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
-from ...frontend import Frontend
+from ...frontend import Frontend, Route
 from ...limits import too_many_requests
 from ...tls import client_subject_line
 from ..base import ClientSide
@@ -267,9 +267,15 @@ class HttpSession(ClientSide):
         if self.parsing is None and not self.q and not self.block and data[-4:] == b"\r\n\r\n":
             # between requests, and this read ends like a head: the commonest request, a GET
             # or HEAD without a body, alone in its read, takes the simple path if it can
-            m = _SIMPLE_REQUEST.fullmatch(data)
-            if m is not None and self.mode == MODE_HTTP and self._simple(m, now):
-                return
+            route = self.simple
+            if route is not None and self.mode == MODE_HTTP:
+                hit = route.req_memo.get(data)  # the same bytes took it lately
+                if hit is not None:
+                    self._simple_go(route, *hit, now)
+                    return
+                m = _SIMPLE_REQUEST.fullmatch(data)
+                if m is not None and self._simple(route, m, data, now):
+                    return
         if self.mode == MODE_TUNNEL:
             self._tunnel_to_server(data)
             return
@@ -311,16 +317,15 @@ class HttpSession(ClientSide):
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
 
-    def _simple(self, m: re.Match[bytes], now: float) -> bool:
+    def _simple(self, route: Route, m: re.Match[bytes], data: bytes, now: float) -> bool:
         """The simple path: a request `_SIMPLE_REQUEST` matched whole (a GET or HEAD in origin
         form, HTTP/1.1, each field line `name: value` with nothing llhttp or `request_head`
         would refuse or rewrite in its syntax) on a frontend without routing rules. It sends the
         same head the full path would, byte for byte, and refuses nothing itself: anything it
         does not handle (a field to drop or check, a Host not seen before, a size near a limit)
-        returns False before any state changed, and the full path parses the same bytes."""
-        route = self.simple
-        if route is None:
-            return False
+        returns False before any state changed, and the full path parses the same bytes.
+        What it decides is a function of the bytes alone (and the route): the route remembers
+        it by them (`Route.req_memo`), for the same request on any connection."""
         method, url, fields = m.group(1, 2, 3)
         n = len(fields)
         if n + len(url) > route.max_header_size - 64 or len(url) > self.fe.max_uri or (
@@ -349,6 +354,19 @@ class HttpSession(ClientSide):
             return False
         if host not in _GOOD_HOSTS and not good_host(host):
             return False  # the full path answers it
+        line = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields))
+        if len(data) <= 2048:  # (at most 256 of them: half a megabyte a route)
+            memo = route.req_memo
+            if len(memo) >= 256:
+                memo.clear()
+            memo[data] = (method, url, keep_alive, line)
+        self._simple_go(route, method, url, keep_alive, line, now)
+        return True
+
+    def _simple_go(self, route: Route, method: bytes, url: bytes, keep_alive: bool,
+                   line: bytes, now: float) -> None:
+        """A request the simple path took: `line` is its request line and fields as the
+        server gets them, before this connection's and the route's lines."""
         r = Exchange(self, now)
         r.url = url
         r.method = method
@@ -360,16 +378,13 @@ class HttpSession(ClientSide):
         r.headers = None
         r.backend = route.backend
         r.route = route
-        r.head = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields, self.xff_line,
-                           self.cert_line, route.req_add))
-        q = self.q
-        q.append(r)
+        r.head = b"".join((line, self.xff_line, self.cert_line, route.req_add))
+        self.q.append(r)
         self._start(r, now)
         # (complete only now, as on the full path: an answer of ours given at once closes)
         r.complete = True
         if not keep_alive:
             self._block(BLOCK_STOP)
-        return True
 
     def on_message_begin(self) -> None:
         # a request starts (its first byte): llhttp is inside a message until it completes,
