@@ -288,12 +288,17 @@ def test_todays_stats_render_with_dashes_for_what_they_lack() -> None:
                                                      "weight": "heavy"}}}}},
     {"backends": {"b": {"servers": [], "up": "all"}}, "uptime": -5, "pid": None},
     {"backends": {"b": {"servers": {"s": {"state": "up", "bytes_in": float("nan"),
-                                          "rate": float("inf"), "sessions": 10**30}}}}},
+                                          "rate": float("inf"), "sessions": 10**30,
+                                          "since": float("inf"), "current": -float("inf")}},
+                        "since": float("nan"), "up": float("nan")}},
+     "uptime": float("inf"), "time": 1e30, "reloads": float("nan")},
 ])
 def test_surprising_values_never_break_the_page(stats) -> None:
-    page = statspage.html(stats, now=NOW)
-    assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n")
-    assert '<main id="stats">' in page
+    for now in (NOW, None):
+        page = statspage.html(stats, now=now)
+        assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n")
+        assert '<main id="stats">' in page
+        assert "nan" not in page and "inf" not in page.replace("info", "")
 
 
 def test_page_is_self_contained_refreshes_and_fits_a_phone() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from html import escape
@@ -39,7 +40,10 @@ _STATE_CLASS = {"up": "up", "open": "up", "down": "down", "drain": "warn", "main
 
 
 def _num(v: Any) -> float | None:
+    """A number to show (not a bool, not NaN or infinite), or None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
 
@@ -480,6 +484,10 @@ def html(stats: Mapping[str, Any], *, now: float | None = None) -> str:
     stats = _dict(stats)
     if now is None:
         now = stats["time"] if _num(stats.get("time")) is not None else time.time()
+    try:
+        time.gmtime(now)
+    except (OverflowError, OSError, ValueError):
+        now = time.time()
     frontends = _dict(stats.get("frontends"))
     backends = _dict(stats.get("backends"))
     body = (f"{_header(stats, now)}{_overview(backends)}{_frontends(frontends)}"
