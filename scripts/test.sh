@@ -3,7 +3,8 @@
 #   - system packages, only when missing: nginx (a real backend), mariadb-server (a real
 #     server-speaks-first TCP peer, and the primary and replicas), haproxy and wrk (the
 #     benchmark runner, which the suite runs once with --quick), openssl (its throwaway
-#     certificate for the HTTPS scenario)
+#     certificate for the HTTPS scenario), chromium (headless: renders the stats page; with a
+#     font, as recommends are not installed)
 #   - the project itself with its test extras, into the current Python
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
@@ -17,6 +18,7 @@ have mariadbd || missing+=(mariadb-server)
 have haproxy || missing+=(haproxy)
 have wrk || missing+=(wrk)
 have openssl || missing+=(openssl)
+have chromium || missing+=(chromium fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing system packages: ${missing[*]}"
   sudo=""
