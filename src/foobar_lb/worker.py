@@ -102,10 +102,14 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
 
     commands: asyncio.Queue[tuple] = asyncio.Queue()
     serving: Serving | None = None
+    early: list[tuple] = []  # state changes that came before there was anything to apply them to
 
     def on_message(msg: tuple) -> None:
         if msg[0] == "state":
-            serving.apply(*msg[1:])
+            if serving is None:
+                early.append(msg)
+            else:
+                serving.apply(*msg[1:])
         else:  # drain, stop or abort
             commands.put_nowait(msg)
 
@@ -120,6 +124,9 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
     admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], settings.maxconn),
                           clients)
     serving = Serving(loop, built, admission)
+    for msg in early:  # (a check that changed a server while this worker was starting)
+        serving.apply(*msg[1:])
+    early.clear()
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
     await serving.listen(socks, init["backlog"])
     loop.add_signal_handler(signal.SIGTERM, commands.put_nowait, ("stop", config.settings.grace))
