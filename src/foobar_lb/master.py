@@ -160,6 +160,7 @@ class Master:
                 await self._start_control()
             self.ids = _resolve_ids(cfg)  # workers run as global.user/group
             self.built = self._build(cfg, None)
+            await self._start_admin(cfg)  # (/ready says "starting" until the workers serve)
             for be in self.built.backends.values():
                 self.checks.start(be, self.spawn)
             self._start_managed(self.built)
@@ -169,7 +170,6 @@ class Master:
                 raise StartError(self.fatal)
             if not self.stopping.is_set():
                 await self._start_generation(cfg)
-                await self._start_admin(cfg)
         except BaseException:
             await self._cleanup(grace=0)
             raise
