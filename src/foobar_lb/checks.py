@@ -7,7 +7,9 @@ Rules of this module:
 - intervals: `inter` while fully up, `fastinter` while changing, `downinter` while down, each
   stretched or shrunk at random by `jitter` so checks of many servers do not fire in step; a
   server whose state changed by other means (observation, its process exited) is rescheduled
-  at the interval of its new state (`wake`).
+  at the interval of its new state (`wake`);
+- a server in maintenance (`Admin.MAINT`) is not checked: its checks are paused until it is
+  ready again.
 It never imports the backend, never changes a state itself and never relays traffic.
 """
 
@@ -58,8 +60,14 @@ class Checks:
 
     def start(self, backend: Any, spawn) -> None:
         for server in backend.servers:
-            if server.check is not None and server not in self.tasks:
-                self.tasks[server] = spawn(self._run(backend, server))
+            self.start_one(backend, server, spawn)
+
+    def start_one(self, backend: Any, server: Server, spawn, first: float | None = None) -> None:
+        """Check `server` from now on (unless it has no check, is checked already or is in
+        maintenance); `first`: seconds to its first check (default: a random point of the
+        first interval)."""
+        if server.check is not None and server not in self.tasks and server.admin != "maint":
+            self.tasks[server] = spawn(self._run(backend, server, first))
 
     def stop(self, servers=None) -> None:
         """Stop the checks of `servers` (default: all)."""
@@ -69,11 +77,14 @@ class Checks:
                 task.cancel()
             self.wakeups.pop(server, None)
 
-    async def _run(self, backend: Any, server: Server) -> None:
+    async def _run(self, backend: Any, server: Server, first: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         wake = self.wakeups[server] = asyncio.Event()
         # the first check of each server at a random point of the first interval
-        await self._sleep(wake, self.rng.uniform(0, self._interval(server, jitter=False)), server)
+        if first is None:
+            first = self.rng.uniform(0, self._interval(server, jitter=False))
+        if first > 0:
+            await self._sleep(wake, first, server)
         while True:
             t0 = loop.time()
             ok, detail = await self.probe(server)
