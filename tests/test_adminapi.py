@@ -330,8 +330,12 @@ async def test_a_weight_shifts_the_share_exactly(tmp_path):
 
 async def test_add_under_load_takes_traffic_once_checked_then_remove_lets_requests_finish(
         tmp_path):
+    inflight = [0]
+
     async def slowish(req):
+        inflight[0] += 1
         await asyncio.sleep(0.05)
+        inflight[0] -= 1
         return http_response(200, b"c\n")
 
     async with ScriptedServer("a") as a:
@@ -357,10 +361,11 @@ async def test_add_under_load_takes_traffic_once_checked_then_remove_lets_reques
                     await asyncio.sleep(0.05)
                 assert any("server app/c is UP" in line for line in lb.err)
                 # remove it under load: it has requests in flight (each takes 50 ms)
-                while c.open_connections == 0:
-                    await asyncio.sleep(0.01)
+                while inflight[0] == 0:
+                    await asyncio.sleep(0.005)
                 status, answer = await api(aport, "DELETE", "/api/backends/app/servers/c")
                 assert status == 200, answer
+                assert inflight[0] == 0  # what it had in flight was done before it was gone
                 assert answer["ok"] is True and answer["in_flight_left"] == 0, answer
                 assert answer["message"] == "server app/c removed"
                 served = len(c.requests)
@@ -436,6 +441,13 @@ async def test_a_reload_keeps_admin_states_and_runtime_servers_and_the_file_wins
             assert (s["address"], s["runtime"]) == (d.address, False)
             seen = await through_both_workers(lb, port)
             assert set(seen) == {b"b GET /\n", b"d GET /\n"}, seen
+            # a file server removed at run time: the next reload brings it back (the file wins)
+            status, answer = await api(aport, "DELETE", "/api/backends/app/servers/b")
+            assert (status, answer["message"]) == (200, "server app/b removed"), answer
+            assert await server_entry(aport, "b") is None
+            assert (await api(aport, "POST", "/api/reload", {}))[0] == 200
+            s = await server_entry(aport, "b")
+            assert (s["address"], s["admin"], s["runtime"]) == (b.address, "ready", False)
             # a reload of a broken file: 400 with the reason, nothing changes
             lb.config.write_text(lb.config.read_text() + "\n[bogus]\n")
             status, answer = await api(aport, "POST", "/api/reload", {})
