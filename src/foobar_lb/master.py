@@ -641,6 +641,7 @@ class Master:
                          "check": s.check_status, "weight": s.weight, "backup": s.backup}
                 if s.maxconn:
                     entry["maxconn"] = s.maxconn
+                entry["admin"] = s.admin.value  # the operator's say (runtime API), apart from health
                 servers[s.name] = entry
             backends[be.name] = {"servers": servers}
         return {
