@@ -391,10 +391,16 @@ async def test_a_worker_that_replaces_a_dead_one_has_the_runtime_changes(tmp_pat
                 status, answer = await api(aport, method, path, body)
                 assert status in (200, 201), answer
             assert await one_connection(port, 20) == {"b": 10, "c": 10}
+            # the run-time server's counters are where the master reads them
+            assert (await server_entry(aport, "c"))["requests"] == 10
             (old,) = lb.workers()
             os.kill(old, signal.SIGKILL)
             await lb.wait_err(r"replaces worker", 10)
             assert await one_connection(port, 20) == {"b": 10, "c": 10}
+            s = await server_entry(aport, "c")  # (the dead worker's count kept)
+            assert (s["requests"], s["admin"], s["weight"], s["runtime"]) == (20, "ready", 2, True)
+            s = await server_entry(aport, "a")
+            assert (s["admin"], s["requests"]) == ("drain", 0)
 
 
 # ---------------------------------------------------------------------------------------------

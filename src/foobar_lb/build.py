@@ -19,7 +19,7 @@ from .frontend import Frontend
 from .servers import Admin, Server, State
 from .shared import F_1XX, Counters, Layout
 
-__all__ = ["Built", "build"]
+__all__ = ["Built", "build", "prepare_server"]
 
 
 @dataclass(slots=True)
@@ -43,26 +43,8 @@ def build(config: Config, previous: Built | None = None, *, layout: Layout, coun
     cells = counters.cells
 
     def prepare(server: Server) -> None:
-        server.ctr = cells
-        server.cbase = layout.server(server.backend, server.name)
-        if slots is not None and server.maxconn:
-            server.slots = slots(server.backend, server)
-        old = previous.server(server.backend, server.name) if previous is not None else None
-        if old is not None:
-            server.state = old.state
-            server.health = old.health
-            server.check_status = old.check_status
-            server.errors = old.errors
-            server.last_change = old.last_change
-            server.admin = old.admin
-            if server.check is None and old.state is State.DOWN:
-                server.state = State.UP  # its check was removed: nothing would bring it back
-        known = states.get((server.backend, server.name)) if states else None
-        if known is not None:
-            server.state = State(known[0])
-            server.health = known[1]
-            if len(known) > 2:
-                server.admin = Admin(known[2])
+        prepare_server(server, layout=layout, counters=counters, slots=slots, previous=previous,
+                       states=states)
 
     backends = {name: Backend(b, observer, prepare) for name, b in config.backends.items()}
     frontends = {}
@@ -72,3 +54,33 @@ def build(config: Config, previous: Built | None = None, *, layout: Layout, coun
         fe.cbase = layout.frontend(name)
         fe.cls0 = fe.cbase + F_1XX - 1
     return Built(config, frontends, backends)
+
+
+def prepare_server(server: Server, *, layout: Layout, counters: Counters,
+                   slots: Callable[[str, Server], Any] | None = None,
+                   previous: Built | None = None,
+                   states: dict[tuple[str, str], tuple] | None = None) -> None:
+    """Make `server` ready for its backend: its counters (offsets by name from `layout`), its
+    group-wide slots, and what survives from `previous` or is known in `states`. A server
+    added at run time goes through here too, in the master and in each worker (with the
+    master's layout), so its counters are where the master reads them."""
+    server.ctr = counters.cells
+    server.cbase = layout.server(server.backend, server.name)
+    if slots is not None and server.maxconn:
+        server.slots = slots(server.backend, server)
+    old = previous.server(server.backend, server.name) if previous is not None else None
+    if old is not None:
+        server.state = old.state
+        server.health = old.health
+        server.check_status = old.check_status
+        server.errors = old.errors
+        server.last_change = old.last_change
+        server.admin = old.admin
+        if server.check is None and old.state is State.DOWN:
+            server.state = State.UP  # its check was removed: nothing would bring it back
+    known = states.get((server.backend, server.name)) if states else None
+    if known is not None:
+        server.state = State(known[0])
+        server.health = known[1]
+        if len(known) > 2:
+            server.admin = Admin(known[2])

@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .balancing import algorithm_names
-from .build import Built, build
+from .build import Built, build, prepare_server
 from .channel import Channel, encode
 from .checks import Checks
 from .config import (
@@ -780,8 +780,7 @@ class Master:
             cfg = ServerConfig(name=name, address=address, weight=weight, backup=backup,
                                check=check, tls=be.cfg.tls)
             srv = Server.from_config(cfg, backend=backend)
-            srv.ctr = self.own.cells
-            srv.cbase = self.layout.server(backend, name)
+            prepare_server(srv, layout=self.layout, counters=self.own)
             if check is not None:
                 srv.state = State.DOWN
                 srv.health = 0
@@ -789,8 +788,9 @@ class Master:
             srv.last_change = time.monotonic()
             be.add_server(srv, cfg)
             self.added.setdefault(backend, {})[name] = cfg
-            self._broadcast(("add", backend, cfg, srv.cbase, srv.state.value, srv.health,
-                             srv.admin.value))
+            # the layout goes with it: the worker finds this server's offsets there
+            self._broadcast(("add", backend, cfg, dict(self.layout.offsets), self.layout.cells,
+                             srv.state.value, srv.health, srv.admin.value))
             self.checks.start_one(be, srv, self.spawn, first=0.0)
             log.warning("server %s/%s added by the admin API: %s, weight %d%s; %s", backend, name,
                         srv.address, weight, " (backup)" if backup else "",

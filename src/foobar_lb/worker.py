@@ -23,10 +23,10 @@ import sys
 from typing import Any
 
 from .admission import Admission
-from .build import build
+from .build import build, prepare_server
 from .channel import Channel, recv_one
 from .limits import ClientTable
-from .servers import Admin, Server, State
+from .servers import Server
 from .serving import Serving
 from .shared import COUNTER_BYTES, SEM_CAPACITY, SEM_SIZE, Counters, Layout, Region, SemSlots
 from .tls import TlsError, preload
@@ -109,7 +109,7 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
         if msg[0] == "state":
             serving.apply(*msg[1:])
         else:
-            _runtime_change(msg, serving, counters, channel)
+            _runtime_change(msg, serving, layout, counters, channel)
 
     def on_message(msg: tuple) -> None:
         kind = msg[0]
@@ -171,21 +171,23 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
 _RUNTIME = frozenset(("admin", "weight", "add", "remove"))
 
 
-def _runtime_change(msg: tuple, serving: Serving, counters: Counters, channel: Channel) -> None:
+def _runtime_change(msg: tuple, serving: Serving, layout: Layout, counters: Counters,
+                    channel: Channel) -> None:
     """A change made through the runtime API, decided by the master."""
     kind = msg[0]
     if kind == "admin":
         serving.set_admin(*msg[1:])
     elif kind == "weight":
         serving.set_weight(*msg[1:])
-    elif kind == "add":  # ("add", backend, ServerConfig, counter offset, state, health, admin)
-        _, backend, cfg, cbase, state, health, admin = msg
+    elif kind == "add":
+        # ("add", backend, ServerConfig, the master's layout offsets and cells, state, health,
+        # admin): prepared like the servers of a build, with the master's offsets
+        _, backend, cfg, offsets, cells, state, health, admin = msg
+        layout.offsets.update(offsets)
+        layout.cells = max(layout.cells, cells)
         server = Server.from_config(cfg, backend=backend)
-        server.ctr = counters.cells
-        server.cbase = cbase
-        server.state = State(state)
-        server.health = health
-        server.admin = Admin(admin)
+        prepare_server(server, layout=layout, counters=counters,
+                       states={(backend, cfg.name): (state, health, admin)})
         serving.add_server(backend, server, cfg)
     elif kind == "remove":  # ("remove", backend, server, seconds its requests may take)
         _, backend, name, within = msg
