@@ -610,6 +610,8 @@ async def test_the_admin_cli_end_to_end(tmp_path):
                            "<token>\n")
             rc, out, err = await _cli(aport, "servers", token=None)
             assert rc == 2 and err.startswith("foobar-lb: error: 401 Unauthorized"), err
+            rc, out, err = await _cli(aport, "servers", "--json", "--token", TOKEN, token=None)
+            assert rc == 0 and json.loads(out)["backends"][0]["name"] == "app", err
             free = free_port()
             p = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "foobar_lb", "admin", "--url", f"127.0.0.1:{free}",

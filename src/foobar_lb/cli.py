@@ -231,30 +231,35 @@ def _admin_parser(sub: Any) -> None:
     admin.add_argument("--url", default=DEFAULT_ADMIN_URL,
                        help=f"the admin listener (default {DEFAULT_ADMIN_URL})")
     admin.add_argument("--token", help="its token (default: $FOOBAR_ADMIN_TOKEN)")
+    # --url and --token after the action too (`admin servers --url ...`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     acts = admin.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    servers = acts.add_parser("servers", help="every backend's servers: state, admin state, "
-                                              "weight, counters")
+    servers = acts.add_parser("servers", parents=[common],
+                              help="every backend's servers: state, admin state, weight, counters")
     servers.add_argument("--json", action="store_true", help="the API's JSON as it comes")
-    st = acts.add_parser("set", help="drain, maint or ready a server, or set its weight")
+    st = acts.add_parser("set", parents=[common], help="drain, maint or ready a server, or set its weight")
     st.add_argument("backend")
     st.add_argument("server")
     st.add_argument("--state", choices=("ready", "drain", "maint"))
     st.add_argument("--weight", type=int, metavar="N")
-    add = acts.add_parser("add", help="add a server (checked before it takes traffic when its "
-                                      "backend has checks)")
+    add = acts.add_parser("add", parents=[common],
+                          help="add a server (checked before it takes traffic when its backend "
+                               "has checks)")
     add.add_argument("backend")
     add.add_argument("server")
     add.add_argument("address", help="host:port")
     add.add_argument("--weight", type=int, default=1, metavar="N")
     add.add_argument("--backup", action="store_true")
-    rm = acts.add_parser("remove", help="drain a server, then remove it once its requests in "
-                                        "flight are done")
+    rm = acts.add_parser("remove", parents=[common],
+                         help="drain a server, then remove it once its requests in flight are done")
     rm.add_argument("backend")
     rm.add_argument("server")
-    ck = acts.add_parser("check", help="check a server now (exit 1 when the check fails)")
+    ck = acts.add_parser("check", parents=[common], help="check a server now (exit 1 when the check fails)")
     ck.add_argument("backend")
     ck.add_argument("server")
-    acts.add_parser("reload", help="re-read the configuration file")
+    acts.add_parser("reload", parents=[common], help="re-read the configuration file")
 
 
 class _AdminError(Exception):
