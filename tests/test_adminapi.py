@@ -306,6 +306,33 @@ async def test_a_drained_server_that_fails_its_check_stays_drained(tmp_path):
             assert res.bodies == {b"b GET /\n": 200}
 
 
+async def test_drain_in_tcp_mode_keeps_open_connections_and_takes_no_new_ones(tmp_path):
+    async with ScriptedServer("a") as a, ScriptedServer("b") as b:
+        port, aport = free_port(), free_port()
+        cfg = _cfg(port, aport, [_srv("a", a), _srv("b", b)], workers=1,
+                   backend={"mode": "tcp"})
+        cfg["frontends"]["www"]["mode"] = "tcp"
+        async with LbProcess(tmp_path, cfg):
+            r, w = await asyncio.open_connection(LOOPBACK, port)  # the first goes to a
+            request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+            w.write(request)
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert b"X-Server: a" in head
+            await r.readexactly(len(b"a GET /one\n"))
+            status, s = await api(aport, "POST", "/api/backends/app/servers/a",
+                                  {"state": "drain"})
+            assert (status, s["admin"]) == (200, "drain")
+            res = await load(port, connections=8, requests=80, fresh_every=1)
+            assert res.errors == 0, res.failed
+            assert res.bodies == {b"b GET /\n": 80}  # no new connection to a
+            w.write(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")  # the open one goes on
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"X-Server: a" in head
+            assert await r.readexactly(len(b"a GET /two\n")) == b"a GET /two\n"
+            w.close()
+            assert [q.url for q in a.requests] == ["/one", "/two"]
+
+
 # ---------------------------------------------------------------------------------------------
 # weights
 
