@@ -74,6 +74,14 @@ async def server_entry(aport: int, name: str, backend: str = "app") -> dict | No
     return None
 
 
+async def until(cond, timeout: float = 10.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(step)
+
+
 async def wait_entry(aport: int, name: str, timeout: float = 10.0, **want) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -231,8 +239,7 @@ async def test_drain_keeps_the_open_request_and_sends_nothing_new_through_either
             slow = asyncio.ensure_future(raw_exchange(
                 LOOPBACK, port, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                 timeout=30))
-            while not any(r.url == "/slow" for r in a.requests):
-                await asyncio.sleep(0.02)
+            await until(lambda: any(r.url == "/slow" for r in a.requests))
             status, s = await api(aport, "POST", "/api/backends/app/servers/a",
                                   {"state": "drain"})
             assert status == 200, s
@@ -384,12 +391,10 @@ async def test_add_under_load_takes_traffic_once_checked_then_remove_lets_reques
                 assert (s["state"], s["requests"], s["failures"]) == ("down", 0, 0), s
                 await c.start(c_port)
                 await wait_entry(aport, "c", state="up")
-                while len(c.requests) < 20:  # both workers send to it now
-                    await asyncio.sleep(0.05)
+                await until(lambda: len(c.requests) >= 20)  # it takes its share now
                 assert any("server app/c is UP" in line for line in lb.err)
                 # remove it under load: it has requests in flight (each takes 50 ms)
-                while inflight[0] == 0:
-                    await asyncio.sleep(0.005)
+                await until(lambda: inflight[0] > 0, step=0.005)
                 status, answer = await api(aport, "DELETE", "/api/backends/app/servers/c")
                 assert status == 200, answer
                 assert inflight[0] == 0  # what it had in flight was done before it was gone
