@@ -551,6 +551,13 @@ async def test_api_errors_are_exact(tmp_path):
                 assert (status, answer) == (want_status, {"error": want}), (method, path, body)
             status, answer = await api(aport, "POST", f"{srv}/a", raw=b"{nope")
             assert status == 400 and answer["error"].startswith("the body is not JSON: "), answer
+            status, answer = await api(aport, "GET", f"{srv}/a")
+            assert (status, answer) == (405, {"error": f"GET {srv}/a: expected POST or PUT or "
+                                                       "DELETE"})
+            status, answer = await api(aport, "POST", "/api/servers", {})
+            assert status == 404 and answer["error"].startswith(
+                "no endpoint /api/servers; the runtime API has GET /api/backends, "), answer
+            assert (await api(aport, "GET", "/api/stats"))[0] == 200  # (the admin listener's)
             # the guard: a state change without JSON's Content-Type never gets here
             status, answer = await api(aport, "DELETE", f"{srv}/a", ctype=None)
             assert status == 415

@@ -22,6 +22,7 @@ Routes:
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -215,6 +216,19 @@ def routes(master: Master) -> list[web.RouteDef]:
         ok, msg = await master.reload()
         return _answer({"ok": ok, "message": msg}, 200 if ok else 400)
 
+    async def elsewhere(request: web.Request) -> web.Response:
+        """Any other /api/ request: 405 naming the methods a known path takes, else 404 with
+        the list of endpoints."""
+        path = request.path
+        for rx, methods in _ENDPOINTS:
+            if rx.fullmatch(path):
+                resp = _error(405, f"{request.method} {path}: expected {' or '.join(methods)}")
+                resp.headers["Allow"] = ", ".join(methods)
+                return resp
+        return _error(404, f"no endpoint {path}; the runtime API has GET /api/backends, "
+                           "POST, PUT and DELETE /api/backends/BACKEND/servers/SERVER, POST "
+                           "/api/backends/BACKEND/servers/SERVER/check and POST /api/reload")
+
     base = "/api/backends/{backend}/servers/{server}"
     return [
         web.get("/api/backends", handled(list_backends)),
@@ -223,4 +237,14 @@ def routes(master: Master) -> list[web.RouteDef]:
         web.delete(base, handled(remove)),
         web.post(base + "/check", handled(check)),
         web.post("/api/reload", handled(reload)),
+        web.route("*", "/api/{tail:.*}", elsewhere),  # (last: after every other /api/ route)
     ]
+
+
+_ENDPOINTS = [
+    (re.compile(r"/api/backends"), ("GET",)),
+    (re.compile(r"/api/backends/[^/]+/servers/[^/]+"), ("POST", "PUT", "DELETE")),
+    (re.compile(r"/api/backends/[^/]+/servers/[^/]+/check"), ("POST",)),
+    (re.compile(r"/api/reload"), ("POST",)),
+    (re.compile(r"/api/stats"), ("GET",)),
+]
