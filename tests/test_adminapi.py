@@ -564,6 +564,13 @@ async def test_api_errors_are_exact(tmp_path):
             # nothing changed
             s = await server_entry(aport, "a")
             assert (s["state"], s["admin"], s["weight"]) == ("up", "ready", 1)
+            # /ready says why when the operator took every server out
+            assert (await api(aport, "POST", f"{srv}/a", {"state": "maint"}))[0] == 200
+            assert await api(aport, "GET", "/ready") == (503, (
+                "not ready\nfrontend www: backend app has no server up (a: maint (set by the "
+                "operator))\n"))
+            assert (await api(aport, "POST", f"{srv}/a", {"state": "ready"}))[0] == 200
+            assert await api(aport, "GET", "/ready") == (200, "ready\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -463,7 +463,7 @@ class Master:
         for fe in self.built.frontends.values():
             be = fe.default
             if be is not None and not be.balancer.any_up():
-                why = "; ".join(f"{s.name}: {s.check_status or s.state}" for s in be.servers[:5])
+                why = "; ".join(f"{s.name}: {_not_usable(s)}" for s in be.servers[:5])
                 out.append(f"frontend {fe.name}: backend {be.name} has no server up ({why})")
         return out
 
@@ -1015,6 +1015,15 @@ class _Control(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(json.dumps(reply).encode() + b"\n")
             self.transport.close()
+
+
+def _not_usable(s: Server) -> str:
+    """Why a server takes no traffic, in a word or a check's result."""
+    if s.admin is not Admin.READY:
+        return f"{s.admin.value} (set by the operator)"
+    if s.weight == 0 and s.state is State.UP:
+        return "weight 0"
+    return s.check_status or str(s.state)
 
 
 def _runtime_check(b: BackendConfig) -> CheckConfig | None:
