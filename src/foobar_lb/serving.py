@@ -202,7 +202,6 @@ class Serving:
             srv.health = health
             be.apply_state(srv, State(state))
 
-
     # -- run-time changes decided by the master (the runtime API) ------------------------------
     def set_admin(self, backend: str, server: str, admin: str) -> None:
         be = self.backends.get(backend)
