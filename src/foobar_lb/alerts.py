@@ -180,7 +180,7 @@ class Alerts:
         if not self.cfg.enabled or self.paused:
             return
         key = (be.name, server.name)
-        old, new = str(change.old), str(change.new)
+        old, new = change.old.value, change.new.value
         if new == "up" and key not in self.up_once:
             # a server's first time up (managed servers start down): no news
             self.up_once.add(key)
@@ -193,7 +193,7 @@ class Alerts:
         if left == 0 and be.name not in self.empty:
             self.empty.add(be.name)
             self.emit(self.event("backend_down", be.name, None, "up", "down",
-                                 f"no server left up (last: {server.name} {new}: "
+                                 f"no server left up (last: {server.name} is {new}: "
                                  f"{change.reason})"), (be.name,))
         elif left and be.name in self.empty:
             self.empty.discard(be.name)
