@@ -331,3 +331,51 @@ async def test_app_server_database_events_come_from_its_health(tmp_path: Path):
             assert len(rx.events) == 4
             # the LB's own view of the app server never changed: it stayed up
             assert not rx.of("server")
+
+
+@pytest.mark.mariadb
+async def test_on_mariadb_replication_and_primary_events_reach_the_webhook(tmp_path: Path):
+    """A real cluster and app server behind the load balancer (http checks on /health):
+    replication broken and back, then the primary killed: one event each."""
+    import os
+    import signal
+
+    from dbstack import AppServer, own_cluster, sql
+
+    with own_cluster(tmp_path, replicas=1) as data:
+        app = AppServer("server-1", data["dir"], tmp_path).start()
+        try:
+            await app.ready()
+            async with Receiver() as rx:
+                port = free_port()
+                cfg = {
+                    "frontends": {"www": {"bind": [f"{LOOPBACK}:{port}"],
+                                          "default_backend": "app"}},
+                    "backends": {"app": {
+                        "check": {"path": "/health", "inter": "250ms", "rise": 2,
+                                  "fall": 3, "timeout": "1s"},
+                        "servers": [{"name": "server-1", "address": f"{LOOPBACK}:{app.port}"}]}},
+                    "alerts": {"webhooks": [rx.url]},
+                }
+                async with LbProcess(tmp_path, cfg):
+                    await asyncio.sleep(1.0)
+                    assert rx.events == []
+                    sql(data, "replica-1", "STOP SLAVE SQL_THREAD")
+                    await until(lambda: rx.events, what="replication broken")
+                    e = rx.events[0]
+                    assert (e["kind"], e["server"], e["node"], e["old"], e["new"]) == (
+                        "replication", "server-1", "replica-1", "up", "broken")
+                    assert "SQL thread not running" in e["reason"]
+                    sql(data, "replica-1", "START SLAVE SQL_THREAD")
+                    await until(lambda: len(rx.events) == 2, what="replication back")
+                    assert (rx.events[1]["old"], rx.events[1]["new"]) == ("broken", "up")
+                    os.kill(data["nodes"]["primary"]["pid"], signal.SIGKILL)
+                    await until(lambda: rx.of("primary"), what="primary unreachable")
+                    await asyncio.sleep(1.0)
+                    [p] = rx.of("primary")
+                    assert (p["server"], p["old"], p["new"]) in {
+                        ("server-1", "up", "down"), ("server-1", "up", "hung")}
+                    # reads go on from the replica: the app server itself stayed up
+                    assert not rx.of("server") and not rx.of("backend_down"), (rx.events, app.log()[-3000:])
+        finally:
+            app.stop()

@@ -152,11 +152,11 @@ class Master:
         self.stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         cfg = self.config
-        self.alerts.start()
         self._check_programs(cfg)
         check_managed_ports(cfg, self._managed_running)
         self.socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
+            self.alerts.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_stop_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
