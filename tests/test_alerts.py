@@ -214,6 +214,27 @@ async def test_a_dead_or_slow_webhook_slows_neither_traffic_nor_checks(tmp_path:
     assert slow.events == []
 
 
+async def test_a_reload_changes_the_webhooks_and_sends_nothing_itself(tmp_path: Path):
+    async with Receiver() as one, Receiver() as two, ScriptedServer("a") as a, \
+            ScriptedServer("b") as b:
+        port = free_port()
+        lb = LbProcess(tmp_path, config(port, [("a", a), ("b", b)], {"webhooks": [one.url]}))
+        async with lb:
+            a_port = a.port
+            await a.stop()
+            await until(lambda: len(one.events) == 1, what="a down, to the first webhook")
+            lb.config.write_text(lb.config.read_text().replace(
+                f'webhooks = ["{one.url}"]', f'webhooks = ["{two.url}"]'))
+            rc, _, err = await lb.reload()
+            assert rc == 0, err
+            await asyncio.sleep(0.5)  # the new workers took the states over: no event
+            assert len(one.events) == 1 and two.events == []
+            await a.start(a_port)
+            await until(lambda: len(two.events) == 1, what="a up, to the second webhook")
+            assert (two.events[0]["server"], two.events[0]["new"]) == ("a", "up")
+            assert len(one.events) == 1
+
+
 async def test_the_command_gets_the_event_json_on_stdin(tmp_path: Path):
     out = tmp_path / "events.jsonl"
     runs = tmp_path / "runs"
