@@ -235,6 +235,20 @@ async def test_a_reload_changes_the_webhooks_and_sends_nothing_itself(tmp_path: 
             assert len(one.events) == 1
 
 
+async def test_the_library_sends_alerts_too(tmp_path: Path):
+    """`LoadBalancer` (one process) runs the same alerts in its own loop."""
+    from foobar_lb import LoadBalancer
+
+    async with Receiver() as rx, ScriptedServer("a") as a, ScriptedServer("b") as b:
+        cfg = config(0, [("a", a), ("b", b)], {"webhooks": [rx.url]})
+        async with LoadBalancer(cfg):
+            await a.stop()
+            await until(lambda: rx.events, what="a down")
+            await asyncio.sleep(0.4)
+            assert [(e["kind"], e["server"], e["new"]) for e in rx.events] == [
+                ("server", "a", "down")]
+
+
 async def test_the_command_gets_the_event_json_on_stdin(tmp_path: Path):
     out = tmp_path / "events.jsonl"
     runs = tmp_path / "runs"

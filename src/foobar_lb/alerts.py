@@ -338,7 +338,7 @@ class Alerts:
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": "foobar_lb-alerts"},
                 timeout=aiohttp.ClientTimeout(total=None))
-        async with self._session.post(url, data=body,
+        async with self._session.post(url, data=body, allow_redirects=False,
                                       headers={"Content-Type": "application/json"}) as resp:
             if not 200 <= resp.status < 300:
                 raise RuntimeError(f"answered {resp.status}")
