@@ -32,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .alerts import Alerts
+from .alerts import unrunnable as alerts_unrunnable
 from .balancing import algorithm_names
 from .build import Built, build
 from .channel import Channel, encode
@@ -126,6 +128,8 @@ class Master:
         self.sm = StateMachine()
         self.sm.hooks.append(self._on_change)
         self.checks = Checks(self._on_check)
+        self.alerts = Alerts(config.alerts)  # events to webhooks / a command (alerts.py)
+        self.alerts.attach(self.sm, self.checks)
         self.built: Built | None = None
         self.supervisors: dict[str, Supervisor] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -152,6 +156,7 @@ class Master:
         check_managed_ports(cfg, self._managed_running)
         self.socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
+            self.alerts.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_stop_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
@@ -180,7 +185,7 @@ class Master:
         return 0
 
     def _check_programs(self, cfg: Config) -> None:
-        why = unrunnable(cfg) or check_tls(cfg)  # (TLS files: re-read on every reload)
+        why = unrunnable(cfg) or check_tls(cfg) or alerts_unrunnable(cfg)  # (on every reload)
         if why:
             raise StartError(why)
 
@@ -489,6 +494,7 @@ class Master:
             return False, str(e)
         self.config = new
         self.socks = socks
+        self.alerts.configure(new.alerts)
         old_workers = [w for w in self.workers if w.gen < self.gen and w.status != "draining"]
         for w in old_workers:
             w.status = "draining"
@@ -532,6 +538,7 @@ class Master:
 
     async def _stop(self) -> None:
         grace = self.config.settings.grace
+        self.alerts.pause()  # servers stopped on purpose are no news
         self._broadcast(("stop", grace))
         for w in self.workers:
             w.status = "stopping"
@@ -562,6 +569,7 @@ class Master:
             self.admin = None
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+        await self.alerts.close()
         for task in list(self.tasks):
             task.cancel()
         for s in self.socks.values():
@@ -622,6 +630,7 @@ class Master:
                         for w in self.workers],
             "frontends": frontends,
             "backends": backends,
+            "alerts": self.alerts.stats(),
         }
 
     # -- the control socket ---------------------------------------------------------------------
