@@ -10,6 +10,7 @@ gets must be the same; and the heads the simple path is for must really take it.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,7 +104,13 @@ def _run(reads: list[bytes], **frontend) -> tuple[bytes, bytes, int]:
     s.connection_made(ct)
     for data in reads:
         s.data_received(data)
-    return b"".join(ut.out), b"".join(ct.out), s.full
+    return _ours(b"".join(ut.out)), b"".join(ct.out), s.full
+
+
+def _ours(sent: bytes) -> bytes:
+    """What the server got, with our request ids (a counter: each session gets the next one)
+    written as `(ours)`; a client's own id, kept, stays as it is."""
+    return re.sub(rb"X-Request-ID: [0-9a-f]{12}-[0-9a-f]+\r\n", b"X-Request-ID: (ours)\r\n", sent)
 
 
 async def both(data: bytes, **frontend) -> tuple[bytes, bytes, int]:
@@ -127,7 +134,8 @@ async def test_the_commonest_requests_take_the_simple_path_and_send_the_same_byt
     sent, answered, full = await both(data)
     assert full == 0, "the full path parsed it"
     assert sent.startswith(data.split(b"\r\n", 1)[0] + b"\r\n")
-    assert sent.endswith(b"X-Forwarded-For: 10.1.2.3\r\nx-forwarded-proto: http\r\n\r\n")
+    assert sent.endswith(b"X-Forwarded-For: 10.1.2.3\r\nX-Request-ID: (ours)\r\n"
+                         b"x-forwarded-proto: http\r\n\r\n")
     assert b"onnection" not in sent and answered == b""
 
 
@@ -151,6 +159,7 @@ NOT_SIMPLE = [
     b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # pipelined
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-ID: abc-1\r\n\r\n",  # a client's id: checked
 ]
 
 
@@ -177,10 +186,10 @@ _NAMES = st.sampled_from([
     "Host", "host", "HOST", "Accept", "Connection", "connection", "Keep-Alive", "TE", "Trailer",
     "Transfer-Encoding", "Content-Length", "Upgrade", "Expect", "X-Forwarded-For",
     "X-Forwarded-Proto", "Proxy-Foo", "X_Foo", "Content_Length", "Cookie", "X-A", "Te-X",
-    "Hostname", "Connection-X"])
+    "Hostname", "Connection-X", "X-Request-ID", "x-request-id"])
 _VALUES = st.sampled_from([
     "a", "a:80", "", " a", "a ", "close", "keep-alive", "Close", "chunked", "0", "5", "x, y",
-    "[::1]:80", "a b", "\tv", "v\t", "keep-alive, X-A", "gzip"])
+    "[::1]:80", "a b", "\tv", "v\t", "keep-alive, X-A", "gzip", "r-1.2:3_x", "x" * 129])
 
 
 @pytest.fixture(scope="module")

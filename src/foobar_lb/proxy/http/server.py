@@ -347,6 +347,7 @@ class UpstreamHttp(LazyTimer):
             self.body_off = -1
             return
         self.status = status
+        r.t_head = self.last_rx
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
         fe = r.route.fe
