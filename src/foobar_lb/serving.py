@@ -203,6 +203,8 @@ class Serving:
                     requests += len(q)
                     if s.parsing is not None and s.parsing not in q:
                         requests += 1
+                    if self.alog is not None and (q or s.parsing is not None):
+                        s._log_unfinished()  # now: the log closes before connection_lost
                 s.transport.abort()
         self.sessions.clear()
         self.admission.release_clients()
