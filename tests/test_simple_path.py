@@ -10,7 +10,6 @@ gets must be the same; and the heads the simple path is for must really take it.
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +19,8 @@ from foobar_lb import config_from_dict, new_event_loop
 from foobar_lb.build import build
 from foobar_lb.proxy.http import HttpSession, UpstreamHttp
 from foobar_lb.shared import Counters, Layout
+
+from support import our_ids
 
 
 class FakeTransport:
@@ -104,13 +105,7 @@ def _run(reads: list[bytes], **frontend) -> tuple[bytes, bytes, int]:
     s.connection_made(ct)
     for data in reads:
         s.data_received(data)
-    return _ours(b"".join(ut.out)), b"".join(ct.out), s.full
-
-
-def _ours(sent: bytes) -> bytes:
-    """What the server got, with our request ids (a counter: each session gets the next one)
-    written as `(ours)`; a client's own id, kept, stays as it is."""
-    return re.sub(rb"X-Request-ID: [0-9a-f]{12}-[0-9a-f]+\r\n", b"X-Request-ID: (ours)\r\n", sent)
+    return our_ids(b"".join(ut.out)), b"".join(ct.out), s.full
 
 
 async def both(data: bytes, **frontend) -> tuple[bytes, bytes, int]:
