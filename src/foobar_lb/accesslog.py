@@ -41,7 +41,7 @@ from .shared import F_LOG_DROPPED
 if TYPE_CHECKING:
     from .config import LogConfig
 
-__all__ = ["PREFIX", "RID_LINE", "AccessLog", "ids", "new_id", "request_id"]
+__all__ = ["PREFIX", "RID_LINE", "AccessLog", "ids", "new_id"]
 
 # -- request ids --------------------------------------------------------------------------------
 # a per-process random prefix (workers are started by exec, so each has its own) and a counter
@@ -57,21 +57,10 @@ def new_id() -> bytes:
     return b"%s%x" % (PREFIX, next(ids))
 
 
-def request_id(head: bytes | None) -> str:
-    """The id a forwarded head carries (ours, or the client's valid one); a fresh one for a
-    request refused before its head was made."""
-    if head:
-        m = _RID_IN_HEAD.search(head)
-        if m is not None:
-            return m.group(1).decode("latin-1")
-    return new_id().decode()
-
-
 # -- the writer -----------------------------------------------------------------------------------
 _REOPEN = object()
 _STOP = object()
-FACILITY_LOCAL0 = 16
-_PRI = b"<%d>" % (FACILITY_LOCAL0 * 8 + 6)  # local0.info
+# syslog: <134> is facility local0 (16) * 8 + severity info (6)
 
 
 class _Writer(threading.Thread):
@@ -174,7 +163,7 @@ class AccessLog:
         self.syslog = cfg.syslog_host is not None
         self.rfc3164 = cfg.syslog_format == "rfc3164"
         self.hostname = socket.gethostname()
-        self.tag = f"foobar_lb {os.getpid()}"
+        self.pid = os.getpid()
         self._second = -1
         self._stamp = ""
 
@@ -182,19 +171,78 @@ class AccessLog:
     def request(self, r: Any, status: int, term: str) -> None:
         """Request `r` (a proxy.http Exchange) ended: `status` the client got (0: none), `term`
         the termination state (see the README's table). One line per request: a request
-        already logged is not logged again."""
+        already logged is not logged again. (One function, no helper calls on the common
+        path: it runs for every request when the log is on.)"""
         if getattr(r, "term", None) is not None:
             return
         r.term = term
         s = r.s
         fe = s.fe
-        if self.size + self.queued - self.writer.written > self.limit:
+        held = self.size + self.queued - self.writer.written
+        if held >= self.limit:
             fe.ctr[fe.cbase + F_LOG_DROPPED] += 1
             self.dropped += 1
             return
-        line = self._format(r, s, fe, status, term)
+        # phases in milliseconds (-1: never reached): queue wait, connect, response head, total
+        end = self.loop.time()
+        t_queue = getattr(r, "t_queue", 0.0)
+        t_connect = getattr(r, "t_connect", 0.0)
+        t_head = getattr(r, "t_head", 0.0)
+        if t_queue:
+            t_wait = getattr(r, "t_wait", 0.0)
+            queue_ms = (t_queue - t_wait) * 1000 if t_wait else 0.0
+        else:
+            queue_ms = -1
+        connect_ms = (t_connect - t_queue) * 1000 if t_connect and t_queue else -1
+        response_ms = (t_head - t_connect) * 1000 if t_head and t_connect else -1
+        total_ms = (end - r.t0) * 1000
+        be = r.backend
+        server = r.server or getattr(r, "tried", None)
+        client = getattr(s, "log_client", None)
+        if client is None:
+            client = self._client(s)
+            if s.xff_trust is None:  # (else each request names its client: X-Forwarded-For)
+                s.log_client = client
+        head = getattr(r, "head", None)
+        m = _RID_IN_HEAD.search(head) if head else None
+        rid = m.group(1).decode("latin-1") if m is not None else new_id().decode()
+        method = getattr(r, "method", None)
+        method = method.decode("latin-1") if method else "-"
+        url = r.url.decode("latin-1") if r.url else "-"
+        version = "HTTP/1.1" if getattr(r, "http11", True) else "HTTP/1.0"
+        bytes_in = (len(head) if head else 0) + r.body_size
+        retries = r.attempts - 1 if r.attempts > 1 else 0
+        t = time.time()
+        sec = int(t)
+        if sec != self._second:
+            self._second = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        stamp = "%s.%03dZ" % (self._stamp, (t - sec) * 1000)  # noqa: UP031 (the fastest)
+        if self.json:
+            text = json.dumps({
+                "time": stamp, "client": client, "frontend": fe.name,
+                "backend": be.name if be is not None else None,
+                "server": server.name if server is not None else None,
+                "queue_ms": round(queue_ms, 3), "connect_ms": round(connect_ms, 3),
+                "response_ms": round(response_ms, 3), "total_ms": round(total_ms, 3),
+                "status": status or None, "bytes_in": bytes_in, "bytes_out": r.bytes_out,
+                "retries": retries, "term": term, "request_id": rid, "method": method,
+                "url": url, "version": version}, separators=(",", ":"))
+        else:
+            if _UNSAFE.search(url) is not None or _UNSAFE.search(method) is not None:
+                url, method = _quote(url), _quote(method)
+            text = "%s %s %s %s/%s %s/%s/%s/%.3f %s %d %d %d %s %s \"%s %s %s\"" % (  # noqa: UP031
+                stamp, client, fe.name, be.name if be is not None else "-",
+                server.name if server is not None else "-",
+                "%.3f" % queue_ms if queue_ms >= 0 else "-1",  # noqa: UP031
+                "%.3f" % connect_ms if connect_ms >= 0 else "-1",  # noqa: UP031
+                "%.3f" % response_ms if response_ms >= 0 else "-1",  # noqa: UP031
+                total_ms, status or "-", bytes_in, r.bytes_out, retries, term, rid, method,
+                url, version)
+        line = (self._syslog(text, stamp) if self.syslog
+                else text.encode("latin-1", "replace") + b"\n")
         n = len(line)
-        if self.size + n + self.queued - self.writer.written > self.limit:
+        if held + n > self.limit:
             fe.ctr[fe.cbase + F_LOG_DROPPED] += 1
             self.dropped += 1
             return
@@ -203,6 +251,25 @@ class AccessLog:
         if not self.flushing:
             self.flushing = True
             self.loop.call_soon(self.flush)
+
+    @staticmethod
+    def _client(s: Any) -> str:
+        """The client's address (and port, when known)."""
+        if s.client_key != s.peer_key:  # a trusted proxy's X-Forwarded-For named the client
+            return s.client_key.decode("latin-1")
+        proxied = s.proxied
+        if proxied:
+            return f"{proxied[0][0]}:{proxied[0][1]}"
+        peer = s.transport.get_extra_info("peername") if s.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else s.peer_ip or "-"
+
+    def _syslog(self, text: str, stamp: str) -> bytes:
+        if self.rfc3164:
+            when = time.strftime("%b %d %H:%M:%S", time.localtime())
+            return f"<134>{when} {self.hostname} foobar_lb[{self.pid}]: {text}".encode(
+                "latin-1", "replace")
+        return f"<134>1 {stamp} {self.hostname} foobar_lb {self.pid} - - {text}".encode(
+            "latin-1", "replace")
 
     def flush(self) -> None:
         """Hand what is buffered over to the writer (once per loop iteration)."""
@@ -227,77 +294,6 @@ class AccessLog:
         self.flush()
         self.q.put(_STOP)
         self.writer.join(timeout)
-
-    # -- formatting -----------------------------------------------------------------------------
-    def _now(self) -> str:
-        t = time.time()
-        sec = int(t)
-        if sec != self._second:
-            self._second = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int((t - sec) * 1000):03d}Z"
-
-    def _format(self, r: Any, s: Any, fe: Any, status: int, term: str) -> bytes:
-        end = self.loop.time()
-        t0 = r.t0
-        # phases (milliseconds; -1: never reached): queue wait, connect, response head, total
-        t_queue = getattr(r, "t_queue", 0.0)
-        t_connect = getattr(r, "t_connect", 0.0)
-        t_head = getattr(r, "t_head", 0.0)
-        t_wait = getattr(r, "t_wait", 0.0)
-        queue_ms = round((t_queue - t_wait) * 1000, 3) if t_wait and t_queue else (
-            0.0 if t_queue else -1)
-        connect_ms = round((t_connect - t_queue) * 1000, 3) if t_connect and t_queue else -1
-        response_ms = round((t_head - t_connect) * 1000, 3) if t_head and t_connect else -1
-        total_ms = round((end - t0) * 1000, 3)
-        be = r.backend
-        server = r.server or getattr(r, "tried", None)
-        proxied = s.proxied
-        if proxied:
-            client = f"{proxied[0][0]}:{proxied[0][1]}"
-        else:
-            peer = s.transport.get_extra_info("peername") if s.transport is not None else None
-            client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
-        if s.client_key != s.peer_key:  # a trusted proxy's X-Forwarded-For named the client
-            client = s.client_key.decode("latin-1")
-        head = getattr(r, "head", None)
-        rid = request_id(head)
-        method = (getattr(r, "method", None) or b"-").decode("latin-1")
-        url = (r.url or b"-").decode("latin-1")
-        version = "HTTP/1.1" if getattr(r, "http11", True) else "HTTP/1.0"
-        bytes_in = (len(head) if head else 0) + r.body_size
-        bytes_out = getattr(r, "bytes_out", 0)
-        retries = max(r.attempts - 1, 0)
-        if self.json:
-            rec = {
-                "time": self._now(), "client": client, "frontend": fe.name,
-                "backend": be.name if be is not None else None,
-                "server": server.name if server is not None else None,
-                "queue_ms": queue_ms, "connect_ms": connect_ms, "response_ms": response_ms,
-                "total_ms": total_ms, "status": status or None, "bytes_in": bytes_in,
-                "bytes_out": bytes_out, "retries": retries, "term": term, "request_id": rid,
-                "method": method, "url": url, "version": version,
-            }
-            text = json.dumps(rec, ensure_ascii=True, separators=(",", ":"))
-        else:
-            target = f"{be.name if be is not None else '-'}/{server.name if server else '-'}"
-            text = (f"{self._now()} {client} {fe.name} {target} "
-                    f"{_ms(queue_ms)}/{_ms(connect_ms)}/{_ms(response_ms)}/{_ms(total_ms)} "
-                    f"{status or '-'} {bytes_in} {bytes_out} {retries} {term} {rid} "
-                    f'"{_quote(method)} {_quote(url)} {version}"')
-        if not self.syslog:
-            return text.encode("latin-1", "replace") + b"\n"
-        if self.rfc3164:
-            stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
-            tag = self.tag.replace(" ", "[") + "]:"
-            return f"<134>{stamp} {self.hostname} {tag} {text}".encode("latin-1", "replace")
-        app, pid = self.tag.split(" ")
-        return f"<134>1 {self._now()} {self.hostname} {app} {pid} - - {text}".encode(
-            "latin-1", "replace")
-
-
-def _ms(v: float) -> str:
-    return "-1" if v < 0 else f"{v:.3f}"
 
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\ ]')

@@ -133,6 +133,7 @@ class HttpSession(ClientSide):
         "idle_since",
         "last_rx",
         "lb",
+        "log_client",  # the access log's client address (set by it, when it is on)
         "loop",
         "mode",
         "own_pool",

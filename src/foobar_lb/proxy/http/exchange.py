@@ -246,9 +246,8 @@ class Exchange:
         """The whole response went to the client; `conn` has unlinked itself."""
         if self.conn is conn:
             self.conn = None
-        alog = self.route.alog
-        if alog is not None:
-            alog(self, conn.status, "--")
+        if self.route.alog is not None:  # (the access log: off, this is all it costs)
+            self.route.alog(self, conn.status, "--")
         self.s.response_done(self, conn.last_rx)
 
     def fail(self, conn: UpstreamHttp, reason: str, timeout: bool = False) -> None:
