@@ -682,7 +682,15 @@ class HttpSession(ClientSide):
         if outcome == QUEUED:
             self.waiter = got
             r.t_wait = self.loop.time()
+            if why:
+                log.info("retrying %s %s: server %s/%s failed (%s), waiting for a free server",
+                         r.method.decode("latin-1"), r.url.decode("latin-1")[:200],
+                         r.backend.name, avoid.name if avoid is not None else "?", why)
             return True
+        if why:
+            log.info("not retrying %s %s: server %s/%s failed (%s), no other server to try",
+                     r.method.decode("latin-1"), r.url.decode("latin-1")[:200], r.backend.name,
+                     avoid.name if avoid is not None else "?", why)
         return False
 
     async def _connect(self, r: Exchange, server: Server) -> None:
