@@ -229,7 +229,7 @@ async def test_the_route_remembers_a_request_by_its_bytes(data):
         s.full = 0
         s.connection_made(transport)
         s.data_received(data)
-        heads.append(b"".join(ut.out))
+        heads.append(our_ids(b"".join(ut.out)))
         ut.out.clear()
         up.data_received(ok if not data.startswith(b"HEAD") else ok[:-2])
         assert s.full == 0

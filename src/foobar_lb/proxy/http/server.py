@@ -265,6 +265,7 @@ class UpstreamHttp(LazyTimer):
         body: counted, sent, and the connection freed, as `on_headers_complete` and
         `on_message_complete` would."""
         head, _, status = hit
+        r.t_head = self.last_rx
         fe = r.route.fe
         fe.ctr[fe.cls0 + status // 100] += 1
         srv = r.server
