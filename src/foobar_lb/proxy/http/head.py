@@ -176,8 +176,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
     upgrade = None
     xff = None
     cl = None
-    their_rid = None
-    nrid = 0
+    nrid = 0  # (their_rid: set with it)
     parts = [method, b" ", url, b" HTTP/1.1\r\n"]
     special = _SPECIAL
     for name, value in fields:
