@@ -243,6 +243,32 @@ async def test_a_client_that_goes_away_is_logged_with_its_state(tmp_path):
     assert (m["status"], m["term"], m["server"]) == ("-", "CH", "s1")
 
 
+async def test_an_upgrade_is_logged_once_when_its_tunnel_closes(tmp_path):
+    log = tmp_path / "access.log"
+
+    async def switch(req):
+        return (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n")
+
+    async with ScriptedServer("s", switch) as srv:
+        cfg = lb_config([srv.address], backend={"check": False})
+        cfg["log"] = {"access": str(log)}
+        async with running_lb(cfg) as lb:
+            reader, writer = await asyncio.open_connection(*lb.address)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101")
+            assert not log.exists() or log.read_text() == ""  # not before the tunnel ends
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            lines = await lines_of(log, expect=1)
+    m = TEXT_LINE.match(lines[0])
+    assert len(lines) == 1 and m, lines
+    assert (m["status"], m["term"], m["url"]) == ("101", "--", "/ws")
+
+
 # -- the logs that say what happened (item 6) --------------------------------------------------
 
 
