@@ -318,6 +318,33 @@ async def test_a_stop_whose_grace_runs_out_logs_the_requests_cut(tmp_path, caplo
     assert terms == ["KH", "KH", "KR"], lines
 
 
+@pytest.mark.slow
+async def test_a_worker_says_how_many_requests_the_end_of_grace_cut(tmp_path):
+    log = tmp_path / "access.log"
+    arrived = asyncio.Event()
+
+    async def slow(req):
+        arrived.set()
+        await asyncio.sleep(3600)
+
+    async with ScriptedServer("s", slow) as srv:
+        cfg = lb_config([srv.address], backend={"check": False})
+        cfg["global"] = {"grace": "300ms"}
+        cfg["log"] = {"access": str(log)}
+        lb = LbProcess(tmp_path, cfg, "--workers", "1")
+        async with lb:
+            port = int(re.search(r":(\d+)/", await lb.wait_out("ready: http://")).group(1))
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+            writer.write(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            await asyncio.wait_for(arrived.wait(), 5)
+            assert await lb.stop() == 0
+            writer.close()
+    assert any("the grace period ended: cut 2 requests in flight and 1 connection" in line
+               for line in lb.err), lb.err[-5:]
+    lines = await lines_of(log, expect=2)
+    assert sorted(TEXT_LINE.match(ln)["term"] for ln in lines) == ["KH", "KR"], lines
+
+
 # -- rotation under load (2 workers) -----------------------------------------------------------
 
 
