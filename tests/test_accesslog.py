@@ -28,7 +28,15 @@ import pytest
 
 from procs import LbProcess, load
 
-from support import LOOPBACK, ScriptedServer, free_port, http_get, lb_config, running_lb
+from support import (
+    LOOPBACK,
+    ScriptedServer,
+    free_port,
+    http_get,
+    http_response,
+    lb_config,
+    running_lb,
+)
 
 TEXT_LINE = re.compile(
     r"(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<client>\S+) (?P<frontend>\S+) "
@@ -241,6 +249,27 @@ async def test_a_client_that_goes_away_is_logged_with_its_state(tmp_path):
     m = TEXT_LINE.match(lines[0])
     assert len(lines) == 1 and m, lines
     assert (m["status"], m["term"], m["server"]) == ("-", "CH", "s1")
+
+
+async def test_time_in_the_queue_is_logged(tmp_path):
+    log = tmp_path / "access.log"
+
+    async def slowish(req):
+        await asyncio.sleep(0.3)
+        return http_response(200, b"ok")
+
+    async with ScriptedServer("s", slowish) as srv:
+        cfg = lb_config([{"name": "s1", "address": srv.address, "maxconn": 1}],
+                        backend={"check": False})
+        cfg["log"] = {"access": str(log)}
+        async with running_lb(cfg) as lb:
+            got = await asyncio.gather(*(http_get(*lb.address, f"/{i}") for i in range(2)))
+            assert [r.status for r in got] == [200, 200]
+            lines = await lines_of(log, expect=2)
+    m = sorted((TEXT_LINE.match(ln) for ln in lines), key=lambda m: float(m["queue"]))
+    assert [x["term"] for x in m] == ["--", "--"]
+    assert float(m[0]["queue"]) < 100 <= float(m[1]["queue"]) < 1000  # waited for the first
+    assert float(m[1]["total"]) >= 500
 
 
 async def test_an_upgrade_is_logged_once_when_its_tunnel_closes(tmp_path):

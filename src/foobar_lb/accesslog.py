@@ -265,7 +265,7 @@ class AccessLog:
 
     def _syslog(self, text: str, stamp: str) -> bytes:
         if self.rfc3164:
-            when = time.strftime("%b %d %H:%M:%S", time.localtime())
+            when = time.strftime("%b %e %H:%M:%S", time.localtime())  # ("Nov  3")
             return f"<134>{when} {self.hostname} foobar_lb[{self.pid}]: {text}".encode(
                 "latin-1", "replace")
         return f"<134>1 {stamp} {self.hostname} foobar_lb {self.pid} - - {text}".encode(
