@@ -772,8 +772,10 @@ class HttpSession(ClientSide):
                 r.replay_body()
             if self._again(r, avoid=server, why=reason):
                 return
-        self._send_error(r, 502, "SH") if connected else self._send_error(
-            r, 503, "sC" if reason == "connection timeout" else "SC")
+        if connected:
+            self._send_error(r, 502, "SH")
+        else:
+            self._send_error(r, 503, "sC" if reason == "connection timeout" else "SC")
 
     # -- responses ------------------------------------------------------------------------------
     def response_done(self, r: Exchange, now: float) -> None:
