@@ -5,9 +5,11 @@ Rules of this module:
   (`Route.alog`, `Frontend.alog`: None) where a request ends; the one cost every request pays is
   its `X-Request-ID` (`RID_LINE` + a hexadecimal counter: a per-process random prefix, no
   system call, no formatting beyond `b"%x"`);
-- a line is formatted in the event loop when its request ends, appended to a list, and handed
-  over once per loop iteration (`call_soon`) to this worker's ONE writer thread, through a
-  `queue.SimpleQueue` (its `put` never blocks and takes no lock the loop could wait on);
+- a line is formatted in the event loop when its request ends, appended to a list, and the
+  list handed over to this worker's ONE writer thread, through a `queue.SimpleQueue` (its `put`
+  never blocks and takes no lock the loop could wait on), at most `FLUSH_DELAY` after its first
+  line or as soon as it holds `FLUSH_BYTES` (so the thread wakes a few times a second under
+  load, not once per loop iteration: each wake-up is a context switch and a GIL hand-over);
 - the buffer is bounded in bytes (`[log] buffer`): lines handed over and not yet written
   count against it; a line that does not fit is dropped and counted in its frontend's
   `F_LOG_DROPPED` cell (summed by the master, `Master.stats()` "log_dropped"), so a stalled
@@ -55,6 +57,10 @@ _RID_IN_HEAD = re.compile(rb"\r\nX-Request-ID: ([^\r]*)\r\n")
 
 def new_id() -> bytes:
     return b"%s%x" % (PREFIX, next(ids))
+
+
+FLUSH_DELAY = 0.05  # seconds a line may wait in the loop before it is handed to the writer
+FLUSH_BYTES = 65536  # or as soon as this much waits (at most half the buffer)
 
 
 # -- the writer -----------------------------------------------------------------------------------
@@ -155,7 +161,8 @@ class AccessLog:
         self.lines: list[bytes] = []  # formatted, not handed over yet
         self.size = 0  # their bytes
         self.queued = 0  # bytes handed over to the writer (only the loop writes it)
-        self.flushing = False
+        self.flushing = False  # a flush is scheduled
+        self.flush_at = min(FLUSH_BYTES, cfg.buffer // 2)
         self.dropped = 0  # in this process (the frontends' cells are what the master reads)
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.writer = _Writer(cfg, self.q)
@@ -248,9 +255,11 @@ class AccessLog:
             return
         self.lines.append(line)
         self.size += n
-        if not self.flushing:
+        if self.size >= self.flush_at:
+            self.flush()
+        elif not self.flushing:
             self.flushing = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_later(FLUSH_DELAY, self._timed_flush)
 
     @staticmethod
     def _client(s: Any) -> str:
@@ -271,9 +280,12 @@ class AccessLog:
         return f"<134>1 {stamp} {self.hostname} foobar_lb {self.pid} - - {text}".encode(
             "latin-1", "replace")
 
-    def flush(self) -> None:
-        """Hand what is buffered over to the writer (once per loop iteration)."""
+    def _timed_flush(self) -> None:
         self.flushing = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand what is buffered over to the writer."""
         lines = self.lines
         if not lines:
             return
