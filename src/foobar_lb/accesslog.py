@@ -2,9 +2,10 @@
 
 Rules of this module:
 - with no access log configured nothing here runs per request: the proxy checks one attribute
-  (`Route.alog`, `Frontend.alog`: None) where a request ends; the one cost every request pays is
-  its `X-Request-ID` (`RID_LINE` + a hexadecimal counter: a per-process random prefix, no
-  system call, no formatting beyond `b"%x"`);
+  (`Route.alog`, `Frontend.alog`: None) where a request ends; what every request pays is its
+  `X-Request-ID` (`RID_LINE` + a hexadecimal counter: a per-process random prefix, no system
+  call, no formatting beyond `b"%x"`) and the few fields its `Exchange` keeps as it goes (the
+  times `t_queue`, `t_connect`, `t_head`, and `bytes_out`), which the log reads at the end;
 - a line is formatted in the event loop when its request ends, appended to a list, and the
   list handed over to this worker's ONE writer thread, through a `queue.SimpleQueue` (its `put`
   never blocks and takes no lock the loop could wait on), at most `FLUSH_DELAY` after its first
@@ -80,7 +81,6 @@ class _Writer(threading.Thread):
         self.fd: int | None = None
         self.sock: socket.socket | None = None
         self.errors = 0
-        self.last_error = ""
 
     def _open(self) -> None:
         cfg = self.cfg
