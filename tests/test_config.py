@@ -86,7 +86,25 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "{file}: cannot read: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
     ("unknown-top-level-key", "frontend = {}\n" + FE + BE,
      "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends, admin, "
-     "alerts"),
+     "alerts, log"),
+    # the access log (issue 13)
+    ("log-unknown-key", '[log]\nacces = "stdout"\n' + FE + BE,
+     "{file}: log.acces: unknown key; expected one of access, format, buffer, syslog_format"),
+    ("log-format", '[log]\naccess = "stdout"\nformat = "xml"\n' + FE + BE,
+     '{file}: log.format = "xml": expected one of "text", "json"'),
+    ("log-syslog-without-port", '[log]\naccess = "syslog:loghost"\n' + FE + BE,
+     '{file}: log.access = "syslog:loghost": expected "stdout", "stderr", a file path, or '
+     '"syslog:HOST:PORT" (like "syslog:127.0.0.1:514")'),
+    ("log-access-empty", '[log]\naccess = ""\n' + FE + BE,
+     '{file}: log.access = "": expected "stdout", "stderr", a file path, or '
+     '"syslog:HOST:PORT" (like "syslog:127.0.0.1:514")'),
+    ("log-access-directory", '[log]\naccess = "/var/log/"\n' + FE + BE,
+     '{file}: log.access = "/var/log/": expected a file path, not a directory (or "stdout", '
+     '"stderr", a file path, or "syslog:HOST:PORT" (like "syslog:127.0.0.1:514"))'),
+    ("log-buffer-tiny", '[log]\naccess = "stdout"\nbuffer = 10\n' + FE + BE,
+     "{file}: log.buffer = 10: expected a size from 256 bytes to 1g"),
+    ("log-syslog-format", '[log]\naccess = "syslog:127.0.0.1:514"\nsyslog_format = "gelf"\n'
+     + FE + BE, '{file}: log.syslog_format = "gelf": expected one of "rfc5424", "rfc3164"'),
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "

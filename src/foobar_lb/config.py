@@ -34,6 +34,7 @@ __all__ = [
     "GlobalConfig",
     "HeaderRules",
     "Limits",
+    "LogConfig",
     "RateLimit",
     "Rule",
     "ServerConfig",
@@ -336,6 +337,19 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """`[log]`: the access log (accesslog.py). `access`: None (off), "stdout", "stderr", a
+    file path, or "syslog:host:port" (then `syslog_host`/`syslog_port` are set)."""
+
+    access: str | None = None
+    format: str = "text"  # "text" or "json"
+    buffer: int = 1 << 20  # bytes of lines a worker holds for its writer; beyond: dropped, counted
+    syslog_format: str = "rfc5424"  # or "rfc3164"
+    syslog_host: str | None = None
+    syslog_port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     frontends: Mapping[str, FrontendConfig]
     backends: Mapping[str, BackendConfig]
@@ -343,15 +357,17 @@ class Config:
     source: str | None = None  # the file it came from, for messages
     admin: AdminConfig | None = None  # None: no admin listener
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
         return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
-                                  self.source, self.admin, self.alerts))
+                                  self.source, self.admin, self.alerts, self.log))
 
 
-def _rebuild_config(frontends, backends, settings, source, admin=None, alerts=None) -> Config:
+def _rebuild_config(frontends, backends, settings, source, admin=None, alerts=None,
+                    log=None) -> Config:
     return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source,
-                  admin, alerts or AlertsConfig())
+                  admin, alerts or AlertsConfig(), log or LogConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1042,6 +1058,50 @@ def _alerts(value: Any, path: str) -> AlertsConfig:
     )
 
 
+_LOG_KEYS = ("access", "format", "buffer", "syslog_format")
+_ACCESS_EXPECTED = ('"stdout", "stderr", a file path, or "syslog:HOST:PORT" '
+                    '(like "syslog:127.0.0.1:514")')
+
+
+def _access(value: Any, path: str) -> tuple[str, str | None, int]:
+    """An access log destination: (access, syslog host, syslog port)."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _bad(path, value, _ACCESS_EXPECTED)
+    if value in ("stdout", "stderr"):
+        return value, None, 0
+    if value.startswith("syslog:"):
+        try:
+            addr = parse_address(value[len("syslog:"):], allow_any_host=False,
+                                 allow_port_zero=False)
+        except ValueError:
+            raise _bad(path, value, _ACCESS_EXPECTED) from None
+        return value, addr.host, addr.port
+    if value.endswith("/"):
+        raise _bad(path, value, "a file path, not a directory (or " + _ACCESS_EXPECTED + ")")
+    return value, None, 0
+
+
+def _log(value: Any, path: str) -> LogConfig:
+    t = _Table(value, path, _LOG_KEYS)
+    d = LogConfig()
+    access, host, port = t.get("access", _access, (None, None, 0))
+
+    def buffer(raw: Any, p: str) -> int:
+        n = _size(raw, p)
+        if not 256 <= n <= 1 << 30:
+            raise _bad(p, raw, "a size from 256 bytes to 1g")
+        return n
+
+    return LogConfig(
+        access=access,
+        format=t.get("format", _choice(("text", "json")), d.format),
+        buffer=t.get("buffer", buffer, d.buffer),
+        syslog_format=t.get("syslog_format", _choice(("rfc5424", "rfc3164")), d.syslog_format),
+        syslog_host=host,
+        syslog_port=port,
+    )
+
+
 def _named_tables(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(path, value, "a table of named sections")
@@ -1058,9 +1118,10 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
     algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
         top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin",
-                                      "alerts"))
+                                      "alerts", "log"))
         d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
+        log = top.get("log", _log, LogConfig())
         backends = {
             name: _backend(name, raw, f"backends.{name}", d, algos)
             for name, raw in top.need("backends", _named_tables, "a [backends.NAME] section").items()
@@ -1085,6 +1146,7 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
             source=source,
             admin=admin,
             alerts=top.get("alerts", _alerts, AlertsConfig()),
+            log=log,
         )
     except ConfigError as e:
         e.source = source

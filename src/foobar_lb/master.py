@@ -49,6 +49,7 @@ from .shared import (
     F_CLIENT_REFUSED,
     F_CONNECTIONS,
     F_DENIED,
+    F_LOG_DROPPED,
     F_RATE_LIMITED,
     S_FAILURES,
     S_REQUESTS,
@@ -160,6 +161,7 @@ class Master:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_stop_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
             if self.pid_file is not None:
                 self.pid_file.write_text(f"{os.getpid()}\n")
                 await self._start_control()
@@ -443,6 +445,11 @@ class Master:
                 out.append(f"frontend {fe.name}: backend {be.name} has no server up ({why})")
         return out
 
+    def _on_usr1(self) -> None:
+        """Log rotation: every worker opens its access log file again (by its name)."""
+        log.info("SIGUSR1: reopening the access log")
+        self._broadcast(("reopen",))
+
     # -- reload ---------------------------------------------------------------------------------
     def _on_hup(self) -> None:
         self.spawn(self.reload())
@@ -609,6 +616,7 @@ class Master:
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
                 "rate_limited": t[off + F_RATE_LIMITED],
                 "client_refused": t[off + F_CLIENT_REFUSED],
+                "log_dropped": t[off + F_LOG_DROPPED],
             }
         backends = {}
         for be in self.built.backends.values():

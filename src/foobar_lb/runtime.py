@@ -186,7 +186,10 @@ class LoadBalancer:
         self.alerts.pause()  # servers stopped on purpose are no news
         await serving.stop()
         self.checks.stop()
-        await serving.finish(self.loop.time() + grace)
+        cut, requests = await serving.finish(self.loop.time() + grace)
+        if cut:
+            log.warning("the grace period ended: cut %d request%s in flight and %d connection%s",
+                        requests, "" if requests == 1 else "s", cut, "" if cut == 1 else "s")
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
         await self.alerts.close()
