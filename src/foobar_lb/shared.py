@@ -39,6 +39,7 @@ F_1XX = 1  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx (requests
 F_DENIED = 6  # connections refused at accept by allow/deny (or a PROXY header not allowed)
 F_RATE_LIMITED = 7  # requests answered 429 by the frontend's rate_limit
 F_CLIENT_REFUSED = 8  # connections closed at accept by max_client_connections
+F_LOG_DROPPED = 15  # access log lines dropped: the worker's log buffer was full (accesslog.py)
 F_SIZE = 16
 
 COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used

@@ -118,6 +118,9 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
                 early.append(msg)
             else:
                 apply(msg)
+        elif msg[0] == "reopen":  # SIGUSR1 to the master: log rotation
+            if serving is not None:
+                serving.reopen_log()
         else:  # drain, stop or abort
             commands.put_nowait(msg)
 
@@ -138,6 +141,7 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
     await serving.listen(socks, init["backlog"])
     loop.add_signal_handler(signal.SIGTERM, commands.put_nowait, ("stop", config.settings.grace))
+    loop.add_signal_handler(signal.SIGUSR1, serving.reopen_log)  # (sent to a worker itself)
     channel.send(("ready", os.getpid()))
     msg = await commands.get()
     while msg[0] != "abort":
@@ -151,21 +155,24 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
         await asyncio.wait([finishing, getting], return_when=asyncio.FIRST_COMPLETED)
         if finishing.done():
             getting.cancel()
-            cut = finishing.result()
-            if cut:
-                log.warning("%d connections cut: the %s period ended", cut,
-                            "hard_stop_after" if kind == "drain" else "grace")
+            _say_cut(*finishing.result(), "the %s period ended" % (
+                "hard_stop_after" if kind == "drain" else "grace"))
             break
         finishing.cancel()
         msg = getting.result()  # a stop during a drain, or an abort
     else:
-        cut = serving.abort()
-        if cut:
-            log.warning("%d connections cut: stopped at once", cut)
+        _say_cut(*serving.abort(), "stopped at once")
     serving.close()
     channel.close()
     await asyncio.sleep(0)
     return 0
+
+
+def _say_cut(connections: int, requests: int, why: str) -> None:
+    if connections:
+        log.warning("%s: cut %d request%s in flight and %d connection%s", why, requests,
+                    "" if requests == 1 else "s", connections,
+                    "" if connections == 1 else "s")
 
 
 _RUNTIME = frozenset(("admin", "weight", "add", "remove"))

@@ -53,6 +53,7 @@ class Exchange:
         "backend",
         "body_size",
         "buffering",
+        "bytes_out",
         "chunked",
         "complete",
         "conn",
@@ -76,8 +77,16 @@ class Exchange:
         "route",
         "s",
         "server",
+        # (these are set where they happen, not in __init__: the access log reads them with getattr)
+        "status",  # a response cut short: the status that went out
         "t0",
+        "t_connect",  # the server connection was ready (attach)
+        "t_head",  # the response head arrived
+        "t_queue",  # a server was assigned (the last attempt's)
+        "t_wait",  # the request began waiting in a backend queue
+        "term",  # the access log's termination state, once logged
         "trailers",
+        "tried",  # the last server whose slot was given back
         "upgrade",
         "url",
     )
@@ -109,12 +118,14 @@ class Exchange:
         self.buffering = 0  # 1: a body to buffer before a server is engaged; 2: and 100 to send
         self.got_response = False  # a byte of the response arrived from the server
         self.responded = False  # a byte of the response went to the client
+        self.bytes_out = 0  # bytes of the response that went to the client
 
     # -- the client side's calls ----------------------------------------------------------------
     def attach(self, conn: UpstreamHttp, now: float) -> None:
         """A connected server connection takes this request: the head (and any body held for
         it) goes out now."""
         self.conn = conn
+        self.t_connect = now
         conn.take(self, now)
         head = self.head
         if self.needs_host:
@@ -186,6 +197,7 @@ class Exchange:
         server = self.server
         if server is not None:
             self.server = None
+            self.tried = server
             self.backend.release(server)
 
     def pause_server(self) -> None:
@@ -215,10 +227,15 @@ class Exchange:
         if t is None or t.is_closing():
             return
         if len(out) == 1:
-            t.write(out[0])
+            data = out[0]
+            self.bytes_out += len(data)
+            t.write(data)
         elif len(out[-1]) < 8192:
-            t.write(b"".join(out))
+            data = b"".join(out)
+            self.bytes_out += len(data)
+            t.write(data)
         else:
+            self.bytes_out += sum(map(len, out))
             t.writelines(out)
 
     def close_client_after(self) -> None:
@@ -229,6 +246,8 @@ class Exchange:
         """The whole response went to the client; `conn` has unlinked itself."""
         if self.conn is conn:
             self.conn = None
+        if self.route.alog is not None:  # (the access log: off, this is all it costs)
+            self.route.alog(self, conn.status, "--")
         self.s.response_done(self, conn.last_rx)
 
     def fail(self, conn: UpstreamHttp, reason: str, timeout: bool = False) -> None:
@@ -236,6 +255,8 @@ class Exchange:
         unlinked itself. The client session retries or answers."""
         if self.conn is conn:
             self.conn = None
+        if self.responded:
+            self.status = conn.status  # (for the access log)
         self.s.attempt_failed(self, conn.reused, reason, connected=True, timeout=timeout)
 
     def pause_client(self) -> None:

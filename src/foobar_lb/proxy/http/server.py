@@ -265,6 +265,7 @@ class UpstreamHttp(LazyTimer):
         body: counted, sent, and the connection freed, as `on_headers_complete` and
         `on_message_complete` would."""
         head, _, status = hit
+        r.t_head = self.last_rx
         fe = r.route.fe
         fe.ctr[fe.cls0 + status // 100] += 1
         srv = r.server
@@ -347,6 +348,7 @@ class UpstreamHttp(LazyTimer):
             self.body_off = -1
             return
         self.status = status
+        r.t_head = self.last_rx
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
         fe = r.route.fe
