@@ -11,15 +11,16 @@ Toxics (what a connection through the proxy gets):
 - `reset_after = n`: after `n` bytes of the server's answer were forwarded (0: when its first
   byte comes), both sides are reset (SO_LINGER 0, then close: an RST, not a FIN);
 - `never_answer = True`: accepted, the client's bytes read and dropped, nothing written, no
-  server connection made;
+  server connection made; on a connection open already, bytes both ways are dropped from then
+  on (the server is not told);
 - `close_now = True`: accepted and closed at once (a FIN, before any byte is read);
 - `slow_close = s`: when the server closes, the client's side is closed `s` seconds later;
 - `stall_after = n`: `n` bytes of the server's answer are forwarded, then nothing more (both
   sides stay open until a toxic changes or the client goes);
 - `half_open = True`: the client's bytes reach the server, the server's answer is read and
   dropped: the server did the work, the client never hears of it.
-Connection-level toxics (`never_answer`, `close_now`) apply to connections accepted after the
-change; the others to the next chunk of every open connection.
+`close_now` applies to connections accepted after the change; the others to the next chunk of
+every open connection too.
 
 Rules of this module: it parses nothing (it is below HTTP); it only ever ends connections it
 accepted or opened itself; `stop()` ends all of them and the listener; counters (`accepted`,
@@ -167,7 +168,7 @@ class FaultProxy:
                 if not data:
                     # the client closed: passed on; a server whose answer goes nowhere (stalled,
                     # dropped) is let go, as a real server would be by its peer's close
-                    if conn.stalled or self.half_open:
+                    if conn.stalled or self.half_open or self.never_answer:
                         conn.down.cancel()
                     elif not up_w.transport.is_closing() and up_w.can_write_eof():
                         up_w.write_eof()
@@ -176,6 +177,8 @@ class FaultProxy:
                     await asyncio.sleep(self.latency)
                 if conn.done:
                     return
+                if self.never_answer:
+                    continue  # dropped
                 up_w.write(data)
                 await up_w.drain()
         except (OSError, ConnectionError):
@@ -196,7 +199,7 @@ class FaultProxy:
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 while data:
-                    if self.half_open:
+                    if self.half_open or self.never_answer:
                         break  # read and dropped
                     limit = self.reset_after
                     if limit is not None and conn.sent + len(data) > limit:
