@@ -19,12 +19,19 @@ by the proxy's own parser. Outcomes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import shutil
+import signal
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from faultproxy import FaultProxy, rst_close
-from procs import LbProcess
+from procs import LbProcess, load
 
 from support import (
     LOOPBACK,
@@ -288,3 +295,147 @@ async def test_a_client_that_closes_is_taken_for_a_half_close_bounded_by_timeout
                 no_traceback(lb)
         finally:
             release.set()
+
+
+# -- one of two servers killed under load (the issue's numbered test) ----------------------------
+
+SERVER_SCRIPT = str(Path(__file__).with_name("support.py"))  # the default answer, one write
+
+
+async def server_process(name: str) -> tuple[asyncio.subprocess.Process, int]:
+    """A scripted server as its own process (its answers are under 100 bytes, one write)."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(sys.executable, SERVER_SCRIPT, name, str(port),
+                                                stdout=asyncio.subprocess.PIPE)
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert line.startswith(b"listening"), line
+    return proc, port
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
+
+
+@dataclass
+class Figure:
+    requests: int = 0
+    socket_errors: int = 0
+    non_2xx: int = 0
+    p99: str = ""
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return (f"{self.requests} requests, {self.socket_errors} socket errors, "
+                f"{self.non_2xx} non-2xx, p99 {self.p99 or '?'} ({self.detail})")
+
+
+async def bounded_load(port: int, seconds: float = 8.0, conns: int = 20) -> Figure:
+    """wrk (keep-alive, `--latency`) when installed, else procs.load: the exact counts of
+    socket errors and non-2xx responses."""
+    if shutil.which("wrk"):
+        p = await asyncio.create_subprocess_exec(
+            "wrk", "-t2", f"-c{conns}", f"-d{round(seconds)}s", "--latency", "--timeout", "5s",
+            f"http://{LOOPBACK}:{port}/", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), seconds + 30)
+        text = out.decode()
+        fig = Figure(detail="wrk")
+        m = re.search(r"(\d+) requests in", text)
+        assert m is not None, f"wrk said: {text} {err.decode()}"
+        fig.requests = int(m.group(1))
+        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+        fig.socket_errors = sum(map(int, m.groups())) if m else 0
+        if m:
+            fig.detail += ": " + m.group(0)
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        fig.non_2xx = int(m.group(1)) if m else 0  # (the servers answer nothing but 200)
+        m = re.search(r"^\s*99%\s+(\S+)", text, re.M)
+        fig.p99 = m.group(1) if m else ""
+        return fig
+    res = await load(port, connections=conns, requests=10**9, seconds=seconds,
+                     fresh_every=10**9)  # every connection but the first kept alive
+    non_2xx = sum(n for s, n in res.statuses.items() if not 200 <= s < 300)
+    return Figure(res.ok + res.errors, res.errors - non_2xx, non_2xx, "",
+                  f"procs.load: {dict(res.failed)}")
+
+
+async def kill_one_under_load(port: int, victim: asyncio.subprocess.Process) -> Figure:
+    running = asyncio.ensure_future(bounded_load(port))
+    await asyncio.sleep(3.0)  # (into the load: this times the fault, it orders no event)
+    victim.send_signal(signal.SIGKILL)
+    return await running
+
+
+async def test_sigkill_of_one_of_two_servers_under_load_loses_no_request(tmp_path):
+    procs = [await server_process("p0"), await server_process("p1")]
+    check = {"inter": "200ms", "fall": 2, "rise": 2}
+    try:
+        port = free_port()
+        cfg = config(port, [{"name": f"s{i}", "address": f"{LOOPBACK}:{p}"}
+                            for i, (_, p) in enumerate(procs)], check=check)
+        cfg["global"]["workers"] = 2
+        async with LbProcess(tmp_path, cfg) as lb:
+            ours = await kill_one_under_load(port, procs[0][0])
+            stats = await lb.stats()
+            s0 = stats["backends"]["app"]["servers"]["s0"]
+            no_traceback(lb)
+        print(f"\nSIGKILL of one of two servers, c=20 8s keep-alive: foobar_lb {ours}; "
+              f"s0 {s0['failures']} failed attempts")
+        assert ours.requests > 1000
+        assert (ours.socket_errors, ours.non_2xx) == (0, 0), str(ours)
+        # the kill hit traffic: attempts on s0 failed (and went again to s1)
+        assert s0["state"] == "down" and s0["requests"] > 0 and s0["failures"] > 0, s0
+    finally:
+        for proc, _ in procs:
+            await stop_process(proc)
+    if shutil.which("haproxy"):
+        print(f"SIGKILL of one of two servers, c=20 8s keep-alive: HAProxy "
+              f"{await haproxy_kill_figure(tmp_path)}")
+
+
+async def haproxy_kill_figure(tmp_path: Path) -> Figure:
+    """The same scenario against HAProxy (retries 3, option redispatch, retry-on
+    all-retryable-errors, the same checks); its figure is printed, not asserted."""
+    procs = [await server_process("p0"), await server_process("p1")]
+    port = free_port()
+    conf = tmp_path / "haproxy-kill.cfg"
+    conf.write_text(f"""
+global
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 10s
+    retries 3
+    option redispatch
+    retry-on all-retryable-errors
+frontend www
+    bind {LOOPBACK}:{port}
+    default_backend app
+backend app
+    balance roundrobin
+    server s0 {LOOPBACK}:{procs[0][1]} check inter 200ms fall 2 rise 2
+    server s1 {LOOPBACK}:{procs[1][1]} check inter 200ms fall 2 rise 2
+""")
+    proc = await asyncio.create_subprocess_exec(
+        "haproxy", "-db", "-f", str(conf), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await raw_exchange(LOOPBACK, port, get(close=True), timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "haproxy did not start"
+                await asyncio.sleep(0.05)
+        return await kill_one_under_load(port, procs[0][0])
+    finally:
+        await stop_process(proc)
+        for p, _ in procs:
+            await stop_process(p)
