@@ -439,3 +439,34 @@ backend app
         await stop_process(proc)
         for p, _ in procs:
             await stop_process(p)
+
+
+# -- slow but alive, and silent in the middle of a head -------------------------------------------
+
+
+async def test_a_slow_but_steady_server_is_not_cut_by_timeout_server(tmp_path):
+    """`timeout.server` is for silence: a response trickling at 4 KiB a second for 4 s (and
+    100 ms of latency each way) arrives whole with a 1 s timeout."""
+    async with ScriptedServer("a", answer_cl) as a, \
+            FaultProxy(a.address, bandwidth=4096, latency=0.1) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address}], timeout={"server": "1s"})
+        async with LbProcess(tmp_path, cfg) as lb:
+            raw = await raw_exchange(LOOPBACK, port, get("/big", close=True), timeout=15)
+            (resp,) = parse_responses(raw)
+            assert resp.status == 200 and resp.body == BODY
+            no_traceback(lb)
+
+
+async def test_a_server_silent_in_the_middle_of_its_head_is_504_at_timeout_server(tmp_path):
+    async with ScriptedServer("a", answer_cl) as a, FaultProxy(a.address, stall_after=20) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address}], timeout={"server": "1s"})
+        async with LbProcess(tmp_path, cfg) as lb:
+            t0 = time.monotonic()
+            raw = await raw_exchange(LOOPBACK, port, get("/big", close=True), timeout=5)
+            (resp,) = parse_responses(raw)
+            assert resp.status == 504  # a late answer, as when no byte came
+            assert 0.9 <= time.monotonic() - t0 < 2.5
+            await until(lambda: pa.open == 0, what="the silent server connection closed")
+            no_traceback(lb)

@@ -750,12 +750,12 @@ class HttpSession(ClientSide):
                 alog(r, _status(r), "sD" if timeout else "SD")
             self._abort()  # part of the response went out: the client must see it broke
             return
-        if r.got_response:
-            self._send_error(r, 502, "sH" if timeout else (
-                "PH" if "invalid" in reason or "too large" in reason else "SH"))
-            return
-        if timeout:
+        if timeout:  # no response head within timeout.server (part of one may have come)
             self._send_error(r, 504, "sH")
+            return
+        if r.got_response:
+            self._send_error(r, 502, "PH" if "invalid" in reason or "too large" in reason
+                             else "SH")
             return
         if stale and replayable and server is not None:
             # a pooled connection the server had closed meanwhile: not the server's fault and
