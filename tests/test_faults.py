@@ -77,14 +77,17 @@ def no_traceback(lb: LbProcess) -> None:
 # -- reset before any response byte ---------------------------------------------------------------
 
 
-async def test_reset_before_any_response_byte_get_retried_post_502(tmp_path):
+@pytest.mark.parametrize("toxic", [{"reset_after": 0}, {"close_now": True}])
+async def test_reset_before_any_response_byte_get_retried_post_502(tmp_path, toxic):
+    """reset_after=0: the server reads the request, its connection is reset as it answers;
+    close_now: the server's connection closes (FIN) before it reads anything."""
     async with ScriptedServer("a") as a, ScriptedServer("b") as b, \
             FaultProxy(a.address) as pa, FaultProxy(b.address) as pb:
         port = free_port()
         cfg = config(port, [{"name": "a", "address": pa.address},
                             {"name": "b", "address": pb.address}])
         async with LbProcess(tmp_path, cfg) as lb:
-            pa.set(reset_after=0)  # a reads the request, its connection is reset as it answers
+            pa.set(**toxic)
             for i in range(4):
                 async with RawClient(LOOPBACK, port) as c:
                     await c.send(get(f"/get{i}"))
@@ -94,19 +97,26 @@ async def test_reset_before_any_response_byte_get_retried_post_502(tmp_path):
                     (_, resp) = await c.read_responses(2)
                     assert resp.status == 200 and resp.header("x-server") == "b"
                     assert await c.closed()
-            # round robin offered a some of them: each reached it once and went again to b
+            # round robin offered a some of them: each reached it once at most, and went
+            # again to b
             hit_a = [r.url for r in a.requests]
-            assert hit_a and len(set(hit_a)) == len(hit_a) == pa.resets
+            if "reset_after" in toxic:
+                assert hit_a and len(set(hit_a)) == len(hit_a) == pa.resets
+            else:
+                assert hit_a == [] and pa.accepted > 0
             assert sorted(r.url for r in b.requests) == sorted(
                 [f"/get{i}" for i in range(4)] + [f"/again{i}" for i in range(4)])
             # a POST: delivered once, never replayed; its client gets 502
-            pb.set(reset_after=0)
+            pb.set(**toxic)
             raw = await raw_exchange(LOOPBACK, port, b"POST /pay HTTP/1.1\r\nHost: x\r\n"
                                                      b"Content-Length: 5\r\n\r\nhello")
             (resp,) = parse_responses(raw)
             assert resp.status == 502
             posts = [r for s in (a, b) for r in s.requests if r.method == "POST"]
-            assert [(r.url, r.body) for r in posts] == [("/pay", b"hello")]
+            if "reset_after" in toxic:  # delivered once, its answer lost
+                assert [(r.url, r.body) for r in posts] == [("/pay", b"hello")]
+            else:  # never delivered (we cannot know that: 502 all the same)
+                assert posts == []
             # healed, both serve again on fresh connections (a reset one is gone for good)
             pa.heal()
             pb.heal()
@@ -117,6 +127,28 @@ async def test_reset_before_any_response_byte_get_retried_post_502(tmp_path):
                 assert resp.status == 200
                 seen.add(resp.header("x-server"))
             assert seen == {"a", "b"}
+            no_traceback(lb)
+
+
+async def test_a_server_broken_and_healed_under_load_fails_no_get(tmp_path):
+    """The fault switched at run time in the middle of a bounded load: while a resets every
+    answer, its GETs go again to b; healed, a serves again."""
+    async with ScriptedServer("a") as a, ScriptedServer("b") as b, \
+            FaultProxy(a.address) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address},
+                            {"name": "b", "address": b.address}])
+        async with LbProcess(tmp_path, cfg) as lb:
+            running = asyncio.ensure_future(load(port, connections=10, requests=3000,
+                                                 seconds=60))
+            await until(lambda: len(a.requests) > 300, timeout=30, what="a serving")
+            pa.set(reset_after=0)
+            await until(lambda: pa.resets >= 100, timeout=30, what="a breaking")
+            broken_at = len(a.requests)
+            pa.heal()
+            res = await running
+            assert (res.ok, res.errors) == (3000, 0), dict(res.failed)
+            assert len(a.requests) > broken_at  # a serves again once healed
             no_traceback(lb)
 
 
@@ -217,16 +249,39 @@ async def test_never_answered_is_504_at_timeout_server_and_counted_as_the_server
                 took = time.monotonic() - t0
                 assert resp.status == 504
                 assert 0.9 <= took < 2.5
-                # the client connection goes on; a is down (layer7, error_limit 1): 503 at once
+                # counted as a's failure: layer7 observation, error_limit 1, so a is down (the
+                # master decides: awaited there, then its workers know)
+                srv = {}
+                deadline = time.monotonic() + 5
+                while srv.get("state") != "down" and time.monotonic() < deadline:
+                    srv = (await lb.stats())["backends"]["app"]["servers"]["a"]
+                assert (srv["state"], srv["requests"], srv["failures"]) == ("down", 3, 1)
+                # the client connection goes on: with nothing up, 503 at once
                 await c.send(get("/after"))
                 (_, resp) = await c.read_responses(2)
                 assert resp.status == 503
-            stats = await lb.stats()
-            srv = stats["backends"]["app"]["servers"]["a"]
-            assert (srv["requests"], srv["failures"]) == (3, 1)
-            assert srv["state"] == "down"  # layer7 observation: one late answer, error_limit 1
             await until(lambda: pa.open == 0, what="the silent server connection closed")
             assert "/slow" not in [r.url for r in a.requests]  # it never reached a
+            no_traceback(lb)
+
+
+async def test_a_post_whose_answer_is_lost_is_504_and_delivered_once(tmp_path):
+    """half-open: the server gets the POST and answers, the answer never comes back; the POST
+    is not sent again (to it or to another server)."""
+    async with ScriptedServer("a") as a, ScriptedServer("b") as b, \
+            FaultProxy(a.address, half_open=True) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address},
+                            {"name": "b", "address": b.address, "backup": True}],
+                     timeout={"server": "1s"})
+        async with LbProcess(tmp_path, cfg) as lb:
+            raw = await raw_exchange(LOOPBACK, port, b"POST /pay HTTP/1.1\r\nHost: x\r\n"
+                                                     b"Content-Length: 5\r\n\r\nhello")
+            (resp,) = parse_responses(raw)
+            assert resp.status == 504
+            assert [(r.url, r.body) for r in a.requests] == [("/pay", b"hello")]
+            assert b.requests == []
+            await until(lambda: pa.open == 0, what="the server connection closed")
             no_traceback(lb)
 
 
