@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -68,6 +69,11 @@ async def until(pred, timeout: float = 5.0, what: str = "") -> None:
 def get(path: str = "/", close: bool = False) -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (
         path.encode(), b"Connection: close\r\n" if close else b"")
+
+
+def descriptors(lb: LbProcess) -> int:
+    """Open descriptors of the proxy's master and every worker (not this test process's)."""
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in [lb.pid, *lb.workers()])
 
 
 def no_traceback(lb: LbProcess) -> None:
@@ -132,13 +138,15 @@ async def test_reset_before_any_response_byte_get_retried_post_502(tmp_path, tox
 
 async def test_a_server_broken_and_healed_under_load_fails_no_get(tmp_path):
     """The fault switched at run time in the middle of a bounded load: while a resets every
-    answer, its GETs go again to b; healed, a serves again."""
+    answer, its GETs go again to b; healed, a serves again. No descriptor is left behind."""
     async with ScriptedServer("a") as a, ScriptedServer("b") as b, \
             FaultProxy(a.address) as pa:
         port = free_port()
         cfg = config(port, [{"name": "a", "address": pa.address},
-                            {"name": "b", "address": b.address}])
+                            {"name": "b", "address": b.address}], pool_idle_timeout="300ms")
         async with LbProcess(tmp_path, cfg) as lb:
+            await until(lambda: len(lb.workers()) == 1, what="the worker")
+            baseline = descriptors(lb)
             running = asyncio.ensure_future(load(port, connections=10, requests=3000,
                                                  seconds=60))
             await until(lambda: len(a.requests) > 300, timeout=30, what="a serving")
@@ -149,6 +157,10 @@ async def test_a_server_broken_and_healed_under_load_fails_no_get(tmp_path):
             res = await running
             assert (res.ok, res.errors) == (3000, 0), dict(res.failed)
             assert len(a.requests) > broken_at  # a serves again once healed
+            # every client and server connection closed (idle pooled ones after 300 ms)
+            await until(lambda: descriptors(lb) == baseline, timeout=5,
+                        what=f"descriptors back to {baseline}")
+            assert pa.open == 0 and a.open_connections == b.open_connections == 0
             no_traceback(lb)
 
 
