@@ -537,3 +537,25 @@ async def test_a_server_silent_in_the_middle_of_its_head_is_504_at_timeout_serve
             assert 0.9 <= time.monotonic() - t0 < 2.5
             await until(lambda: pa.open == 0, what="the silent server connection closed")
             no_traceback(lb)
+
+
+async def test_a_server_slow_to_close_after_its_answer_delays_nobody(tmp_path):
+    """`Connection: close` and a FIN held back 3 s: the response is complete at its length, the
+    client gets it at once and its connection goes on; the server connection is not reused."""
+    async def closing(req: Request) -> bytes:
+        return http_response(200, b"bye " + req.url.encode(), [("X-Server", "a")], close=True)
+
+    async with ScriptedServer("a", closing) as a, FaultProxy(a.address, slow_close=3.0) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address}])
+        async with LbProcess(tmp_path, cfg) as lb:
+            t0 = time.monotonic()
+            async with RawClient(LOOPBACK, port) as c:
+                await c.send(get("/1"))
+                await c.read_responses(1)
+                await c.send(get("/2"))
+                (r1, r2) = await c.read_responses(2)
+            assert (r1.body, r2.body) == (b"bye /1", b"bye /2")
+            assert time.monotonic() - t0 < 1.5
+            assert [r.conn_id for r in a.requests] == [1, 2]
+            no_traceback(lb)
