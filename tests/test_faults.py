@@ -12,8 +12,13 @@ by the proxy's own parser. Outcomes:
   is closed;
 - accepted and never answered: 504 at `timeout.server`, counted as the server's failure
   (`observe = "layer7"`);
-- slower than the client's patience: when the client leaves, the server connection is closed
-  and its slot given back (a maxconn=1 server serves the next request at once).
+- slower than the client's patience: when the client leaves (a reset), the server connection is
+  closed and its slot given back at once (a maxconn=1 server serves the next request); a FIN is
+  taken for a half-close, so the request stands until the server answers or `timeout.server`;
+- a server silent in the middle of its head: 504 at `timeout.server`; in the middle of a body:
+  the response cut short; slow but steady: never cut; slow to send its FIN: delays nobody;
+- one of two server processes SIGKILLed under a bounded wrk load: no socket error, no non-2xx
+  (HAProxy 2.6's figure printed beside ours).
 """
 
 from __future__ import annotations
@@ -558,4 +563,26 @@ async def test_a_server_slow_to_close_after_its_answer_delays_nobody(tmp_path):
             assert (r1.body, r2.body) == (b"bye /1", b"bye /2")
             assert time.monotonic() - t0 < 1.5
             assert [r.conn_id for r in a.requests] == [1, 2]
+            no_traceback(lb)
+
+
+async def test_a_client_that_leaves_in_the_middle_of_a_stalled_body_frees_the_server_at_once(
+        tmp_path):
+    async with ScriptedServer("a", answer_cl) as a, FaultProxy(a.address, stall_after=3000) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address, "maxconn": 1}],
+                     timeout={"server": "30s"})
+        async with LbProcess(tmp_path, cfg) as lb:
+            r, w = await asyncio.open_connection(LOOPBACK, port)
+            w.write(get("/big"))
+            async with asyncio.timeout(5):
+                got = await r.readuntil(b"\r\n\r\n")
+                assert got.startswith(b"HTTP/1.1 200 ")
+                await r.read(1)  # body bytes came, then the server stalled
+            rst_close(w)
+            await until(lambda: pa.open == 0 and a.open_connections == 0, timeout=3,
+                        what="the stalled server connection closed when the client left")
+            pa.heal()
+            raw = await raw_exchange(LOOPBACK, port, get(close=True))
+            assert parse_responses(raw)[0].body == BODY  # the maxconn=1 slot was given back
             no_traceback(lb)
