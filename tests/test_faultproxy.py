@@ -94,7 +94,7 @@ async def test_latency_delays_each_way(backend):
         t0 = time.monotonic()
         w.write(b"hi\n")
         assert await read_n(r, len(ANSWER)) == ANSWER
-        assert time.monotonic() - t0 >= 0.4  # 0.2 there, 0.2 back
+        assert time.monotonic() - t0 >= 0.38  # 0.2 there, 0.2 back (timers are ms-coarse)
         w.close()
 
 
@@ -104,7 +104,7 @@ async def test_bandwidth_trickles_the_answer(backend):
         t0 = time.monotonic()
         w.write(b"hi\n")
         assert await read_n(r, len(ANSWER)) == ANSWER
-        assert time.monotonic() - t0 >= 0.2  # 100 bytes at 400 a second: 0.25 s
+        assert time.monotonic() - t0 >= 0.2  # 100 bytes at 400 a second: 0.25 s at least
         w.close()
 
 

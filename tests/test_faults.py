@@ -163,9 +163,9 @@ async def test_a_server_broken_and_healed_under_load_fails_no_get(tmp_path):
             assert (res.ok, res.errors) == (3000, 0), dict(res.failed)
             assert len(a.requests) > broken_at  # a serves again once healed
             # every client and server connection closed (idle pooled ones after 300 ms)
-            await until(lambda: descriptors(lb) == baseline, timeout=5,
-                        what=f"descriptors back to {baseline}")
-            assert pa.open == 0 and a.open_connections == b.open_connections == 0
+            await until(lambda: descriptors(lb) == baseline and pa.open == 0
+                        and a.open_connections == b.open_connections == 0, timeout=5,
+                        what=f"descriptors back to {baseline}, server connections closed")
             no_traceback(lb)
 
 
