@@ -33,6 +33,7 @@ __all__ = [
     "GlobalConfig",
     "HeaderRules",
     "Limits",
+    "MetricsConfig",
     "RateLimit",
     "Rule",
     "ServerConfig",
@@ -316,6 +317,19 @@ class AdminConfig:
     path: str = "admin"
 
 
+# the response, connect and queue time histograms' bucket bounds (seconds), by default:
+# Prometheus's default buckets with finer ones below 5ms (a load balancer's times are short)
+DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: what the counters shared by the workers record (always on)."""
+
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS  # histogram bounds in seconds, increasing
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     frontends: Mapping[str, FrontendConfig]
@@ -323,15 +337,17 @@ class Config:
     settings: GlobalConfig = field(default_factory=GlobalConfig)
     source: str | None = None  # the file it came from, for messages
     admin: AdminConfig | None = None  # None: no admin listener
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
         return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
-                                  self.source, self.admin))
+                                  self.source, self.admin, self.metrics))
 
 
-def _rebuild_config(frontends, backends, settings, source, admin=None) -> Config:
+def _rebuild_config(frontends, backends, settings, source, admin=None,
+                    metrics=None) -> Config:
     return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source,
-                  admin)
+                  admin, metrics or MetricsConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -983,7 +999,8 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
     algorithm names allowed (default: the built-in ones)."""
     algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
-        top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin"))
+        top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin",
+                                      "metrics"))
         d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
         backends = {
@@ -1009,11 +1026,35 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
             settings=settings,
             source=source,
             admin=admin,
+            metrics=top.get("metrics", _metrics, MetricsConfig()),
         )
     except ConfigError as e:
         e.source = source
         e.args = (e.line(),)
         raise
+
+
+_MAX_BUCKETS = 50
+
+
+def _metrics(value: Any, path: str) -> MetricsConfig:
+    t = _Table(value, path, ("buckets",))
+    return MetricsConfig(buckets=t.get("buckets", _buckets, DEFAULT_BUCKETS))
+
+
+def _buckets(value: Any, path: str) -> tuple[float, ...]:
+    expected = (f"a list of 1 to {_MAX_BUCKETS} increasing durations, like "
+                '["1ms", "5ms", "25ms", "100ms", "500ms", "2s"]')
+    if not isinstance(value, list) or not 1 <= len(value) <= _MAX_BUCKETS:
+        raise _bad(path, value, expected)
+    out: list[float] = []
+    for i, v in enumerate(value):
+        b = _duration(v, f"{path}[{i}]")
+        if b <= 0 or (out and b <= out[-1]):
+            raise _bad(f"{path}[{i}]", v, "a duration above 0 and above the one before it"
+                       if b > 0 else "a duration above 0")
+        out.append(b)
+    return tuple(out)
 
 
 def _admin(value: Any, path: str, source: str | None) -> AdminConfig:
