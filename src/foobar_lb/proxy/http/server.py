@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from typing import TYPE_CHECKING
 
 import httptools
 
+from ...shared import S_TIMEOUT_SERVER
 from ..base import LazyTimer
 from ..upstream import Pool
 from .exchange import Exchange
@@ -199,6 +201,8 @@ class UpstreamHttp(LazyTimer):
             self.close()
             return
         self.last_rx = self.loop.time()
+        server = self.server
+        server.ctr[server.o_bout] += len(data)
         if self.tunnel:
             r.to_client([data])
             return
@@ -265,8 +269,14 @@ class UpstreamHttp(LazyTimer):
         body: counted, sent, and the connection freed, as `on_headers_complete` and
         `on_message_complete` would."""
         head, _, status = hit
-        fe = r.route.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        server = self.server  # (counted as in on_headers_complete)
+        ctr = server.ctr
+        ctr[server.fcls[r.route.fi] + status // 100] += 1
+        r.t_head = t = self.last_rx
+        t -= r.t_connect
+        h = server.hrt
+        ctr[h + bisect_right(server.hb, t)] += 1
+        ctr[h + server.hn] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -349,8 +359,16 @@ class UpstreamHttp(LazyTimer):
         self.status = status
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
-        fe = r.route.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        # counted: the response's class, and the time since the request went out (the server's
+        # response time: HAProxy's Tr) in its histogram, at the loop time of this read
+        server = self.server
+        ctr = server.ctr
+        ctr[server.fcls[r.route.fi] + status // 100] += 1
+        r.t_head = t = self.last_rx
+        t -= r.t_connect
+        h = server.hrt
+        ctr[h + bisect_right(server.hb, t)] += 1
+        ctr[h + server.hn] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -438,5 +456,7 @@ class UpstreamHttp(LazyTimer):
             self.th_when = now + timeout if self.paused else when
             self.th = self.loop.call_at(self.th_when, self._on_timer)
             return
+        server = self.server
+        server.ctr[server.cbase + S_TIMEOUT_SERVER] += 1
         self.unlink()
         r.fail(self, "server timeout", timeout=True)
