@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -259,7 +259,7 @@ class Backend:
         if server is not None:
             ctr = server.ctr
             h = server.hqt
-            ctr[h + bisect_right(server.hb, waited)] += 1
+            ctr[h + bisect_left(server.hb, waited)] += 1
             ctr[h + server.hn] += int(waited * 1e6)
 
     def retried(self, server: Server, other: Server | None) -> None:

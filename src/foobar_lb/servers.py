@@ -118,7 +118,7 @@ class Server:
         # ctr[fcls[i] + status // 100]
         self.fcls: tuple[int, ...] | _Same = _Same(S_SIZE - 1)
         # histograms (shared.Layout.histogram): response, connect and queue times; their
-        # bucket bounds `hb` (seconds), the bucket of t at ctr[h + bisect_right(hb, t)], the
+        # bucket bounds `hb` (seconds), the bucket of t at ctr[h + bisect_left(hb, t)], the
         # sum (us) at ctr[h + hn]
         self.hb = DEFAULT_BUCKETS
         self.hn = len(DEFAULT_BUCKETS) + 1

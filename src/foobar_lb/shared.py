@@ -68,9 +68,10 @@ B_GAUGES = (B_QUEUED,)
 # Responses by class: 5 cells (1xx..5xx) per (frontend, backend, server), and per (frontend,
 # backend) for the proxy's own answers (server ""): see Layout.classes
 CLASSES = 5
-# Histograms: per (kind, backend, server), one cell per bucket (counts of that bucket alone:
-# `le` bounds[i-1] < x <= bounds[i]), one for +Inf, then the sum in microseconds; the count is
-# the buckets' sum (see Layout.histogram)
+# Histograms: per (kind, backend, server), one cell per bucket holding that bucket's count alone
+# (x in bucket i when bounds[i-1] < x <= bounds[i]: i = bisect_left(bounds, x), as Prometheus's
+# `le` is inclusive), one for +Inf, then the sum in microseconds; the count is the buckets' sum
+# (see Layout.histogram)
 HISTOGRAM_KINDS = ("response", "connect", "queue")
 
 COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_right
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from ..backend import ASSIGNED, QUEUED
@@ -149,7 +149,7 @@ class TcpSession(ClientSide):
         took = self.loop.time() - t
         ctr = server.ctr
         h = server.hct
-        ctr[h + bisect_right(server.hb, took)] += 1
+        ctr[h + bisect_left(server.hb, took)] += 1
         ctr[h + server.hn] += int(took * 1e6)
         if self.transport.is_closing():
             up.transport.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -686,7 +686,7 @@ class HttpSession(ClientSide):
         now = self.loop.time()
         ctr = server.ctr
         h = server.hct
-        ctr[h + bisect_right(server.hb, now - t)] += 1
+        ctr[h + bisect_left(server.hb, now - t)] += 1
         ctr[h + server.hn] += int((now - t) * 1e6)
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
             # the client went away, or its request was refused, meanwhile: a connection that
