@@ -26,11 +26,31 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from foobar_lb import config_from_dict
 from foobar_lb.build import build
-from foobar_lb.metrics import _Out, escape, percentile, prometheus_text
-from foobar_lb.shared import Counters, Layout
+from foobar_lb.metrics import View, _Out, escape, percentile, prometheus_text
+from foobar_lb.shared import (
+    B_QUEUED,
+    F_CURRENT,
+    S_CURRENT,
+    S_ECON,
+    S_ERESP,
+    S_REDISPATCHES,
+    S_RETRIES,
+    S_TIMEOUT_SERVER,
+    Counters,
+    Layout,
+)
 from procs import LbProcess
 
-from support import LOOPBACK, ScriptedServer, _ServerConn, free_port, http_response
+from support import (
+    LOOPBACK,
+    ScriptedServer,
+    _ServerConn,
+    free_port,
+    http_get,
+    http_response,
+    lb_config,
+    running_lb,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Reading /metrics
@@ -412,3 +432,66 @@ async def test_metrics_after_exactly_n_requests_through_two_workers(tmp_path) ->
                     assert [v for _, v in again] == [value], (name, labels)
             assert total(after, "foobar_lb_workers_started_total") == 3
     echo.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# In one process (the library): retries, redispatches, timeouts, the queue, a broken response
+
+
+def _lb_view(lb) -> View:
+    return View(lb.counters.cells[:lb.layout.cells].tolist(), lb.layout.offsets)
+
+
+async def test_retries_timeouts_queue_and_a_broken_response_are_counted() -> None:
+    dead = free_port()  # nothing listens: connection refused
+
+    async def answer(req) -> bytes | None:
+        if req.url == "/slow":
+            await asyncio.sleep(0.3)
+        if req.url == "/silent":
+            await asyncio.sleep(5)
+            return None
+        if req.url == "/bad":  # a head, then a chunked body that is not one
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n"
+        return http_response(200, b"ok\n")
+
+    async with ScriptedServer("live", answer, expect_garbage=True) as live, \
+            ScriptedServer("one", answer) as one:
+        cfg = lb_config({"app": [{"name": "dead", "address": f"{LOOPBACK}:{dead}"},
+                                 {"name": "live", "address": live.address}],
+                         "solo": [{"name": "one", "address": one.address, "maxconn": 1}]},
+                        frontend={"rules": [{"path_prefix": "/slow", "backend": "solo"}]},
+                        backend={"timeout": {"server": "1s", "queue": "5s"}, "check": False})
+        async with running_lb(cfg) as lb:
+            port = lb.address[1]
+            # the first request goes to `dead` (roundrobin), is refused, and goes to `live`
+            assert (await http_get(LOOPBACK, port, "/")).status == 200
+            v = _lb_view(lb)
+            assert v.server("app", "dead", S_RETRIES) == 1
+            assert v.server("app", "dead", S_REDISPATCHES) == 1
+            assert v.server("app", "dead", S_ECON) == 1
+            assert v.responses(frontend="www", server="live") == [0, 1, 0, 0, 0]
+            # maxconn 1: a second request waits in the queue while the first is slow
+            got = await asyncio.gather(http_get(LOOPBACK, port, "/slow"),
+                                       http_get(LOOPBACK, port, "/slow"),
+                                       http_get(LOOPBACK, port, "/slow"))
+            assert [r.status for r in got] == [200, 200, 200]
+            v = _lb_view(lb)
+            counts, waited = v.histogram("queue", "solo", "one", lb.config.metrics.buckets)
+            assert sum(counts) == 2 and 0.8 < waited < 3  # 0.3s and 0.6s in the queue
+            assert v.backend("solo", B_QUEUED) == 0
+            assert v.responses(frontend="www", backend="solo") == [0, 3, 0, 0, 0]
+            # a late response: 504 and a server timeout
+            assert (await http_get(LOOPBACK, port, "/silent")).status == 504
+            # a broken response: 502, counted once (as ours), not as the server's 2xx
+            before = v.responses(frontend="www", server="live")[1]
+            assert (await http_get(LOOPBACK, port, "/bad")).status == 502
+            v = _lb_view(lb)
+            assert v.server("app", "live", S_TIMEOUT_SERVER) == 1
+            assert v.responses(frontend="www", server="live")[1] == before
+            assert v.responses(frontend="www", server="")[4] == 2  # the 504 and the 502
+            assert v.server("app", "live", S_ERESP) == 2
+            assert v.server("app", "live", S_CURRENT) == 0
+            assert v.frontend("www", F_CURRENT) == 0
+            requests = sum(v.responses(frontend="www"))
+            assert requests == 1 + 3 + 1 + 1

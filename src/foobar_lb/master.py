@@ -634,7 +634,7 @@ class Master:
             "frontends": frontends,
             "backends": backends,
         }
-        fill_stats(self, out)  # (metrics.py: the counters of issue 13, by the same names)
+        fill_stats(self, out, t)  # (metrics.py: the counters of issue 13, by the same names)
         return out
 
     # -- the control socket ---------------------------------------------------------------------

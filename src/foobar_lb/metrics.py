@@ -238,11 +238,12 @@ def _classes(values: list[int]) -> dict[str, int]:
     return dict(zip(CLASS_NAMES, values, strict=True))
 
 
-def fill_stats(master: Master, out: dict[str, Any]) -> None:
+def fill_stats(master: Master, out: dict[str, Any], totals: list[int] | None = None) -> None:
     """Add the counters of issue 13 (current, sessions, rate, responses, errors, retries,
     redispatches, queue, checks, bytes, response-time percentiles, since, admin state) to the
-    per frontend, backend and server entries of `Master.stats()`'s answer `out`."""
-    v = View.of(master)
+    per frontend, backend and server entries of `Master.stats()`'s answer `out` (`totals`:
+    `master.totals()`, if read already)."""
+    v = View(totals, master.layout.offsets) if totals is not None else View.of(master)
     built = master.built
     bounds = built.config.metrics.buckets
     rate_keys: dict[Any, int] = {}

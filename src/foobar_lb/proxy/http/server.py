@@ -242,6 +242,9 @@ class UpstreamHttp(LazyTimer):
         if broken is not None and not responded:
             # nothing reached the client yet: it gets a 502, not the start of a broken answer
             out.clear()
+            if r.responded:  # (its head was counted: the 502 is counted instead)
+                server = self.server
+                server.ctr[server.fcls[r.route.fi] + self.status // 100] -= 1
             r.responded = False
         self.rx = b""
         if self.memo_key is not None:
