@@ -278,7 +278,7 @@ class UpstreamHttp(LazyTimer):
         r.t_head = t = self.last_rx
         t -= r.t_connect
         h = server.hrt
-        ctr[h + bisect_right(server.hb, t)] += 1
+        ctr[h + bisect_left(server.hb, t)] += 1
         ctr[h + server.hn] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
