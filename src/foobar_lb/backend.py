@@ -139,9 +139,7 @@ class Backend:
             slots = server.slots  # (take, inlined)
             if slots is None or slots.take():
                 server.active += 1
-                ctr = server.ctr
-                ctr[server.cbase + S_REQUESTS] += 1
-                ctr[server.o_cur] += 1
+                server.ctr[server.cbase + S_REQUESTS] += 1
                 if self.notify:
                     self.balancer.notify_taken(server)
                 return ASSIGNED, server
@@ -169,16 +167,14 @@ class Backend:
         if slots is not None and not slots.take():
             return False
         server.active += 1
-        ctr = server.ctr
-        ctr[server.cbase + S_REQUESTS] += 1
-        ctr[server.o_cur] += 1
+        server.ctr[server.cbase + S_REQUESTS] += 1
         if self.notify:
             self.balancer.notify_taken(server)
         return True
 
     def release(self, server: Server) -> None:
         server.active -= 1
-        server.ctr[server.o_cur] -= 1
+        server.ctr[server.o_end] += 1  # (open now: S_REQUESTS - S_RELEASED)
         slots = server.slots
         if slots is not None:
             slots.give()

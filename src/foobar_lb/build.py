@@ -22,7 +22,7 @@ from .shared import (
     F_BYTES_OUT,
     S_BYTES_IN,
     S_BYTES_OUT,
-    S_CURRENT,
+    S_RELEASED,
     Counters,
     Layout,
 )
@@ -107,7 +107,7 @@ def attach_counters(server: Server, config: Config, layout: Layout, cells) -> No
     server.cbase = base = layout.server(be, name)
     server.o_bin = base + S_BYTES_IN
     server.o_bout = base + S_BYTES_OUT
-    server.o_cur = base + S_CURRENT
+    server.o_end = base + S_RELEASED
     names = list(config.frontends)
     fcls = [0] * len(names)
     for i in _routed(config, be):
@@ -117,5 +117,6 @@ def attach_counters(server: Server, config: Config, layout: Layout, cells) -> No
     server.hb = bounds
     server.hn = len(bounds) + 1
     server.hrt = layout.histogram("response", be, name, bounds)
+    server.hrs = server.hrt + server.hn
     server.hct = layout.histogram("connect", be, name, bounds)
     server.hqt = layout.histogram("queue", be, name, bounds)

@@ -399,6 +399,9 @@ class Master:
         for g in self.layout.gauges:  # what was open in it is gone with it
             if g < n:
                 cells[g] = 0
+        for taken, given in self.layout.pairs:
+            if given < n:
+                cells[given] = cells[taken]
         retired = self.retired + [0] * (n - len(self.retired))
         self.retired = [a + b for a, b in zip(retired, cells, strict=True)]
         w.counters.close()

@@ -40,11 +40,11 @@ from .shared import (
     F_TLS_HANDSHAKES,
     S_BYTES_IN,
     S_BYTES_OUT,
-    S_CURRENT,
     S_ECON,
     S_ERESP,
     S_FAILURES,
     S_REDISPATCHES,
+    S_RELEASED,
     S_REQUESTS,
     S_RETRIES,
     S_TIMEOUT_CONNECT,
@@ -284,7 +284,7 @@ def fill_stats(master: Master, out: dict[str, Any], totals: list[int] | None = N
             e.update({
                 "admin": admin_state(s),
                 "since": since(master, s),
-                "current": sv(S_CURRENT),
+                "current": sv(S_REQUESTS) - sv(S_RELEASED),
                 "sessions": sv(S_REQUESTS),
                 "responses": _classes(v.responses(backend=bname, server=s.name)),
                 "errors": sv(S_ECON) + sv(S_ERESP),
@@ -471,8 +471,11 @@ def prometheus_text(master: Master) -> str:
     per_server("server_sessions_total", "counter",
                "Requests (http) or connections (tcp) given to the server, retries included",
                S_REQUESTS)
-    per_server("server_current_sessions", "gauge",
-               "Requests (http) or connections (tcp) the server has now", S_CURRENT)
+    o.family(P + "server_current_sessions", "gauge",
+             "Requests (http) or connections (tcp) the server has now")
+    for bname, s in servers:
+        o.sample(P + "server_current_sessions", {"backend": bname, "server": s.name},
+                 v.server(bname, s.name, S_REQUESTS) - v.server(bname, s.name, S_RELEASED))
     per_server("server_bytes_in_total", "counter",
                "Bytes sent to the server (requests; tcp: the client's bytes)", S_BYTES_IN)
     per_server("server_bytes_out_total", "counter",

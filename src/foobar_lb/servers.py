@@ -11,7 +11,7 @@ import enum
 import zlib
 
 from .config import DEFAULT_BUCKETS, CheckConfig, ServerConfig, ServerTls
-from .shared import CLASSES, S_BYTES_IN, S_BYTES_OUT, S_CURRENT, S_FAILURES, S_REQUESTS, S_SIZE
+from .shared import CLASSES, S_BYTES_IN, S_BYTES_OUT, S_FAILURES, S_RELEASED, S_REQUESTS, S_SIZE
 from .tls import server_context
 
 __all__ = ["Server", "State"]
@@ -63,13 +63,14 @@ class Server:
         "hn",
         "host",
         "hqt",
+        "hrs",
         "hrt",
         "last_change",
         "maxconn",
         "name",
         "o_bin",
         "o_bout",
-        "o_cur",
+        "o_end",
         "pool_key",
         "port",
         "send_proxy",
@@ -113,7 +114,7 @@ class Server:
         self.cbase = 0
         self.o_bin = S_BYTES_IN  # (absolute offsets of the hot path's cells)
         self.o_bout = S_BYTES_OUT
-        self.o_cur = S_CURRENT
+        self.o_end = S_RELEASED
         # responses by class to requests of the frontend of index i (Route.fi): the cells
         # ctr[fcls[i] + status // 100]
         self.fcls: tuple[int, ...] | _Same = _Same(S_SIZE - 1)
@@ -123,6 +124,7 @@ class Server:
         self.hb = DEFAULT_BUCKETS
         self.hn = len(DEFAULT_BUCKETS) + 1
         self.hrt = S_SIZE + CLASSES
+        self.hrs = self.hrt + self.hn  # (the response times' sum, for the hot path)
         self.hct = self.hrt + self.hn + 1
         self.hqt = self.hct + self.hn + 1
         self.errors = 0  # consecutive errors seen by passive observation

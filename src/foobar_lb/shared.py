@@ -33,7 +33,8 @@ S_REQUESTS = 0  # requests (http) or connections (tcp) given to it (attempts: re
 S_FAILURES = 1  # failed attempts (connect errors, broken or late responses)
 S_BYTES_IN = 2  # bytes written to it (requests; tcp: the client's bytes), before TLS
 S_BYTES_OUT = 3  # bytes read from it (responses; tcp: the server's bytes), after TLS
-S_CURRENT = 4  # GAUGE: requests (http) or connections (tcp) it has now (+1 taken, -1 released)
+S_RELEASED = 4  # of S_REQUESTS, those given back: it has S_REQUESTS - S_RELEASED now (a dead
+# worker's are all released when its cells are folded: see S_PAIRS)
 S_RETRIES = 5  # failed attempts on it that were tried again
 S_REDISPATCHES = 6  # of those, tried again on another server
 S_TIMEOUT_CONNECT = 7  # connections to it not made within `timeout connect`
@@ -41,7 +42,8 @@ S_TIMEOUT_SERVER = 8  # responses from it later than `timeout server`
 S_ECON = 9  # connection errors (refused, unreachable, timed out): part of S_FAILURES
 S_ERESP = 10  # response errors (broken, cut, late): part of S_FAILURES
 S_SIZE = 16
-S_GAUGES = (S_CURRENT,)
+S_GAUGES = ()
+S_PAIRS = ((S_REQUESTS, S_RELEASED),)  # (taken, given back): the difference is open now
 # A frontend's counters
 F_CONNECTIONS = 0  # client connections accepted
 F_1XX = 1  # F_1XX + status // 100 - 1: the proxy's own answers, by class 1xx to 5xx, to
@@ -213,20 +215,27 @@ class Layout:
     """Where each frontend's, backend's and server's counters are, the same in every process
     of a group; offsets are never reused, so a reload keeps them by name. `gauges`: the cells
     that go up and down (what is open now), which a dead worker's totals leave out (the master
-    keeps it; workers get `offsets` and `cells` only)."""
+    keeps it; workers get `offsets` and `cells` only). `pairs`: (taken, given back) counters
+    whose difference is what is open now (cheaper than a gauge when `taken` is counted anyway);
+    a dead worker gave everything back."""
 
-    __slots__ = ("cells", "gauges", "offsets")
+    __slots__ = ("cells", "gauges", "offsets", "pairs")
 
     def __init__(self) -> None:
         self.offsets: dict[tuple[str, ...], int] = {}
         self.cells = 0
         self.gauges: list[int] = []
+        self.pairs: list[tuple[int, int]] = []
 
     def frontend(self, name: str) -> int:
         return self._at(("frontend", name), F_SIZE, F_GAUGES)
 
     def server(self, backend: str, name: str) -> int:
-        return self._at(("server", backend, name), S_SIZE, S_GAUGES)
+        off = self.offsets.get(("server", backend, name))
+        if off is None:
+            off = self._at(("server", backend, name), S_SIZE, S_GAUGES)
+            self.pairs += [(off + a, off + b) for a, b in S_PAIRS]
+        return off
 
     def backend(self, name: str) -> int:
         return self._at(("backend", name), B_SIZE, B_GAUGES)

@@ -277,9 +277,8 @@ class UpstreamHttp(LazyTimer):
         ctr[server.fcls[r.route.fi] + status // 100] += 1
         r.t_head = t = self.last_rx
         t -= r.t_connect
-        h = server.hrt
-        ctr[h + bisect_left(server.hb, t)] += 1
-        ctr[h + server.hn] += int(t * 1e6)
+        ctr[server.hrt + bisect_left(server.hb, t)] += 1
+        ctr[server.hrs] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -369,9 +368,8 @@ class UpstreamHttp(LazyTimer):
         ctr[server.fcls[r.route.fi] + status // 100] += 1
         r.t_head = t = self.last_rx
         t -= r.t_connect
-        h = server.hrt
-        ctr[h + bisect_left(server.hb, t)] += 1
-        ctr[h + server.hn] += int(t * 1e6)
+        ctr[server.hrt + bisect_left(server.hb, t)] += 1
+        ctr[server.hrs] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
