@@ -189,6 +189,8 @@ class ByteServer(ScriptedServer):
         self.tx = 0
 
     async def _answer(self, req) -> bytes:
+        if req.url == "/hang":
+            await asyncio.sleep(60)
         status = {"/missing": 404, "/broken": 500}.get(req.url, 200)
         out = http_response(status, f"{self.name} {req.url}\n".encode() * (1 + len(req.url) % 3),
                             [("X-Server", self.name)])
@@ -410,7 +412,16 @@ async def test_metrics_after_exactly_n_requests_through_two_workers(tmp_path) ->
             assert be["up"] == 2 and be["total"] == 2 and be["queue"] == 0
             assert be["sessions"] == len(s1.requests) + len(s2.requests)
 
-            # -- a worker killed: its counters stay in the totals
+            # -- a worker killed: its counters stay in the totals, what was open in it goes
+            hang = [await asyncio.open_connection(LOOPBACK, port) for _ in range(6)]
+            for _, w in hang:
+                w.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+            for _ in range(200):
+                fams = await _metrics(aport)
+                if total(fams, "foobar_lb_server_current_sessions", backend="app") == 6:
+                    break
+                await asyncio.sleep(0.02)
+            assert total(fams, "foobar_lb_frontend_current_connections", frontend="www") == 6
             before = fams
             workers = lb.workers()
             assert len(workers) == 2
@@ -427,11 +438,27 @@ async def test_metrics_after_exactly_n_requests_through_two_workers(tmp_path) ->
                          "foobar_lb_response_time_seconds_count",
                          "foobar_lb_frontend_connections_total", "foobar_lb_tls_handshakes_total",
                          "foobar_lb_tls_handshake_failures_total",
-                         "foobar_lb_denied_connections_total"):
+                         "foobar_lb_denied_connections_total", "foobar_lb_server_sessions_total",
+                         "foobar_lb_connect_time_seconds_count"):
                 for labels, value in samples(before, name):
                     again = samples(after, name, **labels)
                     assert [v for _, v in again] == [value], (name, labels)
             assert total(after, "foobar_lb_workers_started_total") == 3
+            alive = 0
+            for r, _ in hang:  # the dead worker's were cut; the other's still wait
+                try:
+                    await asyncio.wait_for(r.read(), 0.2)
+                except TimeoutError:
+                    alive += 1
+                except ConnectionError:
+                    pass
+            print(f"\n{6 - alive} of 6 hanging requests were on the killed worker")
+            assert total(after, "foobar_lb_server_current_sessions") == alive
+            assert total(after, "foobar_lb_frontend_current_connections") == alive
+            for _, w in hang:
+                w.close()
+            assert total(after, "foobar_lb_server_sessions_total", backend="app") == total(
+                before, "foobar_lb_server_sessions_total", backend="app")
     echo.close()
 
 

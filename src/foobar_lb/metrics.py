@@ -429,6 +429,8 @@ def prometheus_text(master: Master) -> str:
         name = f"{P}{kind}_time_seconds"
         o.family(name, "histogram", what)
         for bname, s in servers:
+            if kind == "response" and built.backends[bname].mode != "http":
+                continue
             counts, total = v.histogram(kind, bname, s.name, bounds)
             o.histogram(name, {"backend": bname, "server": s.name}, bounds, counts, total)
 
