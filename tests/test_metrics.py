@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from foobar_lb import config_from_dict
 from foobar_lb.build import build
-from foobar_lb.metrics import View, _Out, escape, percentile, prometheus_text
+from foobar_lb.metrics import RateMeter, View, _Out, escape, percentile, prometheus_text
 from foobar_lb.shared import (
     B_QUEUED,
     F_CURRENT,
@@ -167,6 +167,17 @@ def test_percentiles_from_a_histogram() -> None:
     assert percentile(bounds, [10, 0, 0, 0], 0.5) == pytest.approx(0.0005)
     assert percentile(bounds, [0, 10, 0, 0], 0.9) == pytest.approx(0.001 + 0.009 * 0.9)
     assert percentile(bounds, [0, 0, 0, 10], 0.99) == 0.1  # in +Inf: the highest bound
+
+
+def test_rates_over_the_last_ten_seconds_of_readings() -> None:
+    m = RateMeter(window=10.0)
+    assert m.rates({"a": 5}, now=100.0) == {"a": 0.0}  # the first reading: nothing to compare
+    assert m.rates({"a": 25}, now=104.0) == {"a": 5.0}  # since the oldest, while younger than 10s
+    assert m.rates({"a": 45}, now=108.0) == {"a": 5.0}
+    # from now on, against the newest reading at least 10s old
+    assert m.rates({"a": 125}, now=114.0) == {"a": 10.0}  # (125 - 25) / (114 - 104)
+    assert m.rates({"a": 125, "b": 7}, now=130.0) == {"a": 0.0, "b": 7 / 16}
+    assert len(m.samples) <= 3
 
 
 # ---------------------------------------------------------------------------------------------
