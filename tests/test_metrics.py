@@ -176,7 +176,7 @@ def test_rates_over_the_last_ten_seconds_of_readings() -> None:
     assert m.rates({"a": 45}, now=108.0) == {"a": 5.0}
     # from now on, against the newest reading at least 10s old
     assert m.rates({"a": 125}, now=114.0) == {"a": 10.0}  # (125 - 25) / (114 - 104)
-    assert m.rates({"a": 125, "b": 7}, now=130.0) == {"a": 0.0, "b": 7 / 16}
+    assert m.rates({"a": 125, "b": 7}, now=130.0) == {"a": 0.0, "b": 0.438}  # (rounded)
     assert len(m.samples) <= 3
 
 
