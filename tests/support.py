@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ import h11
 from foobar_lb import LoadBalancer
 
 LOOPBACK = "127.0.0.1"
+
+
+_OUR_ID = re.compile(rb"X-Request-ID: [0-9a-f]{12}-[0-9a-f]+\r\n")
+
+
+def our_ids(data: bytes) -> bytes:
+    """What a server got, with the request ids the proxy made (a per-process prefix and a
+    counter: different in every run) written as `X-Request-ID: (ours)`, for byte-for-byte
+    comparisons; an id a client sent and the proxy kept stays as it is."""
+    return _OUR_ID.sub(b"X-Request-ID: (ours)\r\n", data)
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -86,7 +86,25 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "{file}: cannot read: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
     ("unknown-top-level-key", "frontend = {}\n" + FE + BE,
      "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends, admin, "
-     "metrics"),
+     "alerts, log, metrics"),
+    # the access log (issue 13)
+    ("log-unknown-key", '[log]\nacces = "stdout"\n' + FE + BE,
+     "{file}: log.acces: unknown key; expected one of access, format, buffer, syslog_format"),
+    ("log-format", '[log]\naccess = "stdout"\nformat = "xml"\n' + FE + BE,
+     '{file}: log.format = "xml": expected one of "text", "json"'),
+    ("log-syslog-without-port", '[log]\naccess = "syslog:loghost"\n' + FE + BE,
+     '{file}: log.access = "syslog:loghost": expected "stdout", "stderr", a file path, or '
+     '"syslog:HOST:PORT" (like "syslog:127.0.0.1:514")'),
+    ("log-access-empty", '[log]\naccess = ""\n' + FE + BE,
+     '{file}: log.access = "": expected "stdout", "stderr", a file path, or '
+     '"syslog:HOST:PORT" (like "syslog:127.0.0.1:514")'),
+    ("log-access-directory", '[log]\naccess = "/var/log/"\n' + FE + BE,
+     '{file}: log.access = "/var/log/": expected a file path, not a directory (or "stdout", '
+     '"stderr", a file path, or "syslog:HOST:PORT" (like "syslog:127.0.0.1:514"))'),
+    ("log-buffer-tiny", '[log]\naccess = "stdout"\nbuffer = 10\n' + FE + BE,
+     "{file}: log.buffer = 10: expected a size from 256 bytes to 1g"),
+    ("log-syslog-format", '[log]\naccess = "syslog:127.0.0.1:514"\nsyslog_format = "gelf"\n'
+     + FE + BE, '{file}: log.syslog_format = "gelf": expected one of "rfc5424", "rfc3164"'),
     ("unknown-frontend-key", '[frontends.web]\nbnd = "127.0.0.1:8080"\ndefault_backend = "app"\n' + BE,
      "{file}: frontends.web.bnd: unknown key; expected one of bind, mode, default_backend, rules, "
      "timeout, limits, forwardfor, forwarded_proto, request_headers, response_headers, "
@@ -261,6 +279,24 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      '{file}: metrics.buckets[1] = "5ms": expected a duration above 0 and above the one before it'),
     ("metrics-bucket-zero", FE + BE + '[metrics]\nbuckets = ["0s"]\n',
      '{file}: metrics.buckets[0] = "0s": expected a duration above 0'),
+    ("alerts-unknown-key", FE + BE + '[alerts]\nwebhook = "http://127.0.0.1:9000/"\n',
+     "{file}: alerts.webhook: unknown key; expected one of webhooks, command, flap_window, "
+     "timeout, retries, backoff, queue"),
+    ("alerts-webhook-not-a-string", FE + BE + "[alerts]\nwebhooks = [9000]\n",
+     '{file}: alerts.webhooks[0] = 9000: expected an http:// or https:// URL like '
+     '"http://127.0.0.1:9000/hook"'),
+    ("alerts-webhook-scheme", FE + BE + '[alerts]\nwebhooks = ["ftp://127.0.0.1/hook"]\n',
+     '{file}: alerts.webhooks[0] = "ftp://127.0.0.1/hook": expected an http:// or https:// URL '
+     'like "http://127.0.0.1:9000/hook"'),
+    ("alerts-command-empty", FE + BE + "[alerts]\ncommand = []\n",
+     "{file}: alerts.command = []: expected a non-empty list of strings: the program and its "
+     'arguments, like ["/usr/local/bin/page", "--team", "ops"]'),
+    ("alerts-command-not-strings", FE + BE + '[alerts]\ncommand = ["page", 3]\n',
+     "{file}: alerts.command[1] = 3: expected a string"),
+    ("alerts-flap-window-zero", FE + BE + '[alerts]\nflap_window = "0s"\n',
+     '{file}: alerts.flap_window = "0s": expected a duration above 0 and at most "1d"'),
+    ("alerts-retries", FE + BE + "[alerts]\nretries = 11\n",
+     "{file}: alerts.retries = 11: expected an integer from 0 to 10"),
     ("empty-data-dir", '[global]\ndata_dir = ""\n' + FE + BE,
      '{file}: global.data_dir = "": expected a non-empty string'),
     ("workers-zero", "[global]\nworkers = 0\n" + FE + BE,

@@ -18,9 +18,9 @@ from foobar_lb.config import quick_config
 from foobar_lb.proxy.proxyproto import SIG_V2, build_v1, build_v2
 from foobar_lb.shared import F_CONNECTIONS, F_DENIED
 
-from support import LOOPBACK, lb_config, running_lb
+from support import LOOPBACK, lb_config, our_ids, running_lb
 
-XFP = b"x-forwarded-proto: http\r\n"
+XFP = b"X-Request-ID: (ours)\r\nx-forwarded-proto: http\r\n"  # (ids: support.our_ids)
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -28,7 +28,7 @@ GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 class Recorder(asyncio.Protocol):
     def __init__(self, srv: RecordingServer):
         self.srv = srv
-        self.data = b""
+        self.raw = b""
         self.answered = 0
         self.ended = False  # the proxy closed its side
         srv.conns.append(self)
@@ -45,11 +45,16 @@ class Recorder(asyncio.Protocol):
         self.transport = transport
         self.srv.changed.set()
 
+    @property
+    def data(self) -> bytes:
+        """Every byte received, our request ids as `(ours)` (support.our_ids)."""
+        return our_ids(self.raw)
+
     def data_received(self, data: bytes) -> None:
-        self.data += data
+        self.raw += data
         if self.srv.http:
             # one answer per request head (after any PROXY header; bodies are not used here)
-            while self.data.count(b"\r\n\r\n") > self.answered:
+            while self.raw.count(b"\r\n\r\n") > self.answered:
                 self.answered += 1
                 self.transport.write(OK)
         else:

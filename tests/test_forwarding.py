@@ -26,7 +26,8 @@ from test_strict import RawConn, RawServer, Received, h11_read
 
 from support import LOOPBACK, lb_config, running_lb
 
-XF = b"X-Forwarded-For: 127.0.0.1\r\nx-forwarded-proto: http\r\n"  # what the proxy adds by default
+# what the proxy adds by default (request ids as `(ours)`: support.our_ids)
+XF = b"X-Forwarded-For: 127.0.0.1\r\nX-Request-ID: (ours)\r\nx-forwarded-proto: http\r\n"
 
 
 async def exchange(port: int, data: bytes, methods: list[bytes], *, wait_close: bool = False
@@ -101,7 +102,8 @@ async def test_hop_by_hop_fields_and_forwarded_fields_are_rewritten():
     # hop-by-hop (RFC 9110 7.6.1): dropped. The client's X-Forwarded-For gets the client address
     # appended (one field, at the end); X-Forwarded-Proto is replaced: a client cannot claim https.
     assert srv.data == (b"GET / HTTP/1.1\r\nHost: x\r\nX-End: kept\r\n"
-                        b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n")
+                        b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nX-Request-ID: (ours)\r\n"
+                        b"x-forwarded-proto: http\r\n\r\n")
     # the same rule on the way back: Connection, X-Secret (named by it) and Keep-Alive dropped
     assert out == b"HTTP/1.1 200 OK\r\nX-End: kept\r\nContent-Length: 2\r\n\r\nok"
 

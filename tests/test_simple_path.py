@@ -20,6 +20,8 @@ from foobar_lb.build import build
 from foobar_lb.proxy.http import HttpSession, UpstreamHttp
 from foobar_lb.shared import Counters, Layout
 
+from support import our_ids
+
 
 class FakeTransport:
     def __init__(self):
@@ -103,7 +105,7 @@ def _run(reads: list[bytes], **frontend) -> tuple[bytes, bytes, int]:
     s.connection_made(ct)
     for data in reads:
         s.data_received(data)
-    return b"".join(ut.out), b"".join(ct.out), s.full
+    return our_ids(b"".join(ut.out)), b"".join(ct.out), s.full
 
 
 async def both(data: bytes, **frontend) -> tuple[bytes, bytes, int]:
@@ -127,7 +129,8 @@ async def test_the_commonest_requests_take_the_simple_path_and_send_the_same_byt
     sent, answered, full = await both(data)
     assert full == 0, "the full path parsed it"
     assert sent.startswith(data.split(b"\r\n", 1)[0] + b"\r\n")
-    assert sent.endswith(b"X-Forwarded-For: 10.1.2.3\r\nx-forwarded-proto: http\r\n\r\n")
+    assert sent.endswith(b"X-Forwarded-For: 10.1.2.3\r\nX-Request-ID: (ours)\r\n"
+                         b"x-forwarded-proto: http\r\n\r\n")
     assert b"onnection" not in sent and answered == b""
 
 
@@ -151,6 +154,7 @@ NOT_SIMPLE = [
     b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # pipelined
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-ID: abc-1\r\n\r\n",  # a client's id: checked
 ]
 
 
@@ -177,10 +181,10 @@ _NAMES = st.sampled_from([
     "Host", "host", "HOST", "Accept", "Connection", "connection", "Keep-Alive", "TE", "Trailer",
     "Transfer-Encoding", "Content-Length", "Upgrade", "Expect", "X-Forwarded-For",
     "X-Forwarded-Proto", "Proxy-Foo", "X_Foo", "Content_Length", "Cookie", "X-A", "Te-X",
-    "Hostname", "Connection-X"])
+    "Hostname", "Connection-X", "X-Request-ID", "x-request-id"])
 _VALUES = st.sampled_from([
     "a", "a:80", "", " a", "a ", "close", "keep-alive", "Close", "chunked", "0", "5", "x, y",
-    "[::1]:80", "a b", "\tv", "v\t", "keep-alive, X-A", "gzip"])
+    "[::1]:80", "a b", "\tv", "v\t", "keep-alive, X-A", "gzip", "r-1.2:3_x", "x" * 129])
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +229,7 @@ async def test_the_route_remembers_a_request_by_its_bytes(data):
         s.full = 0
         s.connection_made(transport)
         s.data_received(data)
-        heads.append(b"".join(ut.out))
+        heads.append(our_ids(b"".join(ut.out)))
         ut.out.clear()
         up.data_received(ok if not data.startswith(b"HEAD") else ok[:-2])
         assert s.full == 0

@@ -85,7 +85,7 @@ class Stack:
 def stack_config(tmp: Path) -> tuple[Path, tuple[int, int, int]]:
     ports = (free_port(), free_port(), free_port())
     text = STACK.read_text()
-    for old, new in zip(("8080", "8081", "8082"), ports, strict=True):
+    for old, new in zip(("8080", "8081", "8082", "8404"), (*ports, free_port()), strict=True):
         text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
     path = tmp / "stack.toml"
     path.write_text(text)
@@ -216,7 +216,7 @@ def _have(cmd: str) -> bool:
 
 def test_serve_with_no_arguments_runs_the_default_stack_on_8080(tmp_path):
     """Exactly the README's first command: no arguments, the data in ./foobar-data."""
-    busy = [p for p in (8080, 8081, 8082) if _port_open(p)]
+    busy = [p for p in (8080, 8081, 8082, 8404) if _port_open(p)]
     assert not busy, f"ports {busy} are taken on this machine: the default stack needs them"
     s = Stack(tmp_path, []).start()
     try:
@@ -225,12 +225,15 @@ def test_serve_with_no_arguments_runs_the_default_stack_on_8080(tmp_path):
         with urllib.request.urlopen("http://127.0.0.1:8080/items", timeout=10) as r:
             assert r.status == 200 and r.headers["X-Served-By"] in ("server-1", "server-2")
         assert "ready: http://127.0.0.1:8080/" in s.out.read_text()
+        assert "admin listener on http://127.0.0.1:8404/" in s.out.read_text()
+        with urllib.request.urlopen("http://127.0.0.1:8404/ready", timeout=10) as r:
+            assert (r.status, r.read()) == (200, b"ready\n")
         assert (tmp_path / "foobar-data" / "foobar.db").exists()
         pids = s.worker_pids()
     finally:
         assert s.stop() == 0
     assert not any(_alive(p) for p in pids.values())
-    assert not any(_port_open(p) for p in (8080, 8081, 8082))
+    assert not any(_port_open(p) for p in (8080, 8081, 8082, 8404))
 
 
 def test_a_foobar_toml_in_the_working_directory_is_used(tmp_path):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 
-from support import LOOPBACK, lb_config, running_lb
+from support import LOOPBACK, lb_config, our_ids, running_lb
 
 # ---------------------------------------------------------------------------------------------
 # A raw recording server: every byte counted per connection; requests delimited with h11 only
@@ -175,7 +175,8 @@ class RawServer:
 
     @property
     def data(self) -> bytes:
-        return b"".join(bytes(c.data) for c in self.conns)
+        """Every byte received, our request ids as `(ours)` (support.our_ids)."""
+        return our_ids(b"".join(bytes(c.data) for c in self.conns))
 
     async def __aenter__(self) -> RawServer:
         loop = asyncio.get_running_loop()

@@ -545,6 +545,27 @@ async def test_no_server_up_at_startup_timeout_is_not_ready_and_503(tmp_path):
         assert not [ln for ln in lb.out if "ready:" in ln]
 
 
+async def test_a_state_change_while_workers_start_is_applied_not_a_crash(tmp_path):
+    """A check that marks a server down while the workers are still starting: its change waits
+    for the worker's Serving (it once reached a worker before it, which died)."""
+    port = free_port()
+    async with ScriptedServer("a") as a:
+        dead = f"{LOOPBACK}:{free_port()}"  # nobody listens there
+        check = {"inter": "50ms", "fastinter": "50ms", "downinter": "50ms", "rise": 1, "fall": 1,
+                 "timeout": "100ms"}
+        cfg = cfg_for(port, [srv("a", a), {"name": "gone", "address": dead}],
+                      glob={"workers": 4}, backend={"check": check})
+        for _ in range(3):
+            async with LbProcess(tmp_path, cfg) as lb:
+                stats = await lb.stats()
+                assert stats["backends"]["app"]["servers"]["gone"]["state"] == "down"
+                assert len(stats["workers"]) == 4
+                for _ in range(8):  # every worker knows: nothing goes to the dead server
+                    r = await http_get(LOOPBACK, port, "/")
+                    assert r.status == 200
+            assert not [ln for ln in lb.err if "Traceback" in ln or "failed to start" in ln]
+
+
 def test_check_refuses_two_frontends_on_one_address(tmp_path):
     p = tmp_path / "lb.toml"
     p.write_text('[frontends.a]\nbind = "127.0.0.1:8000"\ndefault_backend = "b"\n'

@@ -13,9 +13,11 @@ Rules of this module:
   or a traceback; a database that cannot serve is a 503: `primary_unavailable` (with
   `"committed": false | "unknown"` for writes) when it needed the primary, `db_unavailable`
   otherwise;
-- `/health` answers at once from the state the database monitor keeps; it never waits on a node.
+- `/health` answers at once from the state the database monitor keeps; it never waits on a node;
+- `/metrics` (Prometheus text, metrics.py): every request is counted by the middleware once its
+  answer is made (by method, route pattern and status class, with its time).
 
-Routes: POST/GET /items, GET/PUT/DELETE /items/{id}, GET / (HTML), GET /health.
+Routes: POST/GET /items, GET/PUT/DELETE /items/{id}, GET / (HTML), GET /health, GET /metrics.
 """
 
 from __future__ import annotations
@@ -23,19 +25,22 @@ from __future__ import annotations
 import html
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from .db import DatabaseError, DatabaseUnavailable, PrimaryUnavailable, Router, current_trace, track
+from .metrics import CONTENT_TYPE, Metrics, render
 
-__all__ = ["DB", "NAME", "make_app"]
+__all__ = ["DB", "METRICS", "NAME", "make_app"]
 
 log = logging.getLogger("foobar_app")
 
 DB = web.AppKey("db", Router)
 NAME = web.AppKey("name", str)
+METRICS = web.AppKey("metrics", Metrics)
 
 MAX_BODY = 64 * 1024
 MAX_NAME = 200
@@ -235,6 +240,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ok else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: this server's requests, its database as the router sees it."""
+    app = request.app
+    text = render(app[METRICS], app[DB], app[NAME])
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>foobar</title>
 <style>body{{font-family:sans-serif;max-width:48rem;margin:2rem auto}}td,th{{padding:.2rem .6rem}}
@@ -272,6 +284,9 @@ async def _frame(request: web.Request, handler) -> web.StreamResponse:
     tokens in and out."""
     trace = track(request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE))
     roles = trace.roles
+    counts = request.app[METRICS]
+    counts.in_flight += 1
+    t0 = time.perf_counter()
     try:
         resp = await handler(request)
     except ApiError as e:
@@ -305,11 +320,18 @@ async def _frame(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         resp = error_body(500, "internal", "internal error")
+    except BaseException:  # cancelled (the client went away): not answered, not counted
+        counts.in_flight -= 1
+        raise
     resp.headers["X-Served-By"] = request.app[NAME]
     if trace.token:
         resp.headers[TOKEN_HEADER] = trace.token
     if roles:
         resp.headers["X-DB-Role"] = "primary" if "primary" in roles else "replica"
+    counts.in_flight -= 1
+    resource = request.match_info.route.resource
+    counts.observe(request.method, resource.canonical if resource is not None else "unmatched",
+                   resp.status, time.perf_counter() - t0)
     return resp
 
 
@@ -331,8 +353,10 @@ def make_app(name: str, db: Router) -> web.Application:
     app = web.Application(middlewares=[_frame], client_max_size=MAX_BODY)
     app[DB] = db
     app[NAME] = name
+    app[METRICS] = Metrics()
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/items", create_item)
     app.router.add_get("/items", list_items)
     app.router.add_get("/items/{id}", get_item)

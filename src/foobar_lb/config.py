@@ -24,6 +24,7 @@ from .units import DURATION_EXPECTED, SIZE_EXPECTED, parse_duration, parse_size
 
 __all__ = [
     "Address",
+    "AlertsConfig",
     "BackendConfig",
     "CheckConfig",
     "Config",
@@ -33,6 +34,7 @@ __all__ = [
     "GlobalConfig",
     "HeaderRules",
     "Limits",
+    "LogConfig",
     "MetricsConfig",
     "RateLimit",
     "Rule",
@@ -331,23 +333,56 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """Where events about server, backend and database states go (alerts.py); off when there
+    is neither a webhook nor a command."""
+
+    webhooks: tuple[str, ...] = ()  # http:// or https:// URLs, each POSTed the event's JSON
+    command: tuple[str, ...] = ()  # argv run once per event, the event's JSON on its stdin
+    flap_window: float = 60.0  # at most 3 events per server per window, then one summary
+    timeout: float = 5.0  # one attempt (a POST, a run of the command)
+    retries: int = 3  # further attempts after a failed one
+    backoff: float = 1.0  # before the first retry, doubling after each (at most 30s)
+    queue: int = 1000  # events waiting per target; more are dropped and counted
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhooks or self.command)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """`[log]`: the access log (accesslog.py). `access`: None (off), "stdout", "stderr", a
+    file path, or "syslog:host:port" (then `syslog_host`/`syslog_port` are set)."""
+
+    access: str | None = None
+    format: str = "text"  # "text" or "json"
+    buffer: int = 1 << 20  # bytes of lines a worker holds for its writer; beyond: dropped, counted
+    syslog_format: str = "rfc5424"  # or "rfc3164"
+    syslog_host: str | None = None
+    syslog_port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     frontends: Mapping[str, FrontendConfig]
     backends: Mapping[str, BackendConfig]
     settings: GlobalConfig = field(default_factory=GlobalConfig)
     source: str | None = None  # the file it came from, for messages
     admin: AdminConfig | None = None  # None: no admin listener
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
         return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
-                                  self.source, self.admin, self.metrics))
+                                  self.source, self.admin, self.alerts, self.log, self.metrics))
 
 
-def _rebuild_config(frontends, backends, settings, source, admin=None,
-                    metrics=None) -> Config:
+def _rebuild_config(frontends, backends, settings, source, admin=None, alerts=None,
+                    log=None, metrics=None) -> Config:
     return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source,
-                  admin, metrics or MetricsConfig())
+                  admin, alerts or AlertsConfig(), log or LogConfig(), metrics or MetricsConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -984,6 +1019,104 @@ def _global(value: Any, path: str) -> GlobalConfig:
     )
 
 
+def _webhook(value: Any, path: str) -> str:
+    from urllib.parse import urlsplit
+
+    expected = 'an http:// or https:// URL like "http://127.0.0.1:9000/hook"'
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise _bad(path, value, expected)
+    try:
+        u = urlsplit(value)
+        ok = u.scheme in ("http", "https") and bool(u.hostname)
+        u.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _bad(path, value, expected)
+    return value
+
+
+def _argv(value: Any, path: str) -> tuple[str, ...]:
+    expected = ('a non-empty list of strings: the program and its arguments, like '
+                '["/usr/local/bin/page", "--team", "ops"]')
+    if not isinstance(value, list) or not value:
+        raise _bad(path, value, expected)
+    for i, arg in enumerate(value):
+        if not isinstance(arg, str) or (i == 0 and not arg):
+            raise _bad(f"{path}[{i}]", arg, "a string" if i else "a program name or path")
+    return tuple(value)
+
+
+def _positive_duration(hi: float, shown: str) -> Callable[[Any, str], float]:
+    def conv(value: Any, path: str) -> float:
+        seconds = _duration(value, path)
+        if not 0 < seconds <= hi:
+            raise _bad(path, value, f"a duration above 0 and at most {shown}")
+        return seconds
+
+    return conv
+
+
+def _alerts(value: Any, path: str) -> AlertsConfig:
+    t = _Table(value, path, ("webhooks", "command", "flap_window", "timeout", "retries",
+                             "backoff", "queue"))
+    d = AlertsConfig()
+    return AlertsConfig(
+        webhooks=t.get("webhooks", _list_of(_webhook, "http:// or https:// URLs", single_ok=True),
+                       ()),
+        command=t.get("command", _argv, ()),
+        flap_window=t.get("flap_window", _positive_duration(86400.0, '"1d"'), d.flap_window),
+        timeout=t.get("timeout", _positive_duration(60.0, '"60s"'), d.timeout),
+        retries=t.get("retries", _int(0, 10), d.retries),
+        backoff=t.get("backoff", _positive_duration(60.0, '"60s"'), d.backoff),
+        queue=t.get("queue", _int(1, 100_000), d.queue),
+    )
+
+
+_LOG_KEYS = ("access", "format", "buffer", "syslog_format")
+_ACCESS_EXPECTED = ('"stdout", "stderr", a file path, or "syslog:HOST:PORT" '
+                    '(like "syslog:127.0.0.1:514")')
+
+
+def _access(value: Any, path: str) -> tuple[str, str | None, int]:
+    """An access log destination: (access, syslog host, syslog port)."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _bad(path, value, _ACCESS_EXPECTED)
+    if value in ("stdout", "stderr"):
+        return value, None, 0
+    if value.startswith("syslog:"):
+        try:
+            addr = parse_address(value[len("syslog:"):], allow_any_host=False,
+                                 allow_port_zero=False)
+        except ValueError:
+            raise _bad(path, value, _ACCESS_EXPECTED) from None
+        return value, addr.host, addr.port
+    if value.endswith("/"):
+        raise _bad(path, value, "a file path, not a directory (or " + _ACCESS_EXPECTED + ")")
+    return value, None, 0
+
+
+def _log(value: Any, path: str) -> LogConfig:
+    t = _Table(value, path, _LOG_KEYS)
+    d = LogConfig()
+    access, host, port = t.get("access", _access, (None, None, 0))
+
+    def buffer(raw: Any, p: str) -> int:
+        n = _size(raw, p)
+        if not 256 <= n <= 1 << 30:
+            raise _bad(p, raw, "a size from 256 bytes to 1g")
+        return n
+
+    return LogConfig(
+        access=access,
+        format=t.get("format", _choice(("text", "json")), d.format),
+        buffer=t.get("buffer", buffer, d.buffer),
+        syslog_format=t.get("syslog_format", _choice(("rfc5424", "rfc3164")), d.syslog_format),
+        syslog_host=host,
+        syslog_port=port,
+    )
+
+
 def _named_tables(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(path, value, "a table of named sections")
@@ -1000,9 +1133,10 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
     algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
         top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin",
-                                      "metrics"))
+                                      "alerts", "log", "metrics"))
         d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
+        log = top.get("log", _log, LogConfig())
         backends = {
             name: _backend(name, raw, f"backends.{name}", d, algos)
             for name, raw in top.need("backends", _named_tables, "a [backends.NAME] section").items()
@@ -1026,6 +1160,8 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
             settings=settings,
             source=source,
             admin=admin,
+            alerts=top.get("alerts", _alerts, AlertsConfig()),
+            log=log,
             metrics=top.get("metrics", _metrics, MetricsConfig()),
         )
     except ConfigError as e:

@@ -42,6 +42,7 @@ class Route:
     """What a request of one frontend routed to one backend needs, computed once."""
 
     __slots__ = (
+        "alog",
         "backend",
         "fe",
         "fi",
@@ -71,6 +72,7 @@ class Route:
         # (`server.fcls[fi]`), and the cells of the proxy's own answers, ctr[ocls + status // 100]
         self.fi = 0
         self.ocls = F_1XX - 1
+        self.alog = None  # AccessLog.request when an access log is configured (serving.py)
         self.backend = be
         self.req_drop = plan.req_drop
         self.req_add = plan.req_add
@@ -98,8 +100,10 @@ def _request_scan(drop: frozenset[bytes], xff_low: bytes | None) -> re.Pattern[b
     """The request field lines the simple path (`client.HttpSession._simple`) must look at,
     matched against b"\n" + the lower-cased field lines: Host and Connection, which it handles,
     and every name it leaves to the full path (framing, hop-by-hop, dropped or rewritten by the
-    plan, X-Forwarded-For, Proxy-*, names with `_`). Group 1 is the name, group 2 the value."""
-    names = {*drop, *HOP_BY_HOP, b"host", b"content-length", b"expect", b"http2-settings"}
+    plan, X-Forwarded-For, Proxy-*, names with `_`, a client's X-Request-ID). Group 1 is the
+    name, group 2 the value."""
+    names = {*drop, *HOP_BY_HOP, b"host", b"content-length", b"expect", b"http2-settings",
+             b"x-request-id"}
     if xff_low is not None:
         names.add(xff_low)
     alt = b"|".join([re.escape(n) for n in sorted(names, key=len, reverse=True)]
@@ -139,6 +143,7 @@ def _rules(*rule_sets: HeaderRules) -> tuple[frozenset[bytes], bytes]:
 
 class Frontend:
     __slots__ = (
+        "alog",
         "cbase",
         "cfg",
         "client_timeout",
@@ -175,6 +180,7 @@ class Frontend:
         self.cfg = cfg
         self.name = cfg.name
         self.mode = cfg.mode
+        self.alog = None  # AccessLog.request when an access log is configured (serving.py)
         # counters (shared.F_*): cells of this process's counter block, from `cbase` on
         self.ctr = memoryview(bytearray(F_SIZE * 8)).cast("q")
         self.cbase = 0

@@ -32,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .alerts import Alerts
+from .alerts import unrunnable as alerts_unrunnable
 from .balancing import algorithm_names
 from .build import Built, build
 from .channel import Channel, encode
@@ -48,6 +50,7 @@ from .shared import (
     F_CLIENT_REFUSED,
     F_CONNECTIONS,
     F_DENIED,
+    F_LOG_DROPPED,
     F_RATE_LIMITED,
     S_FAILURES,
     S_REQUESTS,
@@ -129,6 +132,8 @@ class Master:
         self.sm = StateMachine()
         self.sm.hooks.append(self._on_change)
         self.checks = Checks(self._on_check)
+        self.alerts = Alerts(config.alerts)  # events to webhooks / a command (alerts.py)
+        self.alerts.attach(self.sm, self.checks)
         self.built: Built | None = None
         self.supervisors: dict[str, Supervisor] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -155,14 +160,17 @@ class Master:
         check_managed_ports(cfg, self._managed_running)
         self.socks = bind_config(cfg, cfg.settings.listen_backlog)
         try:
+            self.alerts.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_stop_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
             if self.pid_file is not None:
                 self.pid_file.write_text(f"{os.getpid()}\n")
                 await self._start_control()
             self.ids = _resolve_ids(cfg)  # workers run as global.user/group
             self.built = self._build(cfg, None)
+            await self._start_admin(cfg)  # (/ready says "starting" until the workers serve)
             for be in self.built.backends.values():
                 self.checks.start(be, self.spawn)
             self._start_managed(self.built)
@@ -172,7 +180,6 @@ class Master:
                 raise StartError(self.fatal)
             if not self.stopping.is_set():
                 await self._start_generation(cfg)
-                await self._start_admin(cfg)
         except BaseException:
             await self._cleanup(grace=0)
             raise
@@ -183,7 +190,7 @@ class Master:
         return 0
 
     def _check_programs(self, cfg: Config) -> None:
-        why = unrunnable(cfg) or check_tls(cfg)  # (TLS files: re-read on every reload)
+        why = unrunnable(cfg) or check_tls(cfg) or alerts_unrunnable(cfg)  # (on every reload)
         if why:
             raise StartError(why)
 
@@ -451,6 +458,11 @@ class Master:
                 out.append(f"frontend {fe.name}: backend {be.name} has no server up ({why})")
         return out
 
+    def _on_usr1(self) -> None:
+        """Log rotation: every worker opens its access log file again (by its name)."""
+        log.info("SIGUSR1: reopening the access log")
+        self._broadcast(("reopen",))
+
     # -- reload ---------------------------------------------------------------------------------
     def _on_hup(self) -> None:
         self.spawn(self.reload())
@@ -502,6 +514,7 @@ class Master:
             return False, str(e)
         self.config = new
         self.socks = socks
+        self.alerts.configure(new.alerts)
         old_workers = [w for w in self.workers if w.gen < self.gen and w.status != "draining"]
         for w in old_workers:
             w.status = "draining"
@@ -545,6 +558,7 @@ class Master:
 
     async def _stop(self) -> None:
         grace = self.config.settings.grace
+        self.alerts.pause()  # servers stopped on purpose are no news
         self._broadcast(("stop", grace))
         for w in self.workers:
             w.status = "stopping"
@@ -575,6 +589,7 @@ class Master:
             self.admin = None
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+        await self.alerts.close()
         for task in list(self.tasks):
             task.cancel()
         for s in self.socks.values():
@@ -614,6 +629,7 @@ class Master:
                 "responses": {f"{c}xx": t[off + F_1XX + c - 1] for c in range(1, 6)},
                 "rate_limited": t[off + F_RATE_LIMITED],
                 "client_refused": t[off + F_CLIENT_REFUSED],
+                "log_dropped": t[off + F_LOG_DROPPED],
             }
         backends = {}
         for be in self.built.backends.values():
@@ -636,6 +652,7 @@ class Master:
                         for w in self.workers],
             "frontends": frontends,
             "backends": backends,
+            "alerts": self.alerts.stats(),
         }
         fill_stats(self, out, t)  # (metrics.py: the counters of issue 13, by the same names)
         return out

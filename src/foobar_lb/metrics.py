@@ -32,6 +32,7 @@ from .shared import (
     F_CONNECTIONS,
     F_CURRENT,
     F_DENIED,
+    F_LOG_DROPPED,
     F_RATE_LIMITED,
     F_TIMEOUT_CLIENT,
     F_TIMEOUT_HTTP_REQUEST,
@@ -458,6 +459,8 @@ def prometheus_text(master: Master) -> str:
                  "Requests answered 429 by the frontend's rate_limit", F_RATE_LIMITED)
     per_frontend("client_refused_connections_total", "counter",
                  "Connections closed at accept by max_client_connections", F_CLIENT_REFUSED)
+    per_frontend("access_log_dropped_total", "counter",
+                 "Access log lines dropped: the worker's log buffer was full", F_LOG_DROPPED)
     per_frontend("tls_handshakes_total", "counter", "TLS handshakes completed",
                  F_TLS_HANDSHAKES, only_tls=True)
     per_frontend("tls_handshake_failures_total", "counter",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .admission import Admission
+from .alerts import Alerts
 from .backend import Backend
 from .balancing import algorithm_names
 from .build import build
@@ -71,6 +72,8 @@ class LoadBalancer:
         self.machine = StateMachine()
         self.events: deque[StateChange] = self.machine.events  # state changes, newest last
         self.checks = Checks(self.machine.check_result)
+        self.alerts = Alerts(self.config.alerts)  # [alerts]: events to webhooks / a command
+        self.alerts.attach(self.machine, self.checks)
         self.machine.hooks.append(lambda be, server, change: self.checks.wake(server))
         self.serving: Serving | None = None
         self.tasks: set[asyncio.Task] = set()  # checks and managed servers (kept referenced)
@@ -102,6 +105,7 @@ class LoadBalancer:
         self.serving = Serving(loop, built, Admission(loop, LocalSlots(cfg.settings.maxconn),
                                                       clients))
         self.started = True
+        self.alerts.start()
         _raise_fd_limit(cfg.settings.maxconn)
         for be in self.backends.values():
             self.checks.start(be, self.spawn)
@@ -179,11 +183,16 @@ class LoadBalancer:
         if grace is None:
             grace = self.config.settings.grace
         serving = self.serving
+        self.alerts.pause()  # servers stopped on purpose are no news
         await serving.stop()
         self.checks.stop()
-        await serving.finish(self.loop.time() + grace)
+        cut, requests = await serving.finish(self.loop.time() + grace)
+        if cut:
+            log.warning("the grace period ended: cut %d request%s in flight and %d connection%s",
+                        requests, "" if requests == 1 else "s", cut, "" if cut == 1 else "s")
         # the servers we run go last, once nothing is sent to them any more
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+        await self.alerts.close()
         for task in list(self.tasks):
             task.cancel()
         serving.close()

@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .accesslog import AccessLog
 from .admission import Admission
 from .build import Built
 from .clientaddr import read_header_before_tls
@@ -52,6 +53,17 @@ class Serving:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         # TLS handshakes completed and refused, by frontend (counted in the shared counters)
         self.tls_refusals: dict[str, Refusals] = {}
+        self.cutting = False  # the deadline of a stop or drain passed: what is left is cut
+        # the access log ([log] access): its writer thread starts now; the HTTP frontends'
+        # routes get its entry point (None on them: no access log, nothing done per request)
+        self.alog: AccessLog | None = None
+        if built.config.log.access is not None:
+            self.alog = AccessLog(built.config.log, loop)
+            for fe in self.frontends.values():
+                if fe.mode == "http":
+                    fe.alog = fe.no_route.alog = self.alog.request
+                    for route in fe.routes.values():
+                        route.alog = self.alog.request
 
     @property
     def sessions(self) -> set[Any]:
@@ -172,28 +184,46 @@ class Serving:
         for s in list(self.sessions):
             s.shutdown()
 
-    async def finish(self, deadline: float) -> int:
+    async def finish(self, deadline: float) -> tuple[int, int]:
         """Wait until every session has ended or `deadline` (loop time); abort the rest and
-        return how many were cut."""
+        return what was cut: (connections, HTTP requests in flight on them)."""
         while self.sessions and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         return self.abort()
 
-    def abort(self) -> int:
-        cut = 0
+    def abort(self) -> tuple[int, int]:
+        """Cut every connection left: (connections, HTTP requests in flight on them, those
+        begun and not answered: the active one and pipelined ones; each gets an access log
+        line with a K termination state)."""
+        cut = requests = 0
+        self.cutting = True
         for s in list(self.sessions):
             if s.transport is not None and not s.transport.is_closing():
                 cut += 1
+                q = getattr(s, "q", None)  # (HTTP sessions: their requests)
+                if q is not None:
+                    requests += len(q)
+                    if s.parsing is not None and s.parsing not in q:
+                        requests += 1
+                    if self.alog is not None and (q or s.parsing is not None):
+                        s._log_unfinished()  # now: the log closes before connection_lost
                 s.transport.abort()
         self.sessions.clear()
         self.admission.release_clients()
-        return cut
+        return cut, requests
+
+    def reopen_log(self) -> None:
+        """SIGUSR1 (log rotation): the access log file is opened again by its name."""
+        if self.alog is not None:
+            self.alog.reopen()
 
     def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         for be in self.backends.values():
             be.close()
+        if self.alog is not None:
+            self.alog.close()
 
     def apply(self, backend: str, server: str, state: str, health: int) -> None:
         """A state change decided by the master."""

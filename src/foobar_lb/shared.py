@@ -57,7 +57,7 @@ F_BYTES_IN = 11  # bytes read from clients (after TLS)
 F_BYTES_OUT = 12  # bytes written to clients (before TLS)
 F_CURRENT = 13  # GAUGE: client connections open now (admitted or parked)
 F_TIMEOUT_CLIENT = 14  # `timeout client`: a body stalled, or the client stopped reading
-# (15: the access log's dropped lines)
+F_LOG_DROPPED = 15  # access log lines dropped: the worker's log buffer was full (accesslog.py)
 F_TIMEOUT_HTTP_REQUEST = 16  # `timeout http_request`: a request head not complete in time (408)
 F_TIMEOUT_TUNNEL = 17  # `timeout tunnel`: a tunnel (tcp mode, upgraded http) gone quiet
 F_SIZE = 32

@@ -102,10 +102,17 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
 
     commands: asyncio.Queue[tuple] = asyncio.Queue()
     serving: Serving | None = None
+    early: list[tuple] = []  # state changes that came before there was anything to apply them to
 
     def on_message(msg: tuple) -> None:
         if msg[0] == "state":
-            serving.apply(*msg[1:])
+            if serving is None:
+                early.append(msg)
+            else:
+                serving.apply(*msg[1:])
+        elif msg[0] == "reopen":  # SIGUSR1 to the master: log rotation
+            if serving is not None:
+                serving.reopen_log()
         else:  # drain, stop or abort
             commands.put_nowait(msg)
 
@@ -120,9 +127,13 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
     admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], settings.maxconn),
                           clients)
     serving = Serving(loop, built, admission)
+    for msg in early:  # (a check that changed a server while this worker was starting)
+        serving.apply(*msg[1:])
+    early.clear()
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
     await serving.listen(socks, init["backlog"])
     loop.add_signal_handler(signal.SIGTERM, commands.put_nowait, ("stop", config.settings.grace))
+    loop.add_signal_handler(signal.SIGUSR1, serving.reopen_log)  # (sent to a worker itself)
     channel.send(("ready", os.getpid()))
     msg = await commands.get()
     while msg[0] != "abort":
@@ -136,21 +147,24 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
         await asyncio.wait([finishing, getting], return_when=asyncio.FIRST_COMPLETED)
         if finishing.done():
             getting.cancel()
-            cut = finishing.result()
-            if cut:
-                log.warning("%d connections cut: the %s period ended", cut,
-                            "hard_stop_after" if kind == "drain" else "grace")
+            _say_cut(*finishing.result(), "the %s period ended" % (
+                "hard_stop_after" if kind == "drain" else "grace"))
             break
         finishing.cancel()
         msg = getting.result()  # a stop during a drain, or an abort
     else:
-        cut = serving.abort()
-        if cut:
-            log.warning("%d connections cut: stopped at once", cut)
+        _say_cut(*serving.abort(), "stopped at once")
     serving.close()
     channel.close()
     await asyncio.sleep(0)
     return 0
+
+
+def _say_cut(connections: int, requests: int, why: str) -> None:
+    if connections:
+        log.warning("%s: cut %d request%s in flight and %d connection%s", why, requests,
+                    "" if requests == 1 else "s", connections,
+                    "" if connections == 1 else "s")
 
 
 if __name__ == "__main__":

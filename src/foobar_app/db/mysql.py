@@ -323,6 +323,13 @@ class MysqlNode:
             conn.raw.close()
         self.pool.release(conn.raw)
 
+    def pool_use(self) -> tuple[int, int, int]:
+        """(in use, idle, most) of the node's pool (connections are opened as needed)."""
+        pool = self.pool
+        if pool is None:
+            return 0, 0, self.options.pool_size
+        return pool.size - pool.freesize, pool.freesize, pool.maxsize
+
     def failed(self, why: str) -> None:
         """A connection to this node failed: stop using it until its next good check."""
         self.lost("down", why)

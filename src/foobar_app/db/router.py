@@ -128,7 +128,11 @@ class Session:
             return "primary"
         return "replica"
 
-    def _ran(self, node: Node) -> None:
+    def _ran(self, node: Node, statement: bool = True) -> None:
+        if statement:  # counted by role and node (the app's /metrics)
+            key = (node.role, node.name)
+            queries = self.router.queries
+            queries[key] = queries.get(key, 0) + 1
         self.roles.add(node.role)
         if self.trace is not None:
             self.trace.roles.add(node.role)
@@ -227,7 +231,7 @@ class Session:
                 self._broken.add(id(conn))
                 self._release()
                 raise PrimaryUnavailable(str(e), False) from None
-            self._ran(node)
+            self._ran(node, False)
         elif self.read_only:
             self._replica = await self.router._acquire_read(self._want(), set())
             node, conn = self._replica
@@ -237,7 +241,7 @@ class Session:
                 self._broken.add(id(conn))
                 self._release()
                 raise
-            self._ran(node)
+            self._ran(node, False)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
@@ -303,6 +307,7 @@ class Router:
         self.causal_reads = causal_reads
         self.causal_timeout = causal_timeout
         self._next = 0
+        self.queries: dict[tuple[str, str], int] = {}  # (role, node) -> statements run there
 
     @property
     def primary(self) -> Node:

@@ -150,6 +150,11 @@ class _Writer(_Node):
     def release(self, conn: _Conn, broken: bool = False) -> None:
         self.lock.release()
 
+    def pool_use(self) -> tuple[int, int, int]:
+        """(in use, idle, most): one connection."""
+        busy = int(self.lock.locked())
+        return busy, 1 - busy, 1
+
     async def close(self) -> None:
         await self.conn.close()
 
@@ -171,6 +176,11 @@ class _Readers(_Node):
 
     def release(self, conn: _Conn, broken: bool = False) -> None:
         self.free.put_nowait(conn)
+
+    def pool_use(self) -> tuple[int, int, int]:
+        """(in use, idle, most)."""
+        idle = self.free.qsize()
+        return len(self.conns) - idle, idle, len(self.conns)
 
     async def close(self) -> None:
         for c in self.conns:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from ...accesslog import PREFIX, RID_LINE, ids
 from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend, Route
@@ -77,6 +78,8 @@ log = logging.getLogger("foobar_lb.http")
 
 
 HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
+# the access log's termination state of the proxy's own answers, by status (see _send_error)
+_TERMS = {408: "cR", 500: "IR", 502: "SH", 503: "SC", 504: "sH"}
 
 
 class _Stop(Exception):
@@ -92,6 +95,14 @@ _EXT_ABUSE = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+[ \t]*;[^\r\n]{4096}")
 _LOOSE_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:  | [^ \r\n]+  )")
 _TOKEN_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/")
 _WELL_FORMED_VERSION = re.compile(rb"[^ ]+ [^ ]+ HTTP/[0-9]\.[0-9]\r\n")
+
+
+def _status(r: Exchange) -> int:
+    """The status of a response cut short (for the access log): 0 when none went out."""
+    if not r.responded:
+        return 0
+    conn = r.conn
+    return conn.status if conn is not None else getattr(r, "status", 0)
 
 
 def _llhttp_status(e: httptools.HttpParserError, r: Exchange | None, data: bytes) -> int:
@@ -131,6 +142,7 @@ class HttpSession(ClientSide):
         "idle_since",
         "last_rx",
         "lb",
+        "log_client",  # the access log's client address (set by it, when it is on)
         "loop",
         "mode",
         "own_pool",
@@ -218,12 +230,41 @@ class HttpSession(ClientSide):
         self._ended()
         if self.own_pool is not None:
             self.own_pool.close_all()
+        if self.fe.alog is not None and (self.q or self.parsing is not None):
+            self._log_unfinished()
         for r in self.q:
             r.detach()
             r.release_server()
         self.q.clear()
         self.parsing = None
         self.parser = None
+
+    def _log_unfinished(self) -> None:
+        """The connection ends with requests unanswered (or a tunnel): one access log line
+        each (a request logged already is not logged again)."""
+        alog = self.fe.alog
+        killed = getattr(self.lb, "cutting", False)  # the stop's grace period ran out
+        who = "K" if killed else "C"
+        for i, r in enumerate(self.q):
+            if i == 0 and self.mode == MODE_TUNNEL and r.responded:
+                alog(r, 101, who + "D" if killed else "--")
+                continue
+            conn = r.conn
+            status = _status(r)
+            if i or not r.complete:
+                phase = "R"
+            elif self.waiter is not None:
+                phase = "Q"
+            elif r.server is not None and conn is None:
+                phase = "C"
+            elif not r.responded:
+                phase = "H"
+            else:
+                phase = "D"
+            alog(r, status, who + phase)
+        r = self.parsing
+        if r is not None and r not in self.q and (r.url or r.head_done):
+            alog(r, 0, who + "R")
 
     def eof_received(self) -> bool:
         # a client may half-close after its request and still read the response
@@ -390,7 +431,8 @@ class HttpSession(ClientSide):
         r.headers = None
         r.backend = route.backend
         r.route = route
-        r.head = b"".join((line, self.xff_line, self.cert_line, route.req_add))
+        r.head = b"".join((line, self.xff_line, RID_LINE, b"%x" % next(ids), CRLF, self.cert_line,
+                           route.req_add))
         self.q.append(r)
         self._start(r, now)
         # (complete only now, as on the full path: an answer of ours given at once closes)
@@ -459,7 +501,8 @@ class HttpSession(ClientSide):
         if self.xff_trust is not None:  # the peer is a trusted proxy: the client is in XFF
             self._trusted_client(fields)
         r.head, chunked, body, r.upgrade, r.needs_host, expect = request_head(
-            method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip)
+            method, url, http11, fields, parser.should_upgrade(), route, authority, self.xff_ip,
+            b"%s%x" % (PREFIX, next(ids)))
         if self.cert_line:  # (where the simple path puts it: before the route's lines)
             n = len(route.req_add)
             r.head = r.head[:-n] + self.cert_line + r.head[-n:]
@@ -574,8 +617,9 @@ class HttpSession(ClientSide):
         if outcome:  # not assigned: queued, or nothing up, or the queue is full too
             if outcome == QUEUED:
                 self.waiter = got
+                r.t_wait = now or self.last_rx
             else:
-                self._send_error(r, 503)
+                self._send_error(r, 503, "SC")
             return
         server = got
         if r.idempotent and not r.upgrade:
@@ -585,6 +629,7 @@ class HttpSession(ClientSide):
             conn = be.pool.acquire(server.pool_key, now)
             if conn is not None:
                 r.server = server
+                r.t_queue = now
                 r.attempts += 1
                 conn.reused = True
                 r.attach(conn, now)
@@ -599,7 +644,7 @@ class HttpSession(ClientSide):
                 r.backend.release(server)
             return
         if server is None:
-            self._send_error(r, 503)
+            self._send_error(r, 503, "sQ")  # the queue timed out
         else:
             self._use(r, server)
 
@@ -609,6 +654,7 @@ class HttpSession(ClientSide):
         if not now:
             now = self.loop.time()
         r.server = server
+        r.t_queue = now
         r.attempts += 1
         conn = None
         # http-reuse safe: a request that is not idempotent gets a fresh server connection; an
@@ -652,7 +698,16 @@ class HttpSession(ClientSide):
             return True
         if outcome == QUEUED:
             self.waiter = got
+            r.t_wait = self.loop.time()
+            if why:
+                log.info("retrying %s %s: server %s/%s failed (%s), waiting for a free server",
+                         r.method.decode("latin-1"), r.url.decode("latin-1")[:200],
+                         r.backend.name, avoid.name if avoid is not None else "?", why)
             return True
+        if why:
+            log.info("not retrying %s %s: server %s/%s failed (%s), no other server to try",
+                     r.method.decode("latin-1"), r.url.decode("latin-1")[:200], r.backend.name,
+                     avoid.name if avoid is not None else "?", why)
         return False
 
     async def _connect(self, r: Exchange, server: Server) -> None:
@@ -716,13 +771,17 @@ class HttpSession(ClientSide):
             be.observe_error(server, reason, layer7=timeout or r.got_response)
         r.release_server()
         if r.responded:
+            alog = self.fe.alog
+            if alog is not None:
+                alog(r, _status(r), "sD" if timeout else "SD")
             self._abort()  # part of the response went out: the client must see it broke
             return
         if r.got_response:
-            self._send_error(r, 502)
+            self._send_error(r, 502, "sH" if timeout else (
+                "PH" if "invalid" in reason or "too large" in reason else "SH"))
             return
         if timeout:
-            self._send_error(r, 504)
+            self._send_error(r, 504, "sH")
             return
         if stale and replayable and server is not None:
             # a pooled connection the server had closed meanwhile: not the server's fault and
@@ -731,7 +790,7 @@ class HttpSession(ClientSide):
             r.attempts -= 1
             if self._again(r, prefer=server, fresh=True):
                 return
-            self._send_error(r, 503)
+            self._send_error(r, 503, "SC")
             return
         # may it go again? no request byte reached a server, or it is idempotent and whole
         if (not connected or replayable) and r.attempts <= be.retries:
@@ -739,7 +798,10 @@ class HttpSession(ClientSide):
                 r.replay_body()
             if self._again(r, avoid=server, why=reason):
                 return
-        self._send_error(r, 503 if not connected else 502)
+        if connected:
+            self._send_error(r, 502, "SH")
+        else:
+            self._send_error(r, 503, "sC" if reason == "connection timeout" else "SC")
 
     # -- responses ------------------------------------------------------------------------------
     def response_done(self, r: Exchange, now: float) -> None:
@@ -769,12 +831,16 @@ class HttpSession(ClientSide):
             if self.th is None or self.th_when > when:
                 self._arm(when)
 
-    def _send_error(self, r: Exchange, status: int) -> None:
-        """Answer `r` ourselves (it must be the active request, with no response sent)."""
+    def _send_error(self, r: Exchange, status: int, term: str = "") -> None:
+        """Answer `r` ourselves (it must be the active request, with no response sent).
+        `term`: the access log's termination state (default: from the status)."""
         r.release_server()
         r.detach()
         transport = self.transport
+        alog = self.fe.alog
         if transport is None or transport.is_closing():
+            if alog is not None:  # the client is gone: nothing to answer
+                alog(r, 0, "CR" if not r.complete else "CQ")
             return
         r.responded = True
         fe = self.fe
@@ -789,6 +855,9 @@ class HttpSession(ClientSide):
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
         transport.write(answer)
         fe.ctr[fe.o_bout] += len(answer)
+        if alog is not None:
+            r.bytes_out += len(answer)
+            alog(r, status, term or _TERMS.get(status, "PR"))
         if keep:
             self.response_done(r, self.loop.time())
         else:
@@ -805,6 +874,8 @@ class HttpSession(ClientSide):
         q = self.q
         if q and q[0] is r:  # the active request went wrong in its body
             if r.responded:
+                if self.fe.alog is not None:
+                    self.fe.alog(r, _status(r), "PD")
                 self._abort()
             else:
                 self._send_error(r, status)
@@ -902,6 +973,9 @@ class HttpSession(ClientSide):
             self._reject(408)
         else:  # the client stopped reading, or the tunnel went quiet
             fe.ctr[fe.cbase + (F_TIMEOUT_CLIENT if what == 3 else F_TIMEOUT_TUNNEL)] += 1
+            if self.q and self.fe.alog is not None:
+                r = self.q[0]
+                self.fe.alog(r, 101 if what == 4 else _status(r), "cD")
             self._abort()
             if self.q:
                 self.q[0].detach()

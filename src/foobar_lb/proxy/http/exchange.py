@@ -53,6 +53,7 @@ class Exchange:
         "backend",
         "body_size",
         "buffering",
+        "bytes_out",
         "chunked",
         "complete",
         "conn",
@@ -76,10 +77,16 @@ class Exchange:
         "route",
         "s",
         "server",
+        # (these are set where they happen, not in __init__: the access log reads them with getattr)
+        "status",  # a response cut short: the status that went out
         "t0",
-        "t_connect",  # loop time a server connection took it (set by `attach`)
-        "t_head",  # loop time its response head arrived (set by the server side)
+        "t_connect",  # the server connection was ready (attach)
+        "t_head",  # the response head arrived
+        "t_queue",  # a server was assigned (the last attempt's)
+        "t_wait",  # the request began waiting in a backend queue
+        "term",  # the access log's termination state, once logged
         "trailers",
+        "tried",  # the last server whose slot was given back
         "upgrade",
         "url",
     )
@@ -111,6 +118,7 @@ class Exchange:
         self.buffering = 0  # 1: a body to buffer before a server is engaged; 2: and 100 to send
         self.got_response = False  # a byte of the response arrived from the server
         self.responded = False  # a byte of the response went to the client
+        self.bytes_out = 0  # bytes of the response that went to the client
 
     # -- the client side's calls ----------------------------------------------------------------
     def attach(self, conn: UpstreamHttp, now: float) -> None:
@@ -197,6 +205,7 @@ class Exchange:
         server = self.server
         if server is not None:
             self.server = None
+            self.tried = server
             self.backend.release(server)
 
     def pause_server(self) -> None:
@@ -228,15 +237,16 @@ class Exchange:
             return
         if len(out) == 1:
             data = out[0]
-            t.write(data)
             n = len(data)
+            t.write(data)
         elif len(out[-1]) < 8192:
             data = b"".join(out)
-            t.write(data)
             n = len(data)
+            t.write(data)
         else:
-            t.writelines(out)
             n = sum(map(len, out))
+            t.writelines(out)
+        self.bytes_out += n
         fe = s.fe
         fe.ctr[fe.o_bout] += n
 
@@ -248,6 +258,8 @@ class Exchange:
         """The whole response went to the client; `conn` has unlinked itself."""
         if self.conn is conn:
             self.conn = None
+        if self.route.alog is not None:  # (the access log: off, this is all it costs)
+            self.route.alog(self, conn.status, "--")
         self.s.response_done(self, conn.last_rx)
 
     def fail(self, conn: UpstreamHttp, reason: str, timeout: bool = False) -> None:
@@ -255,6 +267,8 @@ class Exchange:
         unlinked itself. The client session retries or answers."""
         if self.conn is conn:
             self.conn = None
+        if self.responded:
+            self.status = conn.status  # (for the access log)
         self.s.attempt_failed(self, conn.reused, reason, connected=True, timeout=timeout)
 
     def pause_client(self) -> None:

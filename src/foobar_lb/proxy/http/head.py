@@ -89,7 +89,7 @@ def tokens(value: bytes) -> list[bytes]:
 
 
 # what a request field means to us (looked up by lower-case name)
-_H_HOST, _H_CONNECTION, _H_TE, _H_EXPECT, _H_UPGRADE, _H_CL, _H_H2 = range(7)
+_H_HOST, _H_CONNECTION, _H_TE, _H_EXPECT, _H_UPGRADE, _H_CL, _H_H2, _H_RID = range(8)
 _SPECIAL = {
     b"host": _H_HOST,
     b"connection": _H_CONNECTION,
@@ -98,7 +98,10 @@ _SPECIAL = {
     b"upgrade": _H_UPGRADE,
     b"content-length": _H_CL,
     b"http2-settings": _H_H2,
+    b"x-request-id": _H_RID,
 }
+# a client's X-Request-ID is kept when it is one field of 1 to 128 of these characters
+VALID_RID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _CONN_PLAIN = (b"close", b"keep-alive", b"upgrade")
 
 
@@ -138,13 +141,16 @@ def request_target(url: bytes, host_field: bytes | None) -> tuple[bytes | None, 
 
 def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[bytes, bytes]],
                  upgrade_flag: bool, route, authority: bytes | None,
-                 xff_ip: bytes | None) -> tuple[bytes, bool, bool, bool, bool, bool]:
+                 xff_ip: bytes | None,
+                 rid: bytes | None = None) -> tuple[bytes, bool, bool, bool, bool, bool]:
     """The head sent to the server for a request llhttp accepted, or HeadError.
 
     `route`: the frontend/backend pair's precomputed route (`frontend.Route`: fields to drop,
     lines to add, limits). `authority`: the target's, for an absolute-form request (it becomes
     the Host). `xff_ip`: the client address to append to X-Forwarded-For (None: the field is
-    passed on as it came, if at all).
+    passed on as it came, if at all). `rid`: a fresh request id: the head gets
+    `X-Request-ID: rid`, or the client's own when it sent one valid field (`VALID_RID`); a
+    client's X-Request-ID fields are never passed on as they came.
 
     Returns (head, chunked, body, upgrade, needs_host, expect_continue): the head ends with its
     empty line; `body`: a body follows (chunked, or a content-length above 0); `upgrade`: a
@@ -170,6 +176,7 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
     upgrade = None
     xff = None
     cl = None
+    nrid = 0  # (their_rid: set with it)
     parts = [method, b" ", url, b" HTTP/1.1\r\n"]
     special = _SPECIAL
     for name, value in fields:
@@ -197,6 +204,10 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
                 continue
             elif kind == _H_H2:
                 raise HeadError(400, "HTTP2-Settings (h2c upgrade)")
+            elif kind == _H_RID:
+                their_rid = value
+                nrid += 1
+                continue
             else:  # content-length: llhttp refused bad values, duplicates and CL with TE
                 cl = value
         elif low == xff_low:
@@ -269,6 +280,10 @@ def request_head(method: bytes, url: bytes, http11: bool, fields: list[tuple[byt
         parts += (route.xff, b": ", xff_ip if xff is None else xff + b", " + xff_ip, CRLF)
     elif xff is not None:
         parts += (route.xff, b": ", xff, CRLF)
+    if nrid == 1 and VALID_RID.fullmatch(their_rid):
+        rid = their_rid
+    if rid is not None:  # (where the simple path writes it too: client.HttpSession._simple)
+        parts += (b"X-Request-ID: ", rid, CRLF)
     parts.append(route.req_add)  # x-forwarded-proto and the header rules' lines, then CRLF
     return (b"".join(parts), chunked, chunked or (cl is not None and cl.strip() != b"0"),
             is_upgrade, nhost == 0 and authority is None, expect_continue)

@@ -359,6 +359,7 @@ class UpstreamHttp(LazyTimer):
             self.body_off = -1
             return
         self.status = status
+        r.t_head = t = self.last_rx
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
         # counted: the response's class, and the time since the request went out (the server's
@@ -366,7 +367,6 @@ class UpstreamHttp(LazyTimer):
         server = self.server
         ctr = server.ctr
         ctr[server.fcls[r.route.fi] + status // 100] += 1
-        r.t_head = t = self.last_rx
         t -= r.t_connect
         ctr[server.hrt + bisect_left(server.hb, t)] += 1
         ctr[server.hrs] += int(t * 1e6)
