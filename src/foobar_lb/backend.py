@@ -14,12 +14,13 @@ import logging
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .balancing import Balancer
-from .config import BackendConfig
+from .config import BackendConfig, ServerConfig
 from .proxy.upstream import Pool
-from .servers import Server, State
+from .servers import Admin, Server, State
 from .shared import B_QUEUED, B_SIZE, B_TIMEOUT_QUEUE, S_REDISPATCHES, S_REQUESTS, S_RETRIES
 
 __all__ = ["ASSIGNED", "FULL", "NO_SERVER", "QUEUED", "Backend", "Waiter"]
@@ -278,6 +279,54 @@ class Backend:
             self._fail_queue()
         elif self.queue:
             self._serve_queue()
+
+    def _after_change(self, server: Server) -> None:
+        if not server.usable:
+            self.pool.drop(server)
+        if not self.balancer.any_up():
+            self._fail_queue()
+        elif self.queue:
+            self._serve_queue()
+
+    # -- run-time changes (the runtime API, decided by the master) ----------------------------
+    def apply_admin(self, server: Server, admin: Admin) -> None:
+        """The operator's ready, drain or maint: in or out of rotation. Requests in flight
+        and open connections are left to finish."""
+        if server.admin is admin:
+            return
+        self.balancer.set_admin(server, admin)
+        self._after_change(server)
+
+    def apply_weight(self, server: Server, weight: int) -> None:
+        if server.weight == weight:
+            return
+        self.balancer.set_weight(server, weight)
+        self.cfg = replace(self.cfg, servers=tuple(
+            replace(c, weight=weight) if c.name == server.name else c for c in self.cfg.servers))
+        self._after_change(server)
+
+    def add_server(self, server: Server, cfg: ServerConfig) -> None:
+        """A server added at run time (its counters, state and admin state already set)."""
+        self.servers.append(server)
+        self.by_name[server.name] = server
+        self.cfg = replace(self.cfg, servers=(*self.cfg.servers, cfg))
+        self.balancer.add(server)
+        if self.queue and server.usable:
+            self._serve_queue()
+
+    def remove_server(self, server: Server) -> None:
+        """Out of this backend at once: no new traffic. What it has in flight keeps its
+        reference and ends as usual (`release`)."""
+        if self.by_name.get(server.name) is not server:
+            return
+        del self.by_name[server.name]
+        self.servers.remove(server)
+        self.cfg = replace(self.cfg, servers=tuple(
+            c for c in self.cfg.servers if c.name != server.name))
+        self.balancer.remove(server)
+        self.pool.drop(server)  # (again once its requests in flight are done)
+        if not self.balancer.any_up():
+            self._fail_queue()
 
     # -- passive observation ----------------------------------------------------------------
     def observe_error(self, server: Server, what: str, layer7: bool = False) -> None:

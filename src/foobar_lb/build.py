@@ -2,8 +2,9 @@
 
 Rule of this module: it turns pure data (`config.Config`) into the objects the proxies use,
 and for a reload (`build(new, previous)`) carries over what must survive it: each server's
-state, check counters and last check result, by (backend, server name); counters survive by
-name through the shared `Layout`. It binds no socket, starts no task and runs no check.
+state, check counters, last check result and the operator's admin state (drain, maint), by
+(backend, server name); counters survive by name through the shared `Layout`. It binds no
+socket, starts no task and runs no check.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from .backend import Backend
 from .config import Config
 from .frontend import Frontend
-from .servers import Server, State
+from .servers import Admin, Server, State
 from .shared import (
     F_1XX,
     F_BYTES_IN,
@@ -27,7 +28,7 @@ from .shared import (
     Layout,
 )
 
-__all__ = ["Built", "attach_counters", "build"]
+__all__ = ["Built", "attach_counters", "build", "prepare_server"]
 
 
 @dataclass(slots=True)
@@ -44,28 +45,15 @@ class Built:
 def build(config: Config, previous: Built | None = None, *, layout: Layout, counters: Counters,
           observer: Any = None,
           slots: Callable[[str, Server], Any] | None = None,
-          states: dict[tuple[str, str], tuple[str, int]] | None = None) -> Built:
+          states: dict[tuple[str, str], tuple] | None = None) -> Built:
     """`slots(backend, server)`: the group-wide slots of a server with maxconn (None: counted in
-    this process); `states`: (state, health) by (backend, server), as the master knows them."""
+    this process); `states`: (state, health[, admin]) by (backend, server), as the master
+    knows them."""
     cells = counters.cells
 
     def prepare(server: Server) -> None:
-        attach_counters(server, config, layout, cells)
-        if slots is not None and server.maxconn:
-            server.slots = slots(server.backend, server)
-        old = previous.server(server.backend, server.name) if previous is not None else None
-        if old is not None:
-            server.state = old.state
-            server.health = old.health
-            server.check_status = old.check_status
-            server.errors = old.errors
-            server.last_change = old.last_change
-            if server.check is None and old.state is State.DOWN:
-                server.state = State.UP  # its check was removed: nothing would bring it back
-        known = states.get((server.backend, server.name)) if states else None
-        if known is not None:
-            server.state = State(known[0])
-            server.health = known[1]
+        prepare_server(server, config=config, layout=layout, counters=counters, slots=slots,
+                       previous=previous, states=states)
 
     backends = {name: Backend(b, observer, prepare) for name, b in config.backends.items()}
     for name, be in backends.items():
@@ -120,3 +108,32 @@ def attach_counters(server: Server, config: Config, layout: Layout, cells) -> No
     server.hrs = server.hrt + server.hn
     server.hct = layout.histogram("connect", be, name, bounds)
     server.hqt = layout.histogram("queue", be, name, bounds)
+
+
+def prepare_server(server: Server, *, config: Config, layout: Layout, counters: Counters,
+                   slots: Callable[[str, Server], Any] | None = None,
+                   previous: Built | None = None,
+                   states: dict[tuple[str, str], tuple] | None = None) -> None:
+    """Make `server` ready for its backend: its counters (offsets by name from `layout`), its
+    group-wide slots, and what survives from `previous` or is known in `states`. A server
+    added at run time goes through here too, in the master and in each worker (with the
+    master's layout), so its counters are where the master reads them."""
+    attach_counters(server, config, layout, counters.cells)
+    if slots is not None and server.maxconn:
+        server.slots = slots(server.backend, server)
+    old = previous.server(server.backend, server.name) if previous is not None else None
+    if old is not None:
+        server.state = old.state
+        server.health = old.health
+        server.check_status = old.check_status
+        server.errors = old.errors
+        server.last_change = old.last_change
+        server.admin = old.admin
+        if server.check is None and old.state is State.DOWN:
+            server.state = State.UP  # its check was removed: nothing would bring it back
+    known = states.get((server.backend, server.name)) if states else None
+    if known is not None:
+        server.state = State(known[0])
+        server.health = known[1]
+        if len(known) > 2:
+            server.admin = Admin(known[2])

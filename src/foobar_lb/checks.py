@@ -11,6 +11,8 @@ Rules of this module:
 - when told to (`on_body`, set by the alerts), an http GET check also reads the answer's body
   (at most 64 KiB, within the check's timeout) and hands it over after the result: how the
   alerts learn what an app server's `/health` says. The body never changes the check's result.
+- a server in maintenance (`Admin.MAINT`) is not checked: its checks are paused until it is
+  ready again.
 It never imports the backend, never changes a state itself and never relays traffic.
 """
 
@@ -73,8 +75,14 @@ class Checks:
 
     def start(self, backend: Any, spawn) -> None:
         for server in backend.servers:
-            if server.check is not None and server not in self.tasks:
-                self.tasks[server] = spawn(self._run(backend, server))
+            self.start_one(backend, server, spawn)
+
+    def start_one(self, backend: Any, server: Server, spawn, first: float | None = None) -> None:
+        """Check `server` from now on (unless it has no check, is checked already or is in
+        maintenance); `first`: seconds to its first check (default: a random point of the
+        first interval)."""
+        if server.check is not None and server not in self.tasks and server.admin != "maint":
+            self.tasks[server] = spawn(self._run(backend, server, first))
 
     def stop(self, servers=None) -> None:
         """Stop the checks of `servers` (default: all)."""
@@ -84,11 +92,14 @@ class Checks:
                 task.cancel()
             self.wakeups.pop(server, None)
 
-    async def _run(self, backend: Any, server: Server) -> None:
+    async def _run(self, backend: Any, server: Server, first: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         wake = self.wakeups[server] = asyncio.Event()
         # the first check of each server at a random point of the first interval
-        await self._sleep(wake, self.rng.uniform(0, self._interval(server, jitter=False)), server)
+        if first is None:
+            first = self.rng.uniform(0, self._interval(server, jitter=False))
+        if first > 0:
+            await self._sleep(wake, first, server)
         while True:
             t0 = loop.time()
             on_body = self.on_body

@@ -1,8 +1,9 @@
-"""Command line: `python -m foobar_lb serve|check|reload|stats`.
+"""Command line: `python -m foobar_lb serve|check|reload|stats|admin`.
 
 Rule of this module: parse arguments, load configuration, hand over to the master (`serve`) or
-talk to a running one (`reload`, `stats`); report user mistakes as one line on stderr with exit
-status 2 and never a traceback. It does no work itself.
+talk to a running one (`reload`, `stats` through the control socket; `admin` through the
+admin listener's runtime API); report user mistakes as one line on stderr with exit status 2
+and never a traceback. It does no work itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .balancing import algorithm_names
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="print a running group's servers and counters as JSON")
     stats.add_argument("--pid-file", metavar="PATH", required=True)
+
+    _admin_parser(sub)
     return p
 
 
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(reply.get("message", "reload failed"))
         say(f"{PROG}: {reply.get('message')}")
         return 0
+    if args.command == "admin":
+        return _admin(args)
     if args.command == "stats":
         reply = _talk(args.pid_file, "stats")
         if reply is None:
@@ -209,3 +215,184 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.source is None:  # the quick form: name the option, not the generated key
             return _fail(f'command line: --bind "{e.address}": cannot listen: {e.reason}')
         return _fail(f"{cfg.source}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# `admin`: the runtime API from the shell (urllib; every state-changing request is JSON)
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8404"
+
+
+def _admin_parser(sub: Any) -> None:
+    admin = sub.add_parser(
+        "admin", help="see and change a running group's servers (the runtime API)",
+        description="Talks to the admin listener ([admin] bind). The token comes from --token or "
+                    "the environment variable FOOBAR_ADMIN_TOKEN.")
+    admin.add_argument("--url", default=DEFAULT_ADMIN_URL,
+                       help=f"the admin listener (default {DEFAULT_ADMIN_URL})")
+    admin.add_argument("--token", help="its token (default: $FOOBAR_ADMIN_TOKEN)")
+    # --url and --token after the action too (`admin servers --url ...`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    acts = admin.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    servers = acts.add_parser("servers", parents=[common],
+                              help="every backend's servers: state, admin state, weight, counters")
+    servers.add_argument("--json", action="store_true", help="the API's JSON as it comes")
+    st = acts.add_parser("set", parents=[common], help="drain, maint or ready a server, or set its weight")
+    st.add_argument("backend")
+    st.add_argument("server")
+    st.add_argument("--state", choices=("ready", "drain", "maint"))
+    st.add_argument("--weight", type=int, metavar="N")
+    add = acts.add_parser("add", parents=[common],
+                          help="add a server (checked before it takes traffic when its backend "
+                               "has checks)")
+    add.add_argument("backend")
+    add.add_argument("server")
+    add.add_argument("address", help="host:port")
+    add.add_argument("--weight", type=int, default=1, metavar="N")
+    add.add_argument("--backup", action="store_true")
+    rm = acts.add_parser("remove", parents=[common],
+                         help="drain a server, then remove it once its requests in flight are done")
+    rm.add_argument("backend")
+    rm.add_argument("server")
+    ck = acts.add_parser("check", parents=[common], help="check a server now (exit 1 when the check fails)")
+    ck.add_argument("backend")
+    ck.add_argument("server")
+    acts.add_parser("reload", parents=[common], help="re-read the configuration file")
+
+
+class _AdminError(Exception):
+    pass
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None,
+          timeout: float = 60.0) -> tuple[int, Any]:
+    """(status, JSON answer) of one request to the runtime API; _AdminError with one line when
+    it could not be asked or answered with an error."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = args.url.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    headers = {"Accept": "application/json"}
+    token = args.token or os.environ.get("FOOBAR_ADMIN_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if method != "GET":
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except urllib.error.URLError as e:
+        reason = e.reason
+        why = (reason.strerror or str(reason)) if isinstance(reason, OSError) else str(reason)
+        raise _AdminError(f"{base}: cannot reach the admin listener: {why.lower()}") from None
+    except (OSError, ValueError) as e:  # a timeout, a malformed URL
+        raise _AdminError(f"{base}: {e}") from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        text = raw.decode(errors="replace").strip().splitlines()
+        raise _AdminError(text[0] if text else f"{base}{path}: HTTP {status}") from None
+    if status >= 400 and isinstance(answer, dict) and "error" in answer:
+        raise _AdminError(str(answer["error"]))
+    return status, answer
+
+
+def _server_path(args: argparse.Namespace) -> str:
+    from urllib.parse import quote
+
+    return f"/api/backends/{quote(args.backend, safe='')}/servers/{quote(args.server, safe='')}"
+
+
+def _line(be: str, s: dict[str, Any]) -> str:
+    extra = " (backup)" if s.get("backup") else ""
+    extra += " (added at run time)" if s.get("runtime") else ""
+    return (f"{be}/{s['name']} {s['address']}: state {s['state']}, admin {s['admin']}, "
+            f"weight {s['weight']}{extra}")
+
+
+def _table(answer: dict[str, Any]) -> str:
+    rows = [("BACKEND", "SERVER", "ADDRESS", "STATE", "ADMIN", "WEIGHT", "CURRENT", "REQUESTS",
+             "CHECK")]
+    for be in answer.get("backends", []):
+        for s in be.get("servers", []):
+            check = s.get("check")
+            if isinstance(check, dict):
+                check = check.get("status")
+            requests = s.get("sessions", s.get("requests"))
+            flags = ("*" if s.get("runtime") else "") + (" (backup)" if s.get("backup") else "")
+            rows.append((be["name"], s["name"] + flags, s["address"], s["state"], s["admin"],
+                         str(s["weight"]), _dash(s.get("current")), _dash(requests),
+                         check or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]
+           for r in rows]
+    if any(s.get("runtime") for be in answer.get("backends", []) for s in be.get("servers", [])):
+        out.append("* added at run time (kept by a reload, lost by a restart)")
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    try:
+        return _admin_action(args)
+    except _AdminError as e:
+        return _fail(str(e))
+
+
+def _admin_action(args: argparse.Namespace) -> int:
+    act = args.action
+    if act is None:
+        return _fail("admin: say what to do: servers, set, add, remove, check or reload")
+    if act == "servers":
+        _, answer = _call(args, "GET", "/api/backends")
+        say(json.dumps(answer, indent=2) if args.json else _table(answer))
+        return 0
+    if act == "set":
+        if args.state is None and args.weight is None:
+            return _fail("admin set: give --state ready|drain|maint and/or --weight N")
+        body: dict[str, Any] = {}
+        if args.state is not None:
+            body["state"] = args.state
+        if args.weight is not None:
+            body["weight"] = args.weight
+        _, s = _call(args, "POST", _server_path(args), body)
+        say(_line(args.backend, s))
+        return 0
+    if act == "add":
+        body = {"address": args.address, "weight": args.weight, "backup": args.backup}
+        _, s = _call(args, "PUT", _server_path(args), body)
+        say(f"added {_line(args.backend, s)}")
+        return 0
+    if act == "remove":
+        _, answer = _call(args, "DELETE", _server_path(args), timeout=600.0)
+        say(answer.get("message", "removed"))
+        return 0
+    if act == "check":
+        _, answer = _call(args, "POST", _server_path(args) + "/check")
+        took = answer.get("duration") or 0.0
+        counted = "" if answer.get("counted") else " (no check configured: a TCP connect, " \
+                                                    "not counted)"
+        s = answer.get("server", {})
+        say(f"{args.backend}/{args.server}: {answer.get('status')} ({took * 1000:.0f}ms){counted}; "
+            f"state {s.get('state')}, admin {s.get('admin')}")
+        return 0 if answer.get("ok") else 1
+    # reload
+    _, answer = _call(args, "POST", "/api/reload", {}, timeout=120.0)
+    if not answer.get("ok"):
+        return _fail(answer.get("message", "reload failed"))
+    say(f"{PROG}: {answer.get('message')}")
+    return 0

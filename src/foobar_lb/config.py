@@ -270,6 +270,7 @@ class BackendConfig:
     pool_max_idle: int = 1024  # idle kept-alive connections per server
     pool_idle_timeout: float = 5.0
     tls: ServerTls | None = None  # TLS to the servers (a server's own `tls` wins)
+    check: CheckConfig | None = None  # the backend's own `check` (servers added at run time)
 
 
 def default_backlog() -> int:
@@ -987,6 +988,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults,
         pool_max_idle=0 if reuse == "never" else t.get("pool_max_idle", _int(0, 100000), 1024),
         pool_idle_timeout=t.get("pool_idle_timeout", _duration, 5.0),
         tls=be_tls,
+        check=check,
     )
 
 

@@ -9,6 +9,11 @@ Rules of this module:
   traffic comes back to it as events;
 - group-wide limits (server and global `maxconn`) are semaphores in memory it shares with the
   workers; counters are per-worker memory it sums when read and folds in when a worker ends;
+- the runtime API's changes (admin states, weights, servers added and removed: `adminapi.py`
+  asks, the methods under "run-time changes" decide) are pushed to every worker like state
+  changes, and new workers are built from the master's current view, so a crash replacement
+  or a reload's workers start with them; a reload keeps servers added at run time that the
+  file does not name, and every admin state;
 - reload (SIGHUP or the control socket): validate the file, bind what is new, start new
   workers and wait until they serve, then tell the old ones to drain; a bad file or a failed
   start changes nothing. A worker that dies is replaced at once. Stop (SIGTERM, SIGINT): every
@@ -30,20 +35,29 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .alerts import Alerts
 from .alerts import unrunnable as alerts_unrunnable
 from .balancing import algorithm_names
-from .build import Built, build
+from .build import Built, build, prepare_server
 from .channel import Channel, encode
 from .checks import Checks
-from .config import Config, ConfigError, load_config
+from .config import (
+    Address,
+    BackendConfig,
+    CheckConfig,
+    Config,
+    ConfigError,
+    ServerConfig,
+    load_config,
+)
 from .limits import ClientTable
 from .listeners import ListenError, bind_config, check_managed_ports, key_of
 from .managed import Supervisor, expand_command, unrunnable, uses_data_dir
 from .metrics import CheckInfo, RateMeter, fill_stats
-from .servers import State
+from .servers import Admin, Server, State
 from .shared import (
     COUNTER_BYTES,
     F_1XX,
@@ -65,7 +79,7 @@ from .tls import check_config as check_tls
 if TYPE_CHECKING:
     from .admin import AdminServer
 
-__all__ = ["Master", "StartError", "control_path", "say"]
+__all__ = ["ChangeError", "Master", "StartError", "control_path", "say"]
 
 log = logging.getLogger("foobar_lb")
 PROG = "foobar-lb"
@@ -74,6 +88,16 @@ READY_TIMEOUT = 30.0  # new workers must say "ready" within this
 
 class StartError(Exception):
     """A mistake found at start-up (exit status 2, one message)."""
+
+
+class ChangeError(Exception):
+    """A run-time change that cannot be made: `kind` is "unknown" (no such backend or
+    server), "conflict" (the name is taken, or being removed) or "invalid"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
 
 
 def say(text: str) -> None:
@@ -147,6 +171,7 @@ class Master:
         self.admin: AdminServer | None = None  # the admin listener ([admin] bind)
         self.ids: tuple[int, int] | None = None  # (uid, gid) the workers switch to
         self.young_deaths = 0  # workers in a row that died within a second of their start
+        self._init_runtime_changes()
 
     # -- start --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -201,6 +226,7 @@ class Master:
     def _build(self, cfg: Config, previous: Built | None) -> Built:
         sems = self.sems
         sems.slots(("maxconn",), cfg.settings.maxconn)
+        cfg = self._with_runtime_servers(cfg)
         built = build(cfg, previous, layout=self.layout, counters=self.own, observer=self.sm)
         for be in built.backends.values():
             for s in be.servers:
@@ -312,13 +338,20 @@ class Master:
         finally:
             child.close()
         w.pid = w.proc.pid
-        states = {(be.name, s.name): (s.state.value, s.health)
+        w.ready = self.loop.create_future()
+        w.channel = Channel(lambda msg, w=w: self._on_worker_message(w, msg),
+                            lambda w=w: w.ready.done() or w.ready.set_exception(
+                                EOFError(f"worker {w.id} (pid {w.pid}) exited")))
+        await self.loop.create_unix_connection(lambda: w.channel, sock=parent)
+        # from here on no await until it is in self.workers: its first message is the state
+        # of now (servers, states, admin states, weights), every later change is broadcast
+        states = {(be.name, s.name): (s.state.value, s.health, s.admin.value)
                   for be in self.built.backends.values() for s in be.servers}
         init = {
             "id": w.id,
             "master_pid": os.getpid(),
             "log_level": logging.getLevelName(logging.getLogger().level),
-            "config": cfg,
+            "config": self._worker_config(cfg),
             "sems_fd": self.sems.region.fd,
             "sems": self.sems.index,
             "counters_fd": w.counters.region.fd,
@@ -331,14 +364,7 @@ class Master:
             "backlog": cfg.settings.listen_backlog,
             "ids": self.ids,
         }
-        parent.setblocking(True)
-        parent.sendall(encode(init))
-        parent.setblocking(False)
-        w.ready = self.loop.create_future()
-        w.channel = Channel(lambda msg, w=w: self._on_worker_message(w, msg),
-                            lambda w=w: w.ready.done() or w.ready.set_exception(
-                                EOFError(f"worker {w.id} (pid {w.pid}) exited")))
-        await self.loop.create_unix_connection(lambda: w.channel, sock=parent)
+        w.channel.send(init)
         self.workers.append(w)
         self.spawn(self._watch(w))
         log.debug("started worker %d (pid %d)", w.id, w.pid)
@@ -349,6 +375,9 @@ class Master:
         if kind == "ready":
             if not w.ready.done():
                 w.ready.set_result(True)
+            return
+        if kind == "removed":
+            self._removed_by(w, msg)
             return
         be = self.built.backends.get(msg[1])
         server = be.by_name.get(msg[2]) if be is not None else None
@@ -454,7 +483,7 @@ class Master:
         for fe in self.built.frontends.values():
             be = fe.default
             if be is not None and not be.balancer.any_up():
-                why = "; ".join(f"{s.name}: {s.check_status or s.state}" for s in be.servers[:5])
+                why = "; ".join(f"{s.name}: {_not_usable(s)}" for s in be.servers[:5])
                 out.append(f"frontend {fe.name}: backend {be.name} has no server up ({why})")
         return out
 
@@ -642,6 +671,7 @@ class Master:
                          "backup": s.backup}
                 if s.maxconn:
                     entry["maxconn"] = s.maxconn
+                entry["admin"] = s.admin.value  # the operator's say (runtime API), apart from health
                 servers[s.name] = entry
             backends[be.name] = {"servers": servers}
         out = {
@@ -656,6 +686,216 @@ class Master:
         }
         fill_stats(self, out, t)  # (metrics.py: the counters of issue 13, by the same names)
         return out
+
+    # -- run-time changes (the runtime API: adminapi.py asks, these decide) ------------------
+    # Rules: every change goes to this process's objects (the state machine's home) and to
+    # every worker at once (messages "admin", "weight", "add", "remove"); new workers are
+    # built from this view (`_worker_config`, admin states in their `states`); `added` holds
+    # the servers added at run time, by backend, which every reload keeps (`_with_runtime_servers`)
+    # unless the file names them; a restart starts from the file alone. Changes and reloads
+    # take turns (the reload lock).
+    def _init_runtime_changes(self) -> None:
+        self.added: dict[str, dict[str, ServerConfig]] = {}
+        self.removing: dict[tuple[str, str], set[int]] = {}  # -> ids of workers not done yet
+        self.removed_left: dict[tuple[str, str], int] = {}  # requests still in flight when done
+        self.sm.admin_hooks.append(self._on_admin_change)
+
+    def find(self, backend: str, server: str | None = None) -> tuple[Any, Server | None]:
+        """(backend, server) by name, or ChangeError("unknown") naming what is not there."""
+        be = self.built.backends.get(backend) if self.built is not None else None
+        if be is None:
+            known = ", ".join(self.built.backends) if self.built is not None else ""
+            raise ChangeError("unknown", f"no backend {backend!r} (backends: {known})")
+        if server is None:
+            return be, None
+        srv = be.by_name.get(server)
+        if srv is None:
+            if (backend, server) in self.removing:
+                raise ChangeError("unknown", f"server {backend}/{server} is being removed")
+            known = ", ".join(be.by_name) or "none"
+            raise ChangeError("unknown", f"backend {backend} has no server {server!r} "
+                                         f"(servers: {known})")
+        return be, srv
+
+    def runtime_server(self, backend: str, server: str) -> bool:
+        """Whether the server was added at run time (not named by the file)."""
+        return server in self.added.get(backend, {})
+
+    def _worker_config(self, cfg: Config) -> Config:
+        """What a new worker is built from: the file's configuration with the backends as they
+        are now (servers added or removed at run time, weights set)."""
+        return replace(cfg, backends=MappingProxyType(
+            {name: be.cfg for name, be in self.built.backends.items()}))
+
+    def _with_runtime_servers(self, cfg: Config) -> Config:
+        """`cfg` with the servers added at run time: the file wins for every server it names
+        (the run-time one is dropped, with a log line), and the run-time ones follow its
+        backend's check and TLS settings."""
+        backends = dict(cfg.backends)
+        for bname in list(self.added):
+            b = backends.get(bname)
+            added = self.added[bname]
+            if b is None:
+                log.warning("backend %s is gone from the configuration, and with it the servers "
+                            "added at run time: %s", bname, ", ".join(added))
+                del self.added[bname]
+                continue
+            named = {s.name: s for s in b.servers}
+            for name in list(added):
+                if name in named:
+                    log.warning("server %s/%s: the configuration file names it now (%s): the "
+                                "file's server replaces the one added at run time (%s)", bname,
+                                name, named[name].address, added[name].address)
+                    del added[name]
+                else:
+                    added[name] = replace(added[name], check=_runtime_check(b), tls=b.tls)
+            if added:
+                backends[bname] = replace(b, servers=(*b.servers, *added.values()))
+            else:
+                del self.added[bname]
+        return replace(cfg, backends=MappingProxyType(backends))
+
+    def _on_admin_change(self, be: Any, server: Server, old: Admin) -> None:
+        self._broadcast(("admin", be.name, server.name, server.admin.value))
+
+    async def set_admin(self, backend: str, server: str, admin: Admin,
+                        why: str = "set by the admin API") -> Server:
+        """ready, drain or maint. Maintenance pauses the server's checks; leaving it, the
+        server is at the edge of up (one failed check puts it down, as HAProxy does) and is
+        checked at once, before it goes back into rotation."""
+        async with self._reload_lock:
+            be, srv = self.find(backend, server)
+            old = srv.admin
+            if old is admin:
+                return srv
+            if admin is Admin.MAINT:
+                self.checks.stop([srv])
+            elif old is Admin.MAINT and srv.check is not None:
+                if srv.state is State.UP:
+                    srv.health = min(srv.health, srv.check.rise)
+                await self._check_now(be, srv)
+            if self.built.server(backend, server) is not srv:
+                return srv  # removed meanwhile (by a reload)
+            self.sm.set_admin(be, srv, admin, why)
+            if old is Admin.MAINT:
+                self.checks.start_one(be, srv, self.spawn)
+            return srv
+
+    async def set_weight(self, backend: str, server: str, weight: int) -> Server:
+        async with self._reload_lock:
+            be, srv = self.find(backend, server)
+            old = srv.weight
+            if old == weight:
+                return srv
+            be.apply_weight(srv, weight)
+            added = self.added.get(backend, {})
+            if server in added:
+                added[server] = replace(added[server], weight=weight)
+            log.warning("server %s/%s: weight %d -> %d (set by the admin API)", backend, server,
+                        old, weight)
+            self._broadcast(("weight", backend, server, weight))
+            return srv
+
+    async def add_server(self, backend: str, name: str, address: Address, weight: int = 1,
+                         backup: bool = False) -> Server:
+        """A new server, in every worker at once. When its backend has checks it starts down
+        and its first check runs now: it takes traffic once `rise` checks have passed."""
+        async with self._reload_lock:
+            be, _ = self.find(backend)
+            if (backend, name) in self.removing:
+                raise ChangeError("conflict", f"server {backend}/{name} is being removed; add "
+                                              "it again once it is gone")
+            have = be.by_name.get(name)
+            if have is not None:
+                raise ChangeError("conflict", f"backend {backend} has a server {name!r} already "
+                                              f"({have.address})")
+            check = _runtime_check(be.cfg)
+            cfg = ServerConfig(name=name, address=address, weight=weight, backup=backup,
+                               check=check, tls=be.cfg.tls)
+            srv = Server.from_config(cfg, backend=backend)
+            prepare_server(srv, config=self.config, layout=self.layout, counters=self.own)
+            if check is not None:
+                srv.state = State.DOWN
+                srv.health = 0
+                srv.check_status = "not checked yet"
+            srv.last_change = time.monotonic()
+            be.add_server(srv, cfg)
+            self.added.setdefault(backend, {})[name] = cfg
+            # the layout goes with it: the worker finds this server's offsets there
+            self._broadcast(("add", backend, cfg, dict(self.layout.offsets), self.layout.cells,
+                             srv.state.value, srv.health, srv.admin.value))
+            self.checks.start_one(be, srv, self.spawn, first=0.0)
+            log.warning("server %s/%s added by the admin API: %s, weight %d%s; %s", backend, name,
+                        srv.address, weight, " (backup)" if backup else "",
+                        f"down until {check.rise} checks pass" if check is not None else
+                        "up (its backend has no checks)")
+            return srv
+
+    async def remove_server(self, backend: str, name: str) -> tuple[int, int]:
+        """Out of rotation in every worker at once; each worker forgets it once the requests
+        it has in flight there are done (at most `hard_stop_after`). Returns when every worker
+        is done: (workers that had to wait, requests still in flight at the end)."""
+        async with self._reload_lock:
+            be, srv = self.find(backend, name)
+            be.remove_server(srv)
+            self.checks.stop([srv])
+            added = self.added.get(backend, {})
+            added.pop(name, None)
+            if not added:
+                self.added.pop(backend, None)
+            key = (backend, name)
+            within = self.config.settings.hard_stop_after
+            waiting = self.removing[key] = {w.id for w in self.workers if w.channel is not None}
+            self.removed_left[key] = 0
+            self._broadcast(("remove", backend, name, within))
+            sup = self.supervisors.pop(f"{backend}/{name}", None)
+            log.warning("server %s/%s removed by the admin API: out of rotation, gone once its "
+                        "requests in flight are done", backend, name)
+        n = len(waiting)
+        deadline = self.loop.time() + within + 2.0
+        try:
+            while waiting and self.loop.time() < deadline:
+                waiting &= {w.id for w in self.workers if w.proc is not None
+                            and w.proc.returncode is None}
+                await asyncio.sleep(0.02)
+        finally:
+            del self.removing[key]
+            left = self.removed_left.pop(key, 0)
+        if sup is not None:
+            await sup.stop()
+        log.info("server %s/%s is gone from every worker%s", backend, name,
+                 f" ({left} requests were still in flight)" if left else "")
+        return n, left
+
+    def _removed_by(self, w: WorkerProc, msg: tuple) -> None:
+        _, backend, name, left = msg
+        key = (backend, name)
+        waiting = self.removing.get(key)
+        if waiting is not None:
+            waiting.discard(w.id)
+            self.removed_left[key] += left
+
+    async def check_server(self, backend: str, name: str) -> tuple[bool, str, float, bool]:
+        """One check of the server now: (passed, what it saw, seconds, counted). Its result
+        counts like any check's; a server without a check gets a TCP connect that changes
+        nothing (counted False)."""
+        be, srv = self.find(backend, name)
+        if srv.check is None:
+            probe = Server(srv.name, srv.host, srv.port, check=CheckConfig(timeout=2.0))
+            probe.ssl, probe.sni, probe.send_proxy = srv.ssl, srv.sni, srv.send_proxy
+            t0 = self.loop.time()
+            ok, detail = await self.checks.probe(probe)
+            return ok, detail, self.loop.time() - t0, False
+        ok, detail, took = await self._check_now(be, srv)
+        return ok, detail, took, True
+
+    async def _check_now(self, be: Any, srv: Server) -> tuple[bool, str, float]:
+        t0 = self.loop.time()
+        ok, detail = await self.checks.probe(srv)
+        took = self.loop.time() - t0
+        if self.built.server(be.name, srv.name) is srv:
+            self._on_check(be, srv, ok, detail, took)
+        return ok, detail, took
 
     # -- the control socket ---------------------------------------------------------------------
     async def _start_control(self) -> None:
@@ -808,6 +1048,26 @@ class _Control(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(json.dumps(reply).encode() + b"\n")
             self.transport.close()
+
+
+def _not_usable(s: Server) -> str:
+    """Why a server takes no traffic, in a word or a check's result."""
+    if s.admin is not Admin.READY:
+        return f"{s.admin.value} (set by the operator)"
+    if s.weight == 0 and s.state is State.UP:
+        return "weight 0"
+    return s.check_status or str(s.state)
+
+
+def _runtime_check(b: BackendConfig) -> CheckConfig | None:
+    """The check of a server added at run time: its backend's `check`, else (checks set per
+    server) the first checked server's, on the traffic port; None: no checks here."""
+    if b.check is not None:
+        return b.check
+    for s in b.servers:
+        if s.check is not None and not s.command:
+            return replace(s.check, port=None)
+    return None
 
 
 def _resolve_ids(cfg: Config) -> tuple[int, int] | None:

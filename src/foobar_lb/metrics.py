@@ -218,9 +218,9 @@ class CheckInfo:
 
 def admin_state(server: Any) -> str:
     """"ready", "drain" or "maint": what an operator set (the runtime API), else "ready"."""
-    admin = getattr(server, "admin", None)
+    admin = getattr(server, "admin", None)  # (servers.Admin, a str enum)
     if isinstance(admin, str):
-        return admin
+        return str(getattr(admin, "value", admin))
     if server.state is State.DRAIN:
         return "drain"
     if server.state is State.MAINT:

@@ -14,7 +14,7 @@ from .config import DEFAULT_BUCKETS, CheckConfig, ServerConfig, ServerTls
 from .shared import CLASSES, S_BYTES_IN, S_BYTES_OUT, S_FAILURES, S_RELEASED, S_REQUESTS, S_SIZE
 from .tls import server_context
 
-__all__ = ["Server", "State"]
+__all__ = ["Admin", "Server", "State"]
 
 
 class State(enum.StrEnum):
@@ -22,8 +22,22 @@ class State(enum.StrEnum):
 
     UP = "up"
     DOWN = "down"
-    DRAIN = "drain"  # keeps the connections it has, gets no new ones
-    MAINT = "maint"  # taken out by an operator
+    # (not given by the state machine: an operator's drain and maintenance are `Admin`,
+    # a dimension apart from health; kept so that old names still parse)
+    DRAIN = "drain"
+    MAINT = "maint"
+
+    def __str__(self) -> str:
+        return self.value.upper()
+
+
+class Admin(enum.StrEnum):
+    """What the operator asked of a server (the runtime API), a dimension apart from its
+    health: a drained server that fails its checks is down AND still drained."""
+
+    READY = "ready"  # in rotation whenever it is up
+    DRAIN = "drain"  # no new requests or connections; the open ones finish; checks go on
+    MAINT = "maint"  # out of rotation and its checks paused
 
     def __str__(self) -> str:
         return self.value.upper()
@@ -48,6 +62,7 @@ class Server:
     __slots__ = (
         "active",
         "address",
+        "admin",
         "backend",
         "backup",
         "cbase",
@@ -103,7 +118,8 @@ class Server:
         self.weight = weight
         self.backup = backup
         self.maxconn = maxconn
-        self.state = state
+        self.state = state  # health: what checks, observation and process exits decided
+        self.admin = Admin.READY  # the operator's say (runtime API); kept across reloads
         self.active = 0  # requests (http) or connections (tcp) in flight right now (this process)
         # group-wide slots when maxconn is shared by worker processes (shared.SemSlots); None:
         # `active` against `maxconn` is the limit (one process)
@@ -188,8 +204,9 @@ class Server:
 
     @property
     def usable(self) -> bool:
-        """May receive new traffic: up and with a weight above zero."""
-        return self.state is State.UP and self.weight > 0
+        """May receive new traffic: up, ready (not drained or in maintenance) and with a
+        weight above zero."""
+        return self.state is State.UP and self.admin is Admin.READY and self.weight > 0
 
     @property
     def full(self) -> bool:

@@ -5,8 +5,9 @@ the listening sockets it is handed, admission, and the sessions; it is what the 
 Protocols see as their context (`loop`, `admit`, `leave`, `spawn`). It stops accepting, drains
 (reload: each connection closes after its next response, or once idle for
 `timeout http_keep_alive`) or shuts down (stop: idle connections close at once), and aborts
-what is left at a deadline. It applies server states it is told; it never binds a socket,
-runs a check or decides a state. A worker process runs one; so does the library, in-process.
+what is left at a deadline. It applies server states it is told, and the runtime API's
+changes (admin states, weights, servers added and removed); it never binds a socket, runs a
+check or decides a state. A worker process runs one; so does the library, in-process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .limits import attach
 from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
-from .servers import State
+from .servers import Admin, Server, State
 from .shared import F_DENIED, F_TLS_FAILURES, F_TLS_HANDSHAKES
 from .tls import RedirectSession, Refusals, frontend_context
 
@@ -232,6 +233,44 @@ class Serving:
         if srv is not None:
             srv.health = health
             be.apply_state(srv, State(state))
+
+    # -- run-time changes decided by the master (the runtime API) ------------------------------
+    def set_admin(self, backend: str, server: str, admin: str) -> None:
+        be = self.backends.get(backend)
+        srv = be.by_name.get(server) if be is not None else None
+        if srv is not None:
+            be.apply_admin(srv, Admin(admin))
+
+    def set_weight(self, backend: str, server: str, weight: int) -> None:
+        be = self.backends.get(backend)
+        srv = be.by_name.get(server) if be is not None else None
+        if srv is not None:
+            be.apply_weight(srv, weight)
+
+    def add_server(self, backend: str, server: Server, cfg: Any) -> None:
+        be = self.backends.get(backend)
+        if be is not None and server.name not in be.by_name:
+            be.add_server(server, cfg)
+
+    def remove_server(self, backend: str, server: str, within: float,
+                      done: Callable[[int], None]) -> None:
+        """Take `server` out at once (no new traffic), let what it has in flight finish (up to
+        `within` seconds), then forget it: `done(requests still in flight)`."""
+        be = self.backends.get(backend)
+        srv = be.by_name.get(server) if be is not None else None
+        if srv is None:
+            done(0)
+            return
+        be.remove_server(srv)
+        self.spawn(self._forget(be, srv, within, done))
+
+    async def _forget(self, be: Any, srv: Server, within: float,
+                      done: Callable[[int], None]) -> None:
+        deadline = self.loop.time() + within
+        while srv.active > 0 and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        be.pool.drop(srv)  # the connections its last requests gave back
+        done(srv.active)
 
 
 def _header_before_tls(fe: Any, ctx: Any) -> bool:

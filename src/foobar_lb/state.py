@@ -9,6 +9,9 @@ Rules of this module (HAProxy's checks.c and server state handling in spirit):
 - passive observation counts consecutive errors seen on real traffic (connection failures; with
   layer7 also 5xx answers and server timeouts): `error_limit` of them put a server down at once,
   and only its checks bring it back;
+- an operator's admin state (ready, drain, maint: `servers.Admin`) is a dimension apart from
+  health: checks keep moving a drained server's health, and it stays drained whatever they
+  say; `set_admin` applies it (`Backend.apply_admin`), logs it and hands it to `admin_hooks`;
 - a change is applied to the backend (`Backend.apply_state`: algorithms, pool, queue), logged
   once with its reason, recorded, and handed to every hook (the checks' scheduler, the master's
   broadcast to workers, the library's listeners).
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .servers import Server, State
+from .servers import Admin, Server, State
 
 __all__ = ["StateChange", "StateMachine"]
 
@@ -55,6 +58,8 @@ class StateMachine:
         # called as hook(backend, server, change) after each change
         self.hooks: list[Callable[[Any, Server, StateChange], None]] = []
         self.listeners: list[Callable[[StateChange], None]] = []  # the library's callbacks
+        # called as hook(backend, server, old_admin) after each change of an admin state
+        self.admin_hooks: list[Callable[[Any, Server, Admin], None]] = []
 
     # -- events -----------------------------------------------------------------------------
     def check_result(self, be: Any, server: Server, ok: bool, detail: str, took: float) -> None:
@@ -129,3 +134,26 @@ class StateMachine:
             hook(be, server, change)
         for cb in self.listeners:
             cb(change)
+
+    # -- the operator's say (the runtime API) -------------------------------------------------
+    def set_admin(self, be: Any, server: Server, admin: Admin, why: str = "") -> bool:
+        """Put `server` in `admin` (ready, drain, maint); False when it was already."""
+        old = server.admin
+        if old is admin:
+            return False
+        be.apply_admin(server, admin)
+        server.last_change = time.monotonic()
+        active = sum(1 for s in be.servers if s.usable and not s.backup)
+        backup = sum(1 for s in be.servers if s.usable and s.backup)
+        what = {Admin.READY: "is READY again (back in rotation when up)",
+                Admin.DRAIN: "is DRAINING (no new requests; the open ones finish)",
+                Admin.MAINT: "is in MAINTENANCE (out of rotation, checks paused)"}[admin]
+        by = f" ({why})" if why else ""
+        log.warning("server %s/%s %s%s, %d active and %d backup servers %s", be.name,
+                    server.name, what, by, active, backup,
+                    "online" if admin is Admin.READY else "left")
+        if active == 0 and backup == 0 and admin is not Admin.READY:
+            log.error("backend %s has no server available!", be.name)
+        for hook in self.admin_hooks:
+            hook(be, server, old)
+        return True

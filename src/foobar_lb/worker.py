@@ -3,7 +3,8 @@
 Rules of this module:
 - a worker process runs one `serving.Serving`; it gets everything from the master
   (configuration, listening sockets, shared memory, server states) in its first message,
-  applies the state changes the master pushes, reports what live traffic observes, and exits
+  applies the state changes and the runtime API's changes the master pushes (admin states,
+  weights, servers added and removed), reports what live traffic observes, and exits
   when told, when its work is done after a drain, or at once when the master is gone (parent
   death signal, or the channel closing).
 It never binds a socket, never runs a health check and never decides a server's state.
@@ -22,7 +23,7 @@ import sys
 from typing import Any
 
 from .admission import Admission
-from .build import build
+from .build import build, prepare_server
 from .channel import Channel, recv_one
 from .limits import ClientTable
 from .servers import Server
@@ -102,14 +103,21 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
 
     commands: asyncio.Queue[tuple] = asyncio.Queue()
     serving: Serving | None = None
-    early: list[tuple] = []  # state changes that came before there was anything to apply them to
+    early: list[tuple] = []  # changes that came before there was anything to apply them to
+
+    def apply(msg: tuple) -> None:
+        if msg[0] == "state":
+            serving.apply(*msg[1:])
+        else:
+            _runtime_change(msg, serving, layout, counters, channel)
 
     def on_message(msg: tuple) -> None:
-        if msg[0] == "state":
+        kind = msg[0]
+        if kind == "state" or kind in _RUNTIME:
             if serving is None:
                 early.append(msg)
             else:
-                serving.apply(*msg[1:])
+                apply(msg)
         elif msg[0] == "reopen":  # SIGUSR1 to the master: log rotation
             if serving is not None:
                 serving.reopen_log()
@@ -127,8 +135,8 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
     admission = Admission(loop, SemSlots(sem_region, sems[("maxconn",)], settings.maxconn),
                           clients)
     serving = Serving(loop, built, admission)
-    for msg in early:  # (a check that changed a server while this worker was starting)
-        serving.apply(*msg[1:])
+    for msg in early:  # (a check, or the runtime API, changed a server while it was starting)
+        apply(msg)
     early.clear()
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
     await serving.listen(socks, init["backlog"])
@@ -165,6 +173,33 @@ def _say_cut(connections: int, requests: int, why: str) -> None:
         log.warning("%s: cut %d request%s in flight and %d connection%s", why, requests,
                     "" if requests == 1 else "s", connections,
                     "" if connections == 1 else "s")
+
+
+_RUNTIME = frozenset(("admin", "weight", "add", "remove"))
+
+
+def _runtime_change(msg: tuple, serving: Serving, layout: Layout, counters: Counters,
+                    channel: Channel) -> None:
+    """A change made through the runtime API, decided by the master."""
+    kind = msg[0]
+    if kind == "admin":
+        serving.set_admin(*msg[1:])
+    elif kind == "weight":
+        serving.set_weight(*msg[1:])
+    elif kind == "add":
+        # ("add", backend, ServerConfig, the master's layout offsets and cells, state, health,
+        # admin): prepared like the servers of a build, with the master's offsets
+        _, backend, cfg, offsets, cells, state, health, admin = msg
+        layout.offsets.update(offsets)
+        layout.cells = max(layout.cells, cells)
+        server = Server.from_config(cfg, backend=backend)
+        prepare_server(server, config=serving.built.config, layout=layout, counters=counters,
+                       states={(backend, cfg.name): (state, health, admin)})
+        serving.add_server(backend, server, cfg)
+    elif kind == "remove":  # ("remove", backend, server, seconds its requests may take)
+        _, backend, name, within = msg
+        serving.remove_server(backend, name, within,
+                              lambda left: channel.send(("removed", backend, name, left)))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,17 @@ class Algorithm:
     def weight_changed(self, server: Server) -> None:
         self._refresh()
 
+    def server_added(self, server: Server) -> None:
+        """A server joined at run time (the runtime API): it comes last in `self.servers`."""
+        self.servers.append(server)
+        self._refresh()
+
+    def server_removed(self, server: Server) -> None:
+        """A server left at run time; requests it still has end with `dropped` as usual."""
+        if server in self.servers:
+            self.servers.remove(server)
+        self._refresh()
+
     def taken(self, server: Server) -> None:
         """A request or connection was given to `server` (its `active` already counts it)."""
 
@@ -202,6 +213,42 @@ class Balancer:
         algo = self._algo_of(server)
         if algo is not None:
             algo.weight_changed(server)
+
+    def set_admin(self, server: Server, admin) -> None:
+        """The operator's drain, maintenance or ready (`servers.Admin`): tell its algorithm
+        when that takes it out of rotation or puts it back."""
+        was_usable = server.usable
+        server.admin = admin
+        algo = self._algo_of(server)
+        if algo is not None and was_usable != server.usable:
+            if server.usable:
+                algo.server_up(server)
+            else:
+                algo.server_down(server)
+
+    def add(self, server: Server) -> None:
+        """A server added at run time, after the others."""
+        self.servers.append(server)
+        if not server.backup:
+            self.algorithm.server_added(server)
+            return
+        self.backups.append(server)
+        if self.allbackups:
+            if self.backup_algorithm is None:
+                self.backup_algorithm = type(self.algorithm)(self.backups,
+                                                             rng=self.algorithm.rng)
+            else:
+                self.backup_algorithm.server_added(server)
+
+    def remove(self, server: Server) -> None:
+        """A server removed at run time: no algorithm picks it any more."""
+        algo = self._algo_of(server)
+        if server in self.servers:
+            self.servers.remove(server)
+        if server in self.backups:
+            self.backups.remove(server)
+        if algo is not None:
+            algo.server_removed(server)
 
 
 def _register_builtins() -> None:
