@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,14 @@ from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend, Route
 from ...limits import too_many_requests
+from ...shared import (
+    F_TIMEOUT_CLIENT,
+    F_TIMEOUT_HTTP_REQUEST,
+    F_TIMEOUT_TUNNEL,
+    S_ECON,
+    S_ERESP,
+    S_TIMEOUT_CONNECT,
+)
 from ...tls import client_subject_line
 from ..base import ClientSide
 from ..upstream import Pool
@@ -305,6 +314,8 @@ class HttpSession(ClientSide):
     # -- reading requests --------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.last_rx = now = self.loop.time()
+        fe = self.fe
+        fe.ctr[fe.o_bin] += len(data)
         if self.parsing is None and not self.q and not self.block and data[-4:] == b"\r\n\r\n":
             # between requests, and this read ends like a head: the commonest request, a GET
             # or HEAD without a body, alone in its read, takes the simple path if it can
@@ -324,6 +335,7 @@ class HttpSession(ClientSide):
         if parser is None or self.block & (BLOCK_STOP | BLOCK_PARKED):
             if self.block & BLOCK_PARKED and not self.block & BLOCK_STOP:
                 self.held = [*(self.held or ()), data]  # held until admitted
+                fe.ctr[fe.o_bin] -= len(data)  # (counted when it is read again)
             return  # a request was refused or this is the last one: nothing more is read
         before = self.parsing
         if before is None and _LOOSE_LINE.match(data):
@@ -597,6 +609,8 @@ class HttpSession(ClientSide):
             if r.buffering == 2 and self.transport is not None:
                 r.buffering = 1
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                fe = self.fe
+                fe.ctr[fe.o_bout] += 25
             return
         be = r.backend
         outcome, got = be.assign(self.peer_key, self, r, now or self.last_rx)
@@ -669,8 +683,11 @@ class HttpSession(ClientSide):
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
         """Assign `r` again (a retry); False when no server can take it now or later."""
-        outcome, got = r.backend.assign(self.peer_key, self, r, self.loop.time(),
-                                        avoid=avoid, retry=True, prefer=prefer)
+        be = r.backend
+        outcome, got = be.assign(self.peer_key, self, r, self.loop.time(),
+                                 avoid=avoid, retry=True, prefer=prefer)
+        if avoid is not None and outcome in (ASSIGNED, QUEUED):
+            be.retried(avoid, got if outcome == ASSIGNED else None)
         if outcome == ASSIGNED:
             if why:
                 be = r.backend
@@ -696,6 +713,7 @@ class HttpSession(ClientSide):
     async def _connect(self, r: Exchange, server: Server) -> None:
         be = r.backend
         timeout = be.timeouts.connect or None
+        t = self.loop.time()
         try:
             async with asyncio.timeout(timeout):
                 pool = be.pool if server.send_proxy is None else self._private(be)
@@ -711,20 +729,27 @@ class HttpSession(ClientSide):
                         conn.transport = await self.loop.start_tls(
                             conn.transport, conn, server.ssl, server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
-            reason = "connection timeout" if isinstance(e, TimeoutError) else (
-                e.strerror or str(e)).lower()
+            late = isinstance(e, TimeoutError)
+            reason = "connection timeout" if late else (e.strerror or str(e)).lower()
+            if late:
+                server.ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
                 return
             self.attempt_failed(r, False, reason, connected=False)
             return
+        now = self.loop.time()
+        ctr = server.ctr
+        h = server.hct
+        ctr[h + bisect_left(server.hb, now - t)] += 1
+        ctr[h + server.hn] += int((now - t) * 1e6)
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
             # the client went away, or its request was refused, meanwhile: a connection that
             # never carried a request is not kept (only connections that served are pooled)
             r.release_server()
             conn.close()
             return
-        r.attach(conn, self.loop.time())
+        r.attach(conn, now)
 
     def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
         if r.send_body(chunks, n):
@@ -742,6 +767,7 @@ class HttpSession(ClientSide):
         replayable = r.idempotent and r.replay is not None and not r.upgrade
         stale = reused and connected and not timeout and not r.got_response
         if server is not None and not stale:
+            server.ctr[server.cbase + (S_ERESP if connected else S_ECON)] += 1
             be.observe_error(server, reason, layer7=timeout or r.got_response)
         r.release_server()
         if r.responded:
@@ -818,7 +844,7 @@ class HttpSession(ClientSide):
             return
         r.responded = True
         fe = self.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        fe.ctr[(r.route or fe.no_route).ocls + status // 100] += 1
         keep = ((status in ERR_KEEP or status == 429) and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & BLOCK_STOP))
         if status == 429:
@@ -828,6 +854,7 @@ class HttpSession(ClientSide):
         if r.is_head:  # the same head, without the body a HEAD response never has
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
         transport.write(answer)
+        fe.ctr[fe.o_bout] += len(answer)
         if alog is not None:
             r.bytes_out += len(answer)
             alog(r, status, term or _TERMS.get(status, "PR"))
@@ -938,11 +965,14 @@ class HttpSession(ClientSide):
             self.th_when = when
             self.th = self.loop.call_at(when, self._on_timer)
             return
+        fe = self.fe
         if what == 0:  # idle keep-alive, or a connection that never sent a byte
             self._close()
         elif what in (1, 2):  # the head did not complete in time, or the body stalled
+            fe.ctr[fe.cbase + (F_TIMEOUT_HTTP_REQUEST if what == 1 else F_TIMEOUT_CLIENT)] += 1
             self._reject(408)
         else:  # the client stopped reading, or the tunnel went quiet
+            fe.ctr[fe.cbase + (F_TIMEOUT_CLIENT if what == 3 else F_TIMEOUT_TUNNEL)] += 1
             if self.q and self.fe.alog is not None:
                 r = self.q[0]
                 self.fe.alog(r, 101 if what == 4 else _status(r), "cD")
