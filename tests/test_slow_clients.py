@@ -214,6 +214,56 @@ async def test_body_that_stops_gets_408_at_timeout_client_and_its_server_connect
     assert access_terms(alog) == [("408", "cR"), ("408", "cR"), ("200", "--")]
 
 
+async def test_a_body_the_server_does_not_take_is_the_servers_timeout_not_the_clients(tmp_path):
+    """A fast client whose body the server stops reading is paused by the proxy: neither
+    timeout.client (1s) nor min_body_rate cuts it for that; the server's timeout (2s) does,
+    with 504, and the server connection is closed."""
+    alog = tmp_path / "access.log"
+    reading = asyncio.Event()
+    conns = []
+
+    async def never_reads(reader, writer):
+        conns.append(reader)
+        await reader.readuntil(b"\r\n\r\n")
+        reading.set()
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(never_reads, LOOPBACK, 0)
+    address = f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+    try:
+        cfg = lb_config([address], frontend={"timeout": {"client": "1s"}},
+                        backend={"timeout": {"server": "2s"}, "retries": 0})
+        cfg["log"] = {"access": str(alog)}
+        async with running_lb(cfg) as lb:
+            reader, writer = await asyncio.open_connection(*lb.address)
+            size = 1 << 30
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+            piece = b"p" * (1 << 20)
+
+            async def send() -> None:
+                with contextlib.suppress(OSError):
+                    for _ in range(size // len(piece)):
+                        writer.write(piece)
+                        await writer.drain()
+
+            task = asyncio.ensure_future(send())
+            await reading.wait()
+            t0 = time.monotonic()
+            data, how = await read_to_end(reader, 8.0)
+            took = time.monotonic() - t0
+            task.cancel()
+            writer.close()
+        await wait_for(lambda: len(access_terms(alog)) >= 1)
+        assert access_terms(alog) == [("504", "sH")]
+        assert how in ("eof", "reset") and 1.9 <= took < 3.0, (how, took)
+        if data:  # (the close may reset the connection before the client reads its 504)
+            assert parse_responses(data)[0].status == 504
+        _, end = await read_to_end(conns[0], 5.0)  # what the server left unread, then the close
+        assert (len(conns), end) in ((1, "eof"), (1, "reset"))
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 async def test_body_below_min_body_rate_gets_408_at_the_end_of_its_window(tmp_path):
     """Bodies that are never idle for `timeout.client` (2s): at 10 bytes a second one gets 408
