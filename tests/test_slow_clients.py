@@ -454,6 +454,7 @@ async def test_200_uploads_at_10_bytes_a_second_all_get_408_and_never_reach_a_se
     assert cuts[0] >= 4.95 and cuts[-1] < 7.0, cuts
     assert up.connections == 0 and up.requests == []  # no upload ever engaged a server
     assert res.errors == 0 and res.ok > 0, (res.failed, res.statuses)
+    assert max(beside.latencies) < 2.0  # none waited for a slow client's deadline
 
 
 @pytest.mark.slow
@@ -493,20 +494,23 @@ async def test_500_slowloris_connections_are_closed_at_http_request_beside_a_loa
     assert app.requests and all(r.url == "/" or r.url == "/probe" for r in app.requests)
     assert not any(r.header("x-slow") for r in app.requests)
     assert res.errors == 0 and res.ok > 0, (res.failed, res.statuses)
+    assert max(beside.latencies) < 2.0  # none waited for a slow client's deadline
 
 
 class BigServer:
-    """Answers `GET /big` with a 10 MiB body (written with flow control: what it holds is a
-    view of one shared buffer) and anything else with a small body; records when each of its
-    connections opened and closed."""
+    """Answers `GET /big` with a 10 MiB body, `GET /big/mid` with 64 KiB (written with flow
+    control: what it holds is a view of one shared buffer) and anything else with a small body;
+    records when each of its connections opened and closed."""
 
     SIZE = 10 << 20
+    MID = 64 << 10
 
     def __init__(self):
         self.body = b"x" * self.SIZE
         self.opened: dict[int, float] = {}
         self.closed: dict[int, float] = {}
         self.big = 0  # big responses begun
+        self.mid = 0  # 64 KiB responses begun
 
     async def __aenter__(self) -> BigServer:
         self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
@@ -526,7 +530,12 @@ class BigServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /big "):
+                if head.startswith(b"GET /big/mid "):
+                    self.mid += 1
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.MID)
+                    writer.write(memoryview(self.body)[:self.MID])
+                    await writer.drain()
+                elif head.startswith(b"GET /big "):
                     self.big += 1
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
                     view = memoryview(self.body)
@@ -601,7 +610,8 @@ async def test_100_clients_not_reading_a_10_mib_response_are_cut_at_timeout_clie
             after = await http_get(LOOPBACK, port, "/big/small")  # the slots are free
             res = await beside.stop()
             rss_after = rss_kib(lb)
-            await wait_for(lambda: fds(lb) <= fds_before)  # (the load's pooled ones aside)
+            # (give or take the pooled server connections of the load beside: 9 a worker at most)
+            await wait_for(lambda: fds(lb) <= fds_before + 18)
     got = await asyncio.gather(*(drain(s) for s in socks))
     growth = (peak - base) / 1024
     print(f"\n100 non-readers of 10 MiB: proxy RSS {base / 1024:.1f} MiB before, peak +"
@@ -615,3 +625,45 @@ async def test_100_clients_not_reading_a_10_mib_response_are_cut_at_timeout_clie
     assert len(held) == 100 and min(held) >= 2.0 and max(held) < 5.0, sorted(held)
     assert growth < 64, growth
     assert res.errors == 0 and res.ok > 0, (res.failed, res.statuses)
+    assert max(beside.latencies) < 2.0  # none waited for a slow client's deadline
+
+
+@pytest.mark.slow
+async def test_non_readers_that_pipeline_hold_no_more_than_the_buffers(tmp_path):
+    """20 clients each pipeline 200 requests for a 64 KiB response and never read: once a
+    client's buffer is full, the server connection of its next request is paused from the start
+    (not only the one in flight when the buffer filled), so the proxy takes from the servers no
+    more than the kernel and its buffers hold for them (main took all 4000, 250 MiB, and grew by
+    179 MiB); each is cut at timeout.client; RSS growth reported and bounded."""
+    async with ScriptedServer("app") as app, BigServer() as big:
+        cfg = slow_config(app.address, {"/big": [big.address]}, {"timeout": {"client": "2s"}})
+        async with LbProcess(tmp_path, cfg, "--workers", "2") as lb:
+            port = await lb_port(lb)
+            warm = await load(port, connections=8, requests=400)
+            assert warm.errors == 0, warm.failed
+            base = rss_kib(lb)
+            socks = []
+            loop = asyncio.get_running_loop()
+            for _ in range(20):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                s.setblocking(False)
+                await loop.sock_connect(s, (LOOPBACK, port))
+                await loop.sock_sendall(s, b"GET /big/mid HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+                socks.append(s)
+            peak = base
+            deadline = time.monotonic() + 15.0
+            while (not big.mid or big.open_now) and time.monotonic() < deadline:
+                peak = max(peak, rss_kib(lb))
+                await asyncio.sleep(0.05)
+            assert big.open_now == 0
+    got = await asyncio.gather(*(drain(s) for s in socks))
+    growth = (peak - base) / 1024
+    held = big.mid * BigServer.MID - sum(n for n, _ in got)  # taken from servers, not delivered
+    print(f"\n20 pipelining non-readers: {big.mid} responses of 64 KiB begun for them (of "
+          f"4000 asked), {held / 1024:.0f} KiB more than they got; proxy RSS peak "
+          f"+{growth:.1f} MiB; each client got {min(n for n, _ in got) / 1024:.0f} to "
+          f"{max(n for n, _ in got) / 1024:.0f} KiB")
+    assert {how for _, how in got} <= {"reset", "eof"}
+    assert big.mid < 4000 and held < 20 * (512 << 10), (big.mid, held)
+    assert growth < 16, growth

@@ -288,6 +288,8 @@ class HttpSession(ClientSide):
         return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
+        # the client does not read: what we hold for it stays within the buffers, so the server
+        # is paused (and the next request's server from the start: Exchange.attach)
         self.wblocked_at = self.loop.time()
         self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
         if self.q:
