@@ -273,6 +273,42 @@ async def test_a_body_the_server_does_not_take_is_the_servers_timeout_not_the_cl
         server.close()
 
 
+async def test_a_body_that_stops_after_its_response_began_is_cut_and_logged_cd(tmp_path):
+    """A server that answers while the body is still arriving (its head and part of its body),
+    and a client whose body then stops: at timeout.client the client connection is cut (a 408
+    cannot follow a response begun) and the access log says `cD`, a client-side timeout in the
+    data phase, not `PD` (a body refused by the proxy)."""
+    alog = tmp_path / "access.log"
+
+    async def answers_early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nearly")
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(answers_early, LOOPBACK, 0)
+    try:
+        cfg = lb_config([f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"],
+                        frontend={"timeout": {"client": "1s"}})
+        cfg["log"] = {"access": str(alog)}
+        async with running_lb(cfg) as lb:
+            reader, writer = await asyncio.open_connection(*lb.address)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                         + b"b" * 20000)
+            t0 = time.monotonic()
+            data, how = await read_to_end(reader, 5.0)
+            took = time.monotonic() - t0
+            writer.close()
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nearly")
+        assert how in ("eof", "reset") and 0.95 <= took < 1.6, (how, took)
+        await wait_for(lambda: len(access_terms(alog)) >= 1)
+        assert access_terms(alog) == [("200", "cD")]
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 async def test_body_below_min_body_rate_gets_408_at_the_end_of_its_window(tmp_path):
     """Bodies that are never idle for `timeout.client` (2s): at 10 bytes a second one gets 408
