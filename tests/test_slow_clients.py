@@ -273,6 +273,49 @@ async def test_a_body_the_server_does_not_take_is_the_servers_timeout_not_the_cl
         server.close()
 
 
+async def test_a_body_the_server_takes_late_is_not_blamed_on_the_client():
+    """A server that reads nothing for 3 s, then the whole 8 MiB body: the client, paused by
+    the proxy meanwhile, is neither timed out (timeout.client 1s) nor judged too slow
+    (min_body_rate) for it; its deadlines start again when the proxy reads again: 200."""
+
+    async def late_reader(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(3.0)
+        size = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        await reader.readexactly(size)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(late_reader, LOOPBACK, 0)
+    try:
+        cfg = lb_config([f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"],
+                        frontend={"timeout": {"client": "1s"}},
+                        backend={"timeout": {"server": "10s"}})
+        async with running_lb(cfg) as lb:
+            reader, writer = await asyncio.open_connection(*lb.address)
+            size = 8 << 20
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size)
+            piece = b"p" * (1 << 20)
+
+            async def send() -> None:
+                for _ in range(size // len(piece)):
+                    writer.write(piece)
+                    await writer.drain()
+
+            t0 = time.monotonic()
+            sent = asyncio.ensure_future(send())
+            data, how = await read_to_end(reader, 10.0)
+            took = time.monotonic() - t0
+            await sent
+            writer.close()
+        (resp,) = parse_responses(data)
+        assert (resp.status, resp.body, how) == (200, b"ok\n", "eof") and took >= 3.0, took
+    finally:
+        server.close()
+
+
 async def test_a_body_that_stops_after_its_response_began_is_cut_and_logged_cd(tmp_path):
     """A server that answers while the body is still arriving (its head and part of its body),
     and a client whose body then stops: at timeout.client the client connection is cut (a 408
@@ -312,8 +355,8 @@ async def test_a_body_that_stops_after_its_response_began_is_cut_and_logged_cd(t
 @pytest.mark.slow
 async def test_body_below_min_body_rate_gets_408_at_the_end_of_its_window(tmp_path):
     """Bodies that are never idle for `timeout.client` (2s): at 10 bytes a second one gets 408
-    when its first 5 s window ends (with `Expect: 100-continue` too, answered by the proxy at
-    once), and no server ever saw them; at 2 KiB a second (over the 1k default) a body spanning
+    when its first 5 s window ends (chunked too, and with `Expect: 100-continue`, answered by
+    the proxy at once), and no server ever saw them; at 2 KiB a second (over the 1k default) a body spanning
     two windows goes through whole; with `min_body_rate = 0` the 10 bytes a second one is not
     cut by a rate."""
 
@@ -345,27 +388,31 @@ async def test_body_below_min_body_rate_gets_408_at_the_end_of_its_window(tmp_pa
             host, port = lb.address
 
             async def upload(path: str, size: int, step: int, every: float,
-                             expect: bool = False) -> tuple[bytes, str, float]:
+                             expect: bool = False, chunked: bool = False,
+                             ) -> tuple[bytes, str, float]:
                 reader, writer = await asyncio.open_connection(host, port)
-                head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+                head = f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {size}\r\n"
                 if expect:
                     head += "Expect: 100-continue\r\n"
                 writer.write(head.encode() + b"\r\n")
                 t0 = time.monotonic()
                 if expect:
                     assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-                task = asyncio.ensure_future(trickle(writer, b"u" * size, every, step))
+                body = b"3\r\nuuu\r\n" * (size // 3) + b"0\r\n\r\n" if chunked else b"u" * size
+                task = asyncio.ensure_future(trickle(writer, body, every, step))
                 data, how = await read_to_end(reader, 14.0)
                 took = time.monotonic() - t0
                 task.cancel()
                 writer.close()
                 return data, how, took
 
-            slow, slow_expect, fast = await asyncio.gather(
+            slow, slow_expect, slow_chunked, fast = await asyncio.gather(
                 upload("/slow", 1 << 20, 1, 0.1),
                 upload("/slow-expect", 1 << 20, 1, 0.1, expect=True),
+                upload("/slow-chunked", 1 << 20, 1, 0.1, chunked=True),
                 upload("/fast", 14000, 512, 0.25))  # 2 KiB/s for 7 s, all in one buffer
-            for data, how, took in (slow, slow_expect):
+            for data, how, took in (slow, slow_expect, slow_chunked):
                 (resp,) = parse_responses(data)
                 assert (resp.status, resp.header("connection"), how) == (408, "close", "eof")
                 assert 4.95 <= took < 5.8, took
@@ -373,8 +420,8 @@ async def test_body_below_min_body_rate_gets_408_at_the_end_of_its_window(tmp_pa
             assert resp.status == 200 and fast[2] > 6.0, fast
             assert [(r.url, len(r.body)) for r in a.requests] == [("/fast", 14000)]
             assert a.connections == 1  # the slow ones never reached a server
-    await wait_for(lambda: len(access_terms(alog)) >= 3)
-    assert sorted(access_terms(alog)) == [("200", "--"), ("408", "cR"), ("408", "cR")]
+    await wait_for(lambda: len(access_terms(alog)) >= 4)
+    assert sorted(access_terms(alog)) == [("200", "--"), *[("408", "cR")] * 3]
     await no_rate  # (run beside the rest)
 
 
