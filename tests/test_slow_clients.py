@@ -489,14 +489,13 @@ class Beside:
         return self.res
 
 
-def slow_config(app: str, other: dict[str, list], frontend: dict, **top) -> dict:
-    """Frontend `www`: / to `app`, the paths in `other` ({prefix: [addresses]}) to their own
-    backends; 2 workers; no health checks."""
+def slow_config(app: str, other: dict[str, list], frontend: dict) -> dict:
+    """Frontend `www` (with `frontend`'s keys): / to `app`, the paths in `other` ({prefix:
+    [addresses or server tables]}) to their own backends; no health checks."""
     groups = {"app": [app], **{p.strip("/"): addrs for p, addrs in other.items()}}
     rules = [{"path_prefix": p, "backend": p.strip("/")} for p in other]
     cfg = lb_config(groups, frontend={**({"rules": rules} if rules else {}), **frontend},
                     backend={"check": False})
-    cfg.update(top)
     return cfg
 
 
@@ -511,13 +510,14 @@ async def test_200_uploads_at_10_bytes_a_second_all_get_408_and_never_reach_a_se
             port = await lb_port(lb)
             assert len(lb.workers()) == 2
             beside = Beside(port).start()
+            body = b"u" * (1 << 20)  # (one for all: each is sent 10 bytes at a time)
 
             async def upload(i: int) -> tuple[int, str, float]:
                 reader, writer = await asyncio.open_connection(LOOPBACK, port)
                 writer.write(b"POST /up/%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                              % (i, 1 << 20))
                 t0 = time.monotonic()
-                task = asyncio.ensure_future(trickle(writer, b"u" * (1 << 20), 1.0, 10))
+                task = asyncio.ensure_future(trickle(writer, body, 1.0, 10))
                 data, how = await read_to_end(reader, 15.0)
                 took = time.monotonic() - t0
                 task.cancel()
