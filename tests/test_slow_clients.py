@@ -573,7 +573,7 @@ async def test_500_slowloris_connections_are_closed_at_http_request_beside_a_loa
     assert len(sent) == 400 and len(silent) == 100
     assert {(parse_responses(d)[0].status, how) for d, how, _ in sent} == {(408, "eof")}
     assert {(d, how) for d, how, _ in silent} == {(b"", "eof")}
-    assert cuts[0] >= 2.8 and cuts[-1] < 4.5, cuts
+    assert cuts[0] >= 2.5 and cuts[-1] < 4.5, cuts  # (t0: once the busy test loop saw the connect)
     assert app.requests and all(r.url == "/" or r.url == "/probe" for r in app.requests)
     assert not any(r.header("x-slow") for r in app.requests)
     assert res.errors == 0 and res.ok > 0, (res.failed, res.statuses)
