@@ -571,7 +571,9 @@ async def test_500_slowloris_connections_are_closed_at_http_request_beside_a_loa
           f"{res.ok} requests of the load, probe max {max(beside.latencies) * 1000:.0f} ms "
           f"over {len(beside.latencies)}")
     assert len(sent) == 400 and len(silent) == 100
-    assert {(parse_responses(d)[0].status, how) for d, how, _ in sent} == {(408, "eof")}
+    # (a byte sent as the 408 goes out may meet the closed socket: a reset after the answer)
+    assert {(parse_responses(d)[0].status, how in ("eof", "reset")) for d, how, _ in sent} == {
+        (408, True)}
     assert {(d, how) for d, how, _ in silent} == {(b"", "eof")}
     assert cuts[0] >= 2.5 and cuts[-1] < 4.5, cuts  # (t0: once the busy test loop saw the connect)
     assert app.requests and all(r.url == "/" or r.url == "/probe" for r in app.requests)
