@@ -122,6 +122,8 @@ class Limits:
     max_uri: int = 8192
     max_header_size: int = 16384  # request line and headers together
     max_headers: int = 101
+    # a request body slower than this (bytes a second, over each 5 s window) gets 408; 0: off
+    min_body_rate: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,7 +559,7 @@ def _list_of(conv: Callable[[Any, str], Any], what: str, *, single_ok: bool = Fa
 # Sections
 
 _TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
-_LIMIT_KEYS = ("max_request_body", "max_uri", "max_header_size", "max_headers")
+_LIMIT_KEYS = ("max_request_body", "max_uri", "max_header_size", "max_headers", "min_body_rate")
 
 
 def _timeouts(value: Any, path: str, base: Timeouts, allowed: tuple[str, ...]) -> Timeouts:
@@ -573,7 +575,7 @@ def _limits(value: Any, path: str, base: Limits) -> Limits:
             out[key] = _int(1, 10000)(raw, t.key(key))
         else:
             n = _size(raw, t.key(key))
-            if key != "max_request_body" and n < 64:
+            if key not in ("max_request_body", "min_body_rate") and n < 64:
                 raise _bad(t.key(key), raw, "a size of at least 64 bytes")
             out[key] = n
     return replace(base, **out)

@@ -78,6 +78,10 @@ log = logging.getLogger("foobar_lb.http")
 
 
 HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
+RATE_WINDOW = 5.0  # limits.min_body_rate is judged over each window of this many seconds
+# what pauses reading a client for our own reasons (a server or a queue not taking its bytes):
+# while it holds, the client is not the slow one, and none of its deadlines for a body runs
+_FLOW = BLOCK_UPSTREAM | BLOCK_PENDING | BLOCK_PIPELINE
 # the access log's termination state of the proxy's own answers, by status (see _send_error)
 _TERMS = {408: "cR", 500: "IR", 502: "SH", 503: "SC", 504: "sH"}
 
@@ -152,6 +156,8 @@ class HttpSession(ClientSide):
         "peer_key",
         "proxied",
         "q",
+        "rate_n",
+        "rate_t",
         "rx",
         "served",
         "simple",
@@ -200,6 +206,10 @@ class HttpSession(ClientSide):
         self.last_rx = 0.0
         self.idle_since = 0.0
         self.wblocked_at = 0.0
+        # limits.min_body_rate: the start of the body's current window (0.0: no body arriving)
+        # and its byte count then
+        self.rate_t = 0.0
+        self.rate_n = 0
 
     # -- connection events ---------------------------------------------------------------
     def accepted(self) -> None:
@@ -278,6 +288,8 @@ class HttpSession(ClientSide):
         return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
+        # the client does not read: what we hold for it stays within the buffers, so the server
+        # is paused (and the next request's server from the start: Exchange.attach)
         self.wblocked_at = self.loop.time()
         self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
         if self.q:
@@ -526,6 +538,10 @@ class HttpSession(ClientSide):
         if body:
             # a body follows: from now on the client may be silent for `timeout client` at most
             when = self.last_rx + fe.client_timeout
+            if fe.limits.min_body_rate:  # and it must come at that rate at least, over a window
+                self.rate_t = self.last_rx
+                self.rate_n = 0
+                when = min(when, self.last_rx + RATE_WINDOW)
             if self.th is None or self.th_when > when:
                 self._arm(when)
             # HAProxy's http-buffer-request: no server is engaged before the body's first buffer
@@ -567,6 +583,7 @@ class HttpSession(ClientSide):
     def on_message_complete(self) -> None:
         r = self.parsing
         self.parsing = None
+        self.rate_t = 0.0
         if r.error:
             if r.buffering == HELD:  # a 429, answered now that its request is whole
                 r.complete = True
@@ -921,6 +938,14 @@ class HttpSession(ClientSide):
             self.block &= ~why
             if not self.block and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+                r = self.parsing
+                if why & _FLOW and r is not None and r.head_done:
+                    # a body we stopped reading: its client's deadlines start again from now
+                    self.last_rx = now = self.loop.time()
+                    if self.rate_t:
+                        self.rate_t = now
+                        self.rate_n = r.body_size
+                    self._arm(now + (RATE_WINDOW if self.rate_t else self.fe.client_timeout))
 
     def _deadline(self) -> tuple[float, int] | None:
         """The earliest client-side deadline in force and what happens then."""
@@ -933,15 +958,19 @@ class HttpSession(ClientSide):
             last = max(self.last_rx, r.server_rx() if r is not None else 0.0)
             tun = r.backend.timeouts.tunnel if r is not None and r.backend else 0.0
             d = (last + tun, 4) if tun else None
-        elif self.parsing is not None and not self.q:
-            r = self.parsing
-            if not r.head_done:
-                d = (r.t0 + t.http_request, 1) if t.http_request else None
-            else:
-                d = (self.last_rx + t.client, 2) if t.client else None
         elif self.parsing is not None:
             r = self.parsing
-            d = (self.last_rx + t.client, 2) if r.head_done and t.client else None
+            if not r.head_done:  # (a pipelined head gets its time once the ones before are done)
+                # a connection's first request has it from the accept on, a later one from its
+                # first byte (its wait before that was http_keep_alive's)
+                start = r.t0 if self.served else self.idle_since
+                d = (start + t.http_request, 1) if t.http_request and not self.q else None
+            elif self.block & _FLOW:
+                d = None  # we are not reading its body: the server's timeout applies meanwhile
+            else:
+                d = (self.last_rx + t.client, 2) if t.client else None
+                if self.rate_t and (d is None or self.rate_t + RATE_WINDOW < d[0]):
+                    d = (self.rate_t + RATE_WINDOW, 5)  # the body's rate window ends
         elif not self.q:
             if self.served:
                 d = (self.idle_since + t.http_keep_alive, 0) if t.http_keep_alive else None
@@ -961,15 +990,29 @@ class HttpSession(ClientSide):
         if d is None:
             return
         when, what = d
-        if self.loop.time() < when:
+        now = self.loop.time()
+        if what == 5 and now >= when:
+            # limits.min_body_rate: did the window bring enough of the body? then the next one
+            r = self.parsing
+            if r.body_size - self.rate_n >= self.fe.limits.min_body_rate * RATE_WINDOW:
+                self.rate_t = now
+                self.rate_n = r.body_size
+                when, what = self._deadline()
+        if now < when:
             self.th_when = when
             self.th = self.loop.call_at(when, self._on_timer)
             return
         fe = self.fe
         if what == 0:  # idle keep-alive, or a connection that never sent a byte
             self._close()
-        elif what in (1, 2):  # the head did not complete in time, or the body stalled
+        elif what in (1, 2, 5):  # the head was late, the body stalled or came too slowly
             fe.ctr[fe.cbase + (F_TIMEOUT_HTTP_REQUEST if what == 1 else F_TIMEOUT_CLIENT)] += 1
+            r = self.parsing
+            if r is not None and r.responded:  # (its server answered early): it is cut
+                if fe.alog is not None:
+                    fe.alog(r, _status(r), "cD")
+                self._abort()
+                return
             self._reject(408)
         else:  # the client stopped reading, or the tunnel went quiet
             fe.ctr[fe.cbase + (F_TIMEOUT_CLIENT if what == 3 else F_TIMEOUT_TUNNEL)] += 1

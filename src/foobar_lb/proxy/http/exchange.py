@@ -127,6 +127,8 @@ class Exchange:
         self.conn = conn
         self.t_connect = now
         conn.take(self, now)
+        if self.s.wblocked_at:  # the client does not take our bytes: the server waits from the start
+            conn.pause()
         head = self.head
         if self.needs_host:
             head = head[:-2] + b"host: " + self.server.address.encode() + b"\r\n\r\n"
