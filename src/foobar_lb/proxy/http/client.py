@@ -149,6 +149,7 @@ class HttpSession(ClientSide):
         "log_client",  # the access log's client address (set by it, when it is on)
         "loop",
         "mode",
+        "next_again",
         "own_pool",
         "parser",
         "parsing",
@@ -185,6 +186,10 @@ class HttpSession(ClientSide):
         self.closing = False
         self.eof_in = False
         self.served = 0
+        # response_done is starting the next pipelined request (None: it is not): a request
+        # answered at once (a 429, a 503) ends inside that start; it sets this to True, and the
+        # loop there starts the one after it, instead of recursing once per request
+        self.next_again: bool | None = None
         self.head_bytes = 0
         self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
         self.peer_ip = ""
@@ -838,7 +843,16 @@ class HttpSession(ClientSide):
         if self.block & BLOCK_PIPELINE:
             self._unblock(BLOCK_PIPELINE)
         if q:
-            self._start(q[0])
+            if self.next_again is not None:  # inside the loop below: it starts the next one
+                self.next_again = True
+                return
+            self.next_again = True
+            try:
+                while self.next_again and q:
+                    self.next_again = False
+                    self._start(q[0])
+            finally:
+                self.next_again = None
         else:
             self.idle_since = now
             if self.parsing is None:
