@@ -63,6 +63,10 @@ def summarize(result: dict) -> dict:
             "disturbed_runs": sum(1 for r in runs
                                   if max(r.get("other_cpu_pct", {}).values(), default=0) >= OTHER_LOAD_WARN),
         }
+        bg = [r["background"] for r in runs if "background" in r]
+        if bg:  # the slow clients beside the runs: what the proxy did with them
+            per[t]["background"] = {k: sum(b.get(k, 0) for b in bg) for k in
+                                    ("opened", "closed_by_proxy", "answered_408", "connect_failures")}
     ref = per.get(result["reference"])
     for t, s in per.items():
         if t == result["reference"] or ref is None:
@@ -134,6 +138,15 @@ TARGETS = (
            "foobar_lb", "cpu_us_per_req", "", 0.0, over="http-small-c50"),
     Target("Access log on vs off, HTTP small c=50: HAProxy CPU per request", "http-log-c50",
            "haproxy", "cpu_us_per_req", "", 0.0, over="http-small-c50"),
+    # issue 14 (slow clients): the normal load's throughput beside them, vs without
+    Target("Beside 500 slowloris connections: foobar_lb req/s vs without", "http-slowloris-c50",
+           "foobar_lb", "rps", ">=", 0.9, over="http-small-c50"),
+    Target("Beside 500 slowloris connections: HAProxy req/s vs without", "http-slowloris-c50",
+           "haproxy", "rps", "", 0.0, over="http-small-c50"),
+    Target("Beside 200 uploads trickling at 10 B/s: foobar_lb req/s vs without", "http-trickle-c50",
+           "foobar_lb", "rps", ">=", 0.9, over="http-small-c50"),
+    Target("Beside 200 uploads trickling at 10 B/s: HAProxy req/s vs without", "http-trickle-c50",
+           "haproxy", "rps", "", 0.0, over="http-small-c50"),
 )
 
 
@@ -236,6 +249,14 @@ def markdown(doc: dict) -> str:
                            f"{_conns(s.get('server_conns_per_req'))} | {errs} | "
                            f"{ratio} | {_x(s.get('ratio_p99'))} | {_x(s.get('ratio_cpu_per_req'))} | "
                            f"{'/'.join(_n(v) for v in s['other_cpu_pct'].values()) or 'n/a'} |")
+            for t, s in summ.items():
+                bg = s.get("background")
+                if bg:
+                    out.append("")
+                    out.append(f"{t}: slow clients over its runs: {bg['opened']:,} opened, "
+                               f"{bg['closed_by_proxy']:,} closed by the proxy "
+                               f"({bg['answered_408']:,} of them after a 408), "
+                               f"{bg['connect_failures']:,} connects failed.")
         out.append("")
     sources = sorted({r["server_conns_source"] for r in doc["results"].values()
                       if "server_conns_source" in r})

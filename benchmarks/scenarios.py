@@ -83,6 +83,8 @@ class Scenario:
     headers: tuple[str, ...] = ()  # extra request header lines wrk sends (wrk -H)
     tls: bool = False  # clients speak HTTPS to the proxies (TLS termination, same certificate)
     access_log: bool = False  # each proxy writes one access log line per request to a file
+    # slow clients kept open beside each measured run (benchmarks/slowclients.py): (kind, count)
+    background: tuple[str, int] | None = None
 
     @property
     def reference(self) -> str:
@@ -101,6 +103,12 @@ SCENARIOS = {s.name: s for s in (
              "HTTP, small body (GET /), wrk -t1 -c50, with an access log: one line per request "
              "to a file (HAProxy: option httplog to stdout; foobar_lb: [log] access, text)",
              access_log=True),
+    Scenario("http-slowloris-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
+             "HTTP, small body (GET /), wrk -t1 -c50, beside 500 slowloris connections (a head "
+             "sent a byte a second, reopened when closed)", background=("slowloris", 500)),
+    Scenario("http-trickle-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
+             "HTTP, small body (GET /), wrk -t1 -c50, beside 200 uploads of 1 MiB trickling at "
+             "10 bytes a second (reopened when cut)", background=("trickle", 200)),
     Scenario("https-small-c50", "wrk", "http", "/", 50, ("haproxy", "foobar_lb"), "nginx",
              "HTTPS (TLS terminated by the proxy, keep-alive), small body (GET /), wrk -t1 -c50",
              tls=True),
@@ -323,6 +331,29 @@ class Bench:
 # -- wrk scenarios ----------------------------------------------------------------------------------
 
 
+def _with_background(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int,
+                     duration: float, label: str) -> dict:
+    """`_measure`, with the scenario's slow clients open beside the run when it has some."""
+    if sc.background is None:
+        return _measure(bench, sc, target, proc, port, duration, label)
+    kind, count = sc.background
+    argv = bench.pinning.client([sys.executable, "-m", "benchmarks.slowclients", str(port), kind,
+                                 str(count)])
+    slow = bench.procs.start(f"slowclients-{kind}", argv, env=bench.python_env())
+    try:
+        deadline = time.monotonic() + 30
+        while '"ready"' not in slow.log.read_text(errors="replace"):
+            if not slow.alive() or time.monotonic() > deadline:
+                raise slow.failure("did not open its connections")
+            time.sleep(0.05)
+        run = _measure(bench, sc, target, proc, port, duration, label)
+    finally:
+        bench.procs.stop(slow)
+    lines = [ln for ln in slow.log.read_text(errors="replace").splitlines() if ln.startswith("{")]
+    run["background"] = json.loads(lines[-1]) if lines else {"kind": kind, "count": count}
+    return run
+
+
 def _measure(bench: Bench, sc: Scenario, target: str, proc: Proc, port: int, duration: float,
              label: str) -> dict:
     scheme = "https" if sc.tls else "http"
@@ -409,7 +440,7 @@ def run_wrk_scenario(bench: Bench, sc: Scenario, targets: list[str], rounds: int
                 label = f"[round {r}/{rounds}] {sc.name} {t}"
                 for attempt in range(1, attempts + 1):
                     waited = bench.quiet()
-                    run = _measure(bench, sc, t, proc, port, duration, label)
+                    run = _with_background(bench, sc, t, proc, port, duration, label)
                     run.update(round=r, attempt=attempt, waited_for_quiet_s=waited)
                     err = f" errors {run['errors']}" if run["errors"] else ""
                     other = run["other_cpu_pct"]
