@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..backend import ASSIGNED, QUEUED
 from ..clientaddr import send_proxy_header
-from .base import ClientSide, pass_eof
+from .base import OUT_OF_FDS, ClientSide, pass_eof
 
 if TYPE_CHECKING:
     from ..backend import Backend, Waiter
@@ -126,11 +126,13 @@ class TcpSession(ClientSide):
         except (OSError, TimeoutError) as e:
             what = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
-            be.observe_error(server, what)
+            out_of_fds = getattr(e, "errno", None) in OUT_OF_FDS  # ours, not the server's
+            if not out_of_fds:
+                be.observe_error(server, what)
             self._drop_server()
             if self.transport.is_closing():
                 return
-            if self.attempts <= be.retries:
+            if self.attempts <= be.retries and not out_of_fds:
                 log.debug("tcp: retrying after %r on %s/%s", e, be.name, server.name)
                 self._dispatch(server)
             else:

@@ -29,7 +29,7 @@ from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend, Route
 from ...limits import too_many_requests
 from ...tls import client_subject_line
-from ..base import ClientSide
+from ..base import OUT_OF_FDS, ClientSide
 from ..upstream import Pool
 from .exchange import (
     BLOCK_PARKED,
@@ -715,6 +715,14 @@ class HttpSession(ClientSide):
                 e.strerror or str(e)).lower()
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
+                return
+            if getattr(e, "errno", None) in OUT_OF_FDS:  # ours, not the server's
+                if be.pool.shrink() and r.attempts <= be.retries:  # idle ones give some back
+                    r.attempts += 1
+                    self.lb.spawn(self._connect(r, server))
+                    return
+                r.release_server()
+                self._send_error(r, 503, "PC")
                 return
             self.attempt_failed(r, False, reason, connected=False)
             return
