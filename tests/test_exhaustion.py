@@ -117,8 +117,8 @@ async def test_at_the_open_file_limit_new_connections_wait_and_every_one_is_serv
             assert 64 <= taken < LIMIT // 2, taken
             assert out == []
             assert fd_count(worker) <= LIMIT
-            await lb.wait_err(r"open-file budget reached: \d+ client connections held, "
-                              rf"open file limit {LIMIT}")
+            await lb.wait_err(r"open-file budget reached: \d+ client connections held "
+                              rf"\(budget \d+, open file limit {LIMIT}\)")
             cpu = await cpu_share(worker, 1.5)
             assert cpu < 0.2, cpu
             print(f"\nopen-file limit {LIMIT}: {taken} of 400 held; the worker's CPU while "
@@ -226,6 +226,18 @@ async def test_five_thousand_connections_without_a_byte_leave_nothing_behind(tmp
             no_traceback(lb)
 
 
+def test_max_open_files_is_checked_like_any_key():
+    from foobar_lb.config import ConfigError, parse_config
+
+    base = '[frontends.www]\nbind = "127.0.0.1:0"\ndefault_backend = "app"\n' \
+           '[backends.app]\nservers = [{ name = "s", address = "127.0.0.1:1" }]\n'
+    assert parse_config(base).settings.max_open_files == 0
+    assert parse_config(base + "[global]\nmax_open_files = 256\n").settings.max_open_files == 256
+    with pytest.raises(ConfigError, match=r"global.max_open_files = 10: expected an integer "
+                                          r"from 64 to 16777216"):
+        parse_config(base + "[global]\nmax_open_files = 10\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Out of descriptors at a server connection (the library, in this process: the test takes the
 # descriptors itself): the proxy's problem, never the server's
@@ -328,3 +340,63 @@ async def test_near_the_budget_accepting_goes_one_by_one_and_back(tmp_path):
             assert res.errors == 0, res.failed
             assert res.ok == 400
             no_traceback(lb)
+
+
+@pytest.mark.slow
+async def test_at_the_open_file_limit_tls_connections_wait_too_and_bad_handshakes_cost_nothing(
+        tmp_path):
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key = tmp_path / "site.pem", tmp_path / "site.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    held = Held()
+    async with ScriptedServer("s", held) as s:
+        port = free_port()
+        cfg = cfg_for(port, s, {"workers": 1, "max_open_files": LIMIT},
+                      frontend={"tls": {"cert": str(cert), "key": str(key)}})
+        async with LbProcess(tmp_path, cfg) as lb:
+            (worker,) = lb.workers()
+            out: list = []
+
+            async def https() -> None:
+                try:
+                    r, w = await asyncio.open_connection(LOOPBACK, port, ssl=ctx,
+                                                         server_hostname="localhost")
+                    w.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    data = await asyncio.wait_for(r.read(), 60)
+                    w.close()
+                    got = parse_responses(data)
+                    out.append(got[0].status if got else "closed without a response")
+                except (OSError, TimeoutError, ssl.SSLError) as e:
+                    out.append(f"{type(e).__name__}: {e}")
+
+            clients = [asyncio.ensure_future(https()) for _ in range(150)]
+            # plain text to the TLS port: handshakes that fail, waiting among the others
+            bad = [asyncio.ensure_future(raw_plain(port)) for _ in range(3)]
+            taken = await held.settle()
+            assert 64 <= taken < LIMIT // 2, taken
+            assert out == []
+            await lb.wait_err(r"open-file budget reached")
+            held.release.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 60)
+            assert out == [200] * 150
+            assert await asyncio.wait_for(asyncio.gather(*bad), 30) == [b""] * 3
+            assert lb.workers() == [worker]
+            no_traceback(lb)
+
+
+async def raw_plain(port: int) -> bytes:
+    r, w = await asyncio.open_connection(LOOPBACK, port)
+    w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        return await asyncio.wait_for(r.read(), 20)
+    except (OSError, TimeoutError):
+        return b""
+    finally:
+        w.close()

@@ -140,11 +140,11 @@ class Admission:
         self.fulls += 1
         now = self.loop.time()
         if now - self.full_said >= FULL_LOG_EVERY:
-            log.warning("%s: %d client connections held, open file limit %d; new connections "
-                        "wait in the listen queue until some end (%d pause%s since the last "
-                        "such line)",
+            log.warning("%s: %d client connections held (budget %d, open file limit %d); new "
+                        "connections wait in the listen queue until some end (%d pause%s "
+                        "since the last such line)",
                         "out of descriptors" if out_of_descriptors else "open-file budget reached",
-                        len(self.sessions) + len(self.parked), self.limit, self.fulls,
+                        self.load(), self.cap, self.limit, self.fulls,
                         "" if self.fulls == 1 else "s")
             self.full_said = now
             self.fulls = 0
