@@ -142,22 +142,23 @@ class Acceptor:
                 continue  # (ECONNABORTED and the like: that one connection is gone)
             conn.setblocking(False)
             self.retry_in = RETRY_FIRST
-            adm.accepting += 1
-            coro = self.loop.connect_accepted_socket(self.factory, conn, **self.tls)
+            session = self.factory()
+            adm.pending.add(session)  # (counted until it begins: admission.admit)
+            coro = self.loop.connect_accepted_socket(lambda s=session: s, conn, **self.tls)
             try:
                 fut = coro.send(None)
             except StopIteration:  # (done at once: not uvloop's way, but fine)
-                adm.accepting -= 1
+                adm.pending.discard(session)
                 continue
             except BaseException:  # pragma: no cover - the socket could not be wrapped
-                adm.accepting -= 1
+                adm.pending.discard(session)
                 conn.close()
                 continue
-            fut.add_done_callback(partial(self._made, coro))
+            fut.add_done_callback(partial(self._made, coro, session))
 
-    def _made(self, coro: Any, _: Any) -> None:
-        """The session has its connection (or its TLS handshake failed): it counts there now."""
-        self.adm.accepting -= 1
+    def _made(self, coro: Any, session: Any, _: Any) -> None:
+        """The session has its connection (or its TLS handshake failed)."""
+        self.adm.pending.discard(session)
         try:
             coro.send(None)
         except StopIteration:

@@ -34,8 +34,8 @@ FULL_LOG_EVERY = 60.0  # the budget's log line: once, then at most once a minute
 
 
 class Admission:
-    __slots__ = ("_poll", "accepting", "acceptors", "cap", "careful", "clients", "counted",
-                 "far", "full_said", "fulls", "limit", "loop", "near", "parked", "sessions",
+    __slots__ = ("_poll", "acceptors", "cap", "careful", "clients", "counted", "far",
+                 "full_said", "fulls", "limit", "loop", "near", "parked", "pending", "sessions",
                  "shared", "slots")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slots: Any, clients: Any = None):
@@ -49,12 +49,12 @@ class Admission:
         self.counted: dict[Any, int] = {}  # session -> its entry in `clients`
         # the open-file budget (see budget()): none until the listeners are open
         self.acceptors: list[Any] = []  # accepting.Acceptor, one per listening socket
-        self.accepting = 0  # connections our acceptors took whose session has not begun yet
+        self.pending: set[Any] = set()  # sessions our acceptors made, not begun yet (TLS)
         self.limit = 0  # RLIMIT_NOFILE (soft)
         self.cap = self.near = 1 << 62  # client connections held: at most / careful from
         self.far = 0  # below it, careful no more
         self.careful = False  # the acceptors take connections one by one
-        self.full_said = -FULL_LOG_EVERY
+        self.full_said = {False: -FULL_LOG_EVERY, True: -FULL_LOG_EVERY}  # by kind
         self.fulls = 0  # times accepting stopped at the budget since the last log line
 
     def budget(self, limit: int, open_now: int, backlog: int) -> None:
@@ -69,10 +69,12 @@ class Admission:
 
     def load(self) -> int:
         """Client connections this process holds (each a descriptor, most of them two)."""
-        return len(self.sessions) + len(self.parked) + self.accepting
+        return len(self.sessions) + len(self.parked) + len(self.pending)
 
     def admit(self, session: Any) -> bool:
         """Called by a new session; False means it is parked (its reading is paused)."""
+        if self.pending:
+            self.pending.discard(session)
         if not self.careful and len(self.sessions) + len(self.parked) >= self.near:
             self._near()
         fe = session.fe
@@ -136,17 +138,18 @@ class Admission:
             a.room(load)
 
     def said_full(self, out_of_descriptors: bool) -> None:
-        """An acceptor stopped reading: one log line, then at most one a minute."""
+        """An acceptor stopped reading: one log line, then at most one a minute (of each kind:
+        at the budget, out of descriptors below it)."""
         self.fulls += 1
         now = self.loop.time()
-        if now - self.full_said >= FULL_LOG_EVERY:
+        if now - self.full_said[out_of_descriptors] >= FULL_LOG_EVERY:
             log.warning("%s: %d client connections held (budget %d, open file limit %d); new "
                         "connections wait in the listen queue until some end (%d pause%s "
                         "since the last such line)",
                         "out of descriptors" if out_of_descriptors else "open-file budget reached",
                         self.load(), self.cap, self.limit, self.fulls,
                         "" if self.fulls == 1 else "s")
-            self.full_said = now
+            self.full_said[out_of_descriptors] = now
             self.fulls = 0
 
     def _unpark(self) -> None:
