@@ -54,7 +54,8 @@ class Admission:
         self.cap = self.near = 1 << 62  # client connections held: at most / careful from
         self.far = 0  # below it, careful no more
         self.careful = False  # the acceptors take connections one by one
-        self.full_said = {False: -FULL_LOG_EVERY, True: -FULL_LOG_EVERY}  # by kind
+        # when each kind of line was last logged (at the budget, out of descriptors, shrunk)
+        self.full_said = {False: -FULL_LOG_EVERY, True: -FULL_LOG_EVERY, None: -FULL_LOG_EVERY}
         self.fulls = 0  # times accepting stopped at the budget since the last log line
 
     def budget(self, limit: int, open_now: int, backlog: int) -> None:
@@ -136,6 +137,24 @@ class Admission:
             return
         for a in self.acceptors:
             a.room(load)
+
+    def short_of_fds(self) -> None:
+        """A server connection found no descriptor even with no idle one left to close: the
+        budget was too generous (the limit lowered under us, descriptors held elsewhere). It
+        shrinks to half the connections held, for this process's life, so that accepting
+        leaves descriptors for server connections; accepting goes one by one."""
+        new = max(1, (len(self.sessions) + len(self.parked)) // 2)
+        if new < self.cap:
+            now = self.loop.time()
+            if now - self.full_said[None] >= FULL_LOG_EVERY:
+                log.warning("a server connection found no descriptor: the open-file budget "
+                            "shrinks from %d to %d client connections (open file limit %d at "
+                            "start)", self.cap, new, self.limit)
+                self.full_said[None] = now
+            self.cap = new
+            self.far = min(self.far, new // 2)
+        if not self.careful:
+            self._near()
 
     def said_full(self, out_of_descriptors: bool) -> None:
         """An acceptor stopped reading: one log line, then at most one a minute (of each kind:

@@ -127,7 +127,9 @@ class TcpSession(ClientSide):
             what = "connection timeout" if isinstance(e, TimeoutError) else (
                 e.strerror or str(e)).lower()
             out_of_fds = getattr(e, "errno", None) in OUT_OF_FDS  # ours, not the server's
-            if not out_of_fds:
+            if out_of_fds:
+                self.lb.admission.short_of_fds()
+            else:
                 be.observe_error(server, what)
             self._drop_server()
             if self.transport.is_closing():

@@ -68,6 +68,7 @@ __all__ = ["HttpSession"]
 log = logging.getLogger("foobar_lb.http")
 
 
+FD_WAIT = 0.05  # a server connection that found no descriptor is tried again this soon
 HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
 # the access log's termination state of the proxy's own answers, by status (see _send_error)
 _TERMS = {408: "cR", 500: "IR", 502: "SH", 503: "SC", 504: "sH"}
@@ -693,9 +694,14 @@ class HttpSession(ClientSide):
                      avoid.name if avoid is not None else "?", why)
         return False
 
-    async def _connect(self, r: Exchange, server: Server) -> None:
+    async def _connect(self, r: Exchange, server: Server, wait: float = 0.0) -> None:
         be = r.backend
         timeout = be.timeouts.connect or None
+        if wait:  # (no descriptor for it a moment ago: see OUT_OF_FDS below)
+            await asyncio.sleep(wait)
+            if self.transport.is_closing() or not self.q or self.q[0] is not r:
+                r.release_server()
+                return
         try:
             async with asyncio.timeout(timeout):
                 pool = be.pool if server.send_proxy is None else self._private(be)
@@ -716,10 +722,18 @@ class HttpSession(ClientSide):
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
                 return
-            if getattr(e, "errno", None) in OUT_OF_FDS:  # ours, not the server's
-                if be.pool.shrink() and r.attempts <= be.retries:  # idle ones give some back
-                    r.attempts += 1
+            if getattr(e, "errno", None) in OUT_OF_FDS:
+                # this process's limit, not the server's fault: idle server connections give
+                # some back (tried again at once); else fewer clients are accepted from now on,
+                # and the request waits for a descriptor (50 ms, doubling to 1 s) within
+                # timeout.connect, unless this process holds more clients than it can serve
+                if be.pool.shrink():
                     self.lb.spawn(self._connect(r, server))
+                    return
+                adm = self.lb.admission
+                adm.short_of_fds()
+                if adm.load() <= adm.cap and self.loop.time() + wait < r.t_queue + (timeout or 5.0):
+                    self.lb.spawn(self._connect(r, server, min(2 * wait or FD_WAIT, 1.0)))
                     return
                 r.release_server()
                 self._send_error(r, 503, "PC")
