@@ -134,6 +134,41 @@ async def test_one_event_when_a_backend_loses_its_last_server(tmp_path: Path):
             assert kinds == [("server", "a", "up"), ("backend_up", None, "up")]
 
 
+def _set_admin(aport: int, server: str, state: str) -> int:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{LOOPBACK}:{aport}/api/backends/app/servers/{server}",
+                                 data=json.dumps({"state": state}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status
+
+
+async def test_an_operators_drain_maint_and_ready_are_events_too(tmp_path: Path):
+    async with Receiver() as rx, ScriptedServer("a") as a, ScriptedServer("b") as b:
+        port, aport = free_port(), free_port()
+        cfg = config(port, [("a", a), ("b", b)], {"webhooks": [rx.url]})
+        cfg["admin"] = {"bind": f"{LOOPBACK}:{aport}"}
+        async with LbProcess(tmp_path, cfg):
+            await asyncio.sleep(0.3)
+            steps = [("a", "drain", "up", "drain"), ("a", "maint", "drain", "maint"),
+                     ("b", "drain", "up", "drain")]
+            for server, state, _, _ in steps:
+                n = len(rx.events)
+                assert await asyncio.to_thread(_set_admin, aport, server, state) == 200
+                await until(lambda n=n: len(rx.events) > n, what=f"{server} {state} event")
+            await asyncio.sleep(0.3)
+            kinds = [(e["kind"], e["server"], e["old"], e["new"]) for e in rx.events]
+            assert kinds == [("server", s, o, n) for s, _, o, n in steps] + [
+                ("backend_down", None, "up", "down")]
+            assert rx.events[0]["reason"] == "set drain by an operator"
+            n = len(rx.events)
+            assert await asyncio.to_thread(_set_admin, aport, "b", "ready") == 200
+            await until(lambda: len(rx.events) == n + 2, what="b ready and backend up")
+            kinds = [(e["kind"], e["server"], e["old"], e["new"]) for e in rx.events[n:]]
+            assert kinds == [("server", "b", "drain", "up"), ("backend_up", None, "down", "up")]
+
+
 async def test_a_flapping_server_gives_three_events_then_one_summary(tmp_path: Path):
     """20 state changes within the window: 3 events, then one summary when it ends."""
     answers = {"n": 0}

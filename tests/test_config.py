@@ -86,7 +86,7 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
      "{file}: cannot read: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
     ("unknown-top-level-key", "frontend = {}\n" + FE + BE,
      "{file}: frontend: unknown key; expected one of global, defaults, frontends, backends, admin, "
-     "alerts, log"),
+     "alerts, log, metrics"),
     # the access log (issue 13)
     ("log-unknown-key", '[log]\nacces = "stdout"\n' + FE + BE,
      "{file}: log.acces: unknown key; expected one of access, format, buffer, syslog_format"),
@@ -267,6 +267,18 @@ BAD_FILES: list[tuple[str, str | bytes | None, str]] = [
     ("admin-on-a-frontend", FE + BE + '[admin]\nbind = "127.0.0.1:8080"\n',
      '{file}: admin.bind = "127.0.0.1:8080": expected an address no frontend uses (frontends.web '
      "binds 127.0.0.1:8080)"),
+    ("metrics-unknown-key", FE + BE + '[metrics]\nbucket = ["1ms"]\n',
+     "{file}: metrics.bucket: unknown key; expected one of buckets"),
+    ("metrics-buckets-not-a-list", FE + BE + '[metrics]\nbuckets = "1ms"\n',
+     '{file}: metrics.buckets = "1ms": expected a list of 1 to 50 increasing durations, like '
+     '["1ms", "5ms", "25ms", "100ms", "500ms", "2s"]'),
+    ("metrics-bucket-no-unit", FE + BE + '[metrics]\nbuckets = ["1ms", 5]\n',
+     '{file}: metrics.buckets[1] = 5: expected a duration string with a unit, like "500ms", "2s", '
+     '"1m" or "1h"'),
+    ("metrics-buckets-not-increasing", FE + BE + '[metrics]\nbuckets = ["5ms", "5ms"]\n',
+     '{file}: metrics.buckets[1] = "5ms": expected a duration above 0 and above the one before it'),
+    ("metrics-bucket-zero", FE + BE + '[metrics]\nbuckets = ["0s"]\n',
+     '{file}: metrics.buckets[0] = "0s": expected a duration above 0'),
     ("alerts-unknown-key", FE + BE + '[alerts]\nwebhook = "http://127.0.0.1:9000/"\n',
      "{file}: alerts.webhook: unknown key; expected one of webhooks, command, flap_window, "
      "timeout, retries, backoff, queue"),

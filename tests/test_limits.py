@@ -33,6 +33,7 @@ from support import (
     ScriptedServer,
     complete_responses,
     free_port,
+    http_response,
     lb_config,
     parse_responses,
     running_lb,
@@ -535,3 +536,30 @@ async def test_a_flood_of_200000_proxy_v2_addresses_keeps_the_table_at_its_bound
             assert statuses == {b"200": flood}, statuses  # each a new client: a full bucket
             assert (await once(first)).startswith(b"HTTP/1.1 200 "), "the first entry was kept"
             assert lb.proc.returncode is None
+
+
+async def test_thousands_of_pipelined_requests_answered_429_one_after_another(tmp_path):
+    """20,000 GETs in one write behind a slow first one: each later one is a 429 answered at
+    once when its turn comes; they are started in a loop, not by recursion (which once hit
+    Python's recursion limit and left the connection stuck)."""
+    port = free_port()
+
+    async def slow(req):
+        await asyncio.sleep(0.3)  # the rest is parsed and queued meanwhile
+        return http_response(200, b"ok")
+
+    async with ScriptedServer("a", handler=slow) as a, LbProcess(
+            tmp_path, _cfg(port, a, 1, {"rate_limit": {"requests": 1, "per": "1m"}})) as lb:
+        reader, writer = await _open(port)
+        n = 20_000
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * n)
+        got = b""
+        async with asyncio.timeout(30):
+            while got.count(b"HTTP/1.1 ") < n:
+                data = await reader.read(1 << 20)
+                assert data, f"closed after {got.count(b'HTTP/1.1 ')} responses"
+                got += data
+        writer.close()
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert got.count(b"HTTP/1.1 429 ") == n - 1
+        assert not [ln for ln in lb.err if "Traceback" in ln or "Error" in ln]

@@ -66,7 +66,11 @@ def _run(exchanges: list[tuple[bytes, list[bytes]]], memo: bool, **frontend):
         ct.out.clear()
         if up.closed or ct.closing:
             break
-    classes = [fe.ctr[fe.cbase + F_1XX + c] for c in range(5)]
+    # the frontend's responses by class: the server's (its cells for this frontend), the
+    # proxy's own to requests routed to the backend, and those routed nowhere
+    route = fe.routes[be.name]
+    blocks = (server.fcls[route.fi] + 1, route.ocls + 1, fe.cbase + F_1XX)
+    classes = [sum(fe.ctr[b + c] for b in blocks) for c in range(5)]
     return got, classes, up.full, not up.closed
 
 

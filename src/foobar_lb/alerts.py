@@ -107,6 +107,7 @@ class Alerts:
     def attach(self, machine: Any, checks: Any) -> None:
         """Hear the state machine's changes and (when enabled) the http checks' bodies."""
         machine.hooks.append(self.state_change)
+        machine.admin_hooks.append(self.admin_change)
         self.checks = checks
         checks.on_body = self.app_health if self.cfg.enabled else None
 
@@ -199,6 +200,31 @@ class Alerts:
             self.empty.discard(be.name)
             self.emit(self.event("backend_up", be.name, None, "down", "up",
                                  f"{server.name} is {new}: {change.reason}"), (be.name,))
+
+    def admin_change(self, be: Any, server: Any, old: Any) -> None:
+        """An operator's ready, drain or maint (the runtime API): a server event from the state
+        it was in to the one it is in now, as an operator sees them (its health while ready,
+        else what the operator set), and the backend's events when it leaves none usable."""
+        if not self.cfg.enabled or self.paused:
+            return
+        health = server.state.value
+        was = health if old.value == "ready" else old.value
+        now = health if server.admin.value == "ready" else server.admin.value
+        key = (be.name, server.name)
+        self.up_once.add(key)
+        if was != now:
+            self.emit(self.event("server", be.name, server.name, was, now,
+                                 f"set {server.admin.value} by an operator"), key)
+        left = sum(1 for s in be.servers if s.usable)
+        if left == 0 and be.name not in self.empty:
+            self.empty.add(be.name)
+            self.emit(self.event("backend_down", be.name, None, "up", "down",
+                                 f"no server left in rotation (last: {server.name} is {now}, "
+                                 "set by an operator)"), (be.name,))
+        elif left and be.name in self.empty:
+            self.empty.discard(be.name)
+            self.emit(self.event("backend_up", be.name, None, "down", "up",
+                                 f"{server.name} is {now}, set by an operator"), (be.name,))
 
     def app_health(self, be: Any, server: Any, body: bytes) -> None:
         """An app server's /health, read by its http check: its view of every database node

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,7 +21,7 @@ from .balancing import Balancer
 from .config import BackendConfig, ServerConfig
 from .proxy.upstream import Pool
 from .servers import Admin, Server, State
-from .shared import S_REQUESTS
+from .shared import B_QUEUED, B_SIZE, B_TIMEOUT_QUEUE, S_REDISPATCHES, S_REQUESTS, S_RETRIES
 
 __all__ = ["ASSIGNED", "FULL", "NO_SERVER", "QUEUED", "Backend", "Waiter"]
 
@@ -43,18 +44,28 @@ class Waiter:
     expires or no server is left up (the caller answers 503).
     """
 
-    __slots__ = ("arg", "cancelled", "deadline", "key", "who")
+    __slots__ = ("arg", "be", "cancelled", "deadline", "key", "since", "who")
 
     def __init__(self, key: bytes | None, deadline: float,
-                 who: Any, arg: Any = None):
+                 who: Any, arg: Any = None, be: Backend | None = None, since: float = 0.0):
         self.key = key
         self.deadline = deadline
         self.who = who  # has granted(arg, server): a session
         self.arg = arg
         self.cancelled = False
+        self.be = be  # whose `queued` gauge counts it
+        self.since = since  # loop time it began to wait
 
     def done(self, server: Server | None) -> None:
         self.who.granted(self.arg, server)
+
+    def cancel(self) -> None:
+        """Its client is gone: it leaves the queue (lazily) and the `queued` gauge (now)."""
+        if not self.cancelled:
+            self.cancelled = True
+            be = self.be
+            if be is not None:
+                be.ctr[be.bbase + B_QUEUED] -= 1
 
 
 class Backend:
@@ -63,8 +74,10 @@ class Backend:
         "_qtimer",
         "algorithm",
         "balancer",
+        "bbase",
         "by_name",
         "cfg",
+        "ctr",
         "mode",
         "name",
         "notify",
@@ -81,6 +94,9 @@ class Backend:
         """`prepare(server)` is called on each new server before the algorithms see it (to
         carry a state over, give it its counters and slots)."""
         self.cfg = cfg
+        # counters (shared.B_*): cells of this process's counter block, from `bbase` on
+        self.ctr = memoryview(bytearray(B_SIZE * 8)).cast("q")
+        self.bbase = 0
         self.name = cfg.name
         self.mode = cfg.mode
         self.timeouts = cfg.timeouts
@@ -159,6 +175,7 @@ class Backend:
 
     def release(self, server: Server) -> None:
         server.active -= 1
+        server.ctr[server.o_end] += 1  # (open now: S_REQUESTS - S_RELEASED)
         slots = server.slots
         if slots is not None:
             slots.give()
@@ -173,8 +190,9 @@ class Backend:
         queue full, or queueing off) and the caller answers 503 now."""
         if len(self.queue) >= self.cfg.maxqueue or not self.balancer.any_up():
             return None
-        w = Waiter(key, now + (self.timeouts.queue or 86400.0), who, arg)
+        w = Waiter(key, now + (self.timeouts.queue or 86400.0), who, arg, self, now)
         self.queue.append(w)
+        self.ctr[self.bbase + B_QUEUED] += 1
         loop = asyncio.get_running_loop()
         if self._qtimer is None:
             self._qtimer = loop.call_at(w.deadline, self._expire)
@@ -185,6 +203,7 @@ class Backend:
 
     def _serve_queue(self) -> None:
         q = self.queue
+        now = 0.0
         while q:
             w = q[0]
             if w.cancelled:
@@ -194,6 +213,9 @@ class Backend:
             if server is None or not self.take(server):
                 break
             q.popleft()
+            if not now:
+                now = asyncio.get_running_loop().time()
+            self._dequeued(server, now - w.since)
             w.done(server)  # with the slot taken
         if q and self._qpoll is None and any(s.slots is not None for s in self.servers):
             # slots given back by other workers wake nobody here: look again shortly
@@ -212,6 +234,8 @@ class Backend:
         while q and (q[0].cancelled or q[0].deadline <= now):
             w = q.popleft()
             if not w.cancelled:
+                self._dequeued(None, 0.0)
+                self.ctr[self.bbase + B_TIMEOUT_QUEUE] += 1
                 w.done(None)
         while q and q[0].cancelled:
             q.popleft()
@@ -223,7 +247,24 @@ class Backend:
         while q:
             w = q.popleft()
             if not w.cancelled:
+                self._dequeued(None, 0.0)
                 w.done(None)
+
+    def _dequeued(self, server: Server | None, waited: float) -> None:
+        """A waiter leaves the queue: the gauge, and its queue time when it got `server`."""
+        self.ctr[self.bbase + B_QUEUED] -= 1
+        if server is not None:
+            ctr = server.ctr
+            h = server.hqt
+            ctr[h + bisect_left(server.hb, waited)] += 1
+            ctr[h + server.hn] += int(waited * 1e6)
+
+    def retried(self, server: Server, other: Server | None) -> None:
+        """An attempt on `server` failed and goes again (`other`: the server it went to)."""
+        ctr = server.ctr
+        ctr[server.cbase + S_RETRIES] += 1
+        if other is not None and other is not server:
+            ctr[server.cbase + S_REDISPATCHES] += 1
 
     # -- state (decided by the state machine) ------------------------------------------------
     def apply_state(self, server: Server, state: State) -> None:

@@ -17,9 +17,18 @@ from .backend import Backend
 from .config import Config
 from .frontend import Frontend
 from .servers import Admin, Server, State
-from .shared import F_1XX, Counters, Layout
+from .shared import (
+    F_1XX,
+    F_BYTES_IN,
+    F_BYTES_OUT,
+    S_BYTES_IN,
+    S_BYTES_OUT,
+    S_RELEASED,
+    Counters,
+    Layout,
+)
 
-__all__ = ["Built", "build", "prepare_server"]
+__all__ = ["Built", "attach_counters", "build", "prepare_server"]
 
 
 @dataclass(slots=True)
@@ -43,20 +52,65 @@ def build(config: Config, previous: Built | None = None, *, layout: Layout, coun
     cells = counters.cells
 
     def prepare(server: Server) -> None:
-        prepare_server(server, layout=layout, counters=counters, slots=slots, previous=previous,
-                       states=states)
+        prepare_server(server, config=config, layout=layout, counters=counters, slots=slots,
+                       previous=previous, states=states)
 
     backends = {name: Backend(b, observer, prepare) for name, b in config.backends.items()}
+    for name, be in backends.items():
+        be.ctr = cells
+        be.bbase = layout.backend(name)
     frontends = {}
-    for name, f in config.frontends.items():
+    for i, (name, f) in enumerate(config.frontends.items()):
         fe = frontends[name] = Frontend(f, backends)
         fe.ctr = cells
         fe.cbase = layout.frontend(name)
         fe.cls0 = fe.cbase + F_1XX - 1
+        fe.o_bin = fe.cbase + F_BYTES_IN
+        fe.o_bout = fe.cbase + F_BYTES_OUT
+        fe.fi = i
+        for bname, route in fe.routes.items():
+            route.fi = i
+            route.ocls = layout.classes(name, bname, "") - 1
+        fe.no_route.fi = i
+        fe.no_route.ocls = fe.cls0
     return Built(config, frontends, backends)
 
 
-def prepare_server(server: Server, *, layout: Layout, counters: Counters,
+def _routed(config: Config, backend: str) -> list[int]:
+    """The indexes (in `config.frontends`) of the frontends that may route to `backend`."""
+    out = []
+    for i, f in enumerate(config.frontends.values()):
+        if backend == f.default_backend or any(r.backend == backend for r in f.rules):
+            out.append(i)
+    return out
+
+
+def attach_counters(server: Server, config: Config, layout: Layout, cells) -> None:
+    """Give `server` its cells in `cells` (this process's counters) and the offsets the hot
+    path uses: its block, its responses by class per frontend that routes to its backend, its
+    histograms with `config`'s buckets. (Also for a server added at run time: the same names
+    give the same cells in every process, as long as the master allocated them first.)"""
+    be, name = server.backend, server.name
+    server.ctr = cells
+    server.cbase = base = layout.server(be, name)
+    server.o_bin = base + S_BYTES_IN
+    server.o_bout = base + S_BYTES_OUT
+    server.o_end = base + S_RELEASED
+    names = list(config.frontends)
+    fcls = [0] * len(names)
+    for i in _routed(config, be):
+        fcls[i] = layout.classes(names[i], be, name) - 1
+    server.fcls = tuple(fcls)
+    bounds = config.metrics.buckets
+    server.hb = bounds
+    server.hn = len(bounds) + 1
+    server.hrt = layout.histogram("response", be, name, bounds)
+    server.hrs = server.hrt + server.hn
+    server.hct = layout.histogram("connect", be, name, bounds)
+    server.hqt = layout.histogram("queue", be, name, bounds)
+
+
+def prepare_server(server: Server, *, config: Config, layout: Layout, counters: Counters,
                    slots: Callable[[str, Server], Any] | None = None,
                    previous: Built | None = None,
                    states: dict[tuple[str, str], tuple] | None = None) -> None:
@@ -64,8 +118,7 @@ def prepare_server(server: Server, *, layout: Layout, counters: Counters,
     group-wide slots, and what survives from `previous` or is known in `states`. A server
     added at run time goes through here too, in the master and in each worker (with the
     master's layout), so its counters are where the master reads them."""
-    server.ctr = counters.cells
-    server.cbase = layout.server(server.backend, server.name)
+    attach_counters(server, config, layout, counters.cells)
     if slots is not None and server.maxconn:
         server.slots = slots(server.backend, server)
     old = previous.server(server.backend, server.name) if previous is not None else None

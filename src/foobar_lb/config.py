@@ -35,6 +35,7 @@ __all__ = [
     "HeaderRules",
     "Limits",
     "LogConfig",
+    "MetricsConfig",
     "RateLimit",
     "Rule",
     "ServerConfig",
@@ -121,6 +122,8 @@ class Limits:
     max_uri: int = 8192
     max_header_size: int = 16384  # request line and headers together
     max_headers: int = 101
+    # a request body slower than this (bytes a second, over each 5 s window) gets 408; 0: off
+    min_body_rate: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +323,19 @@ class AdminConfig:
     path: str = "admin"
 
 
+# the response, connect and queue time histograms' bucket bounds (seconds), by default:
+# Prometheus's default buckets with finer ones below 5ms (a load balancer's times are short)
+DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: what the counters shared by the workers record (always on)."""
+
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS  # histogram bounds in seconds, increasing
+
+
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
     """Where events about server, backend and database states go (alerts.py); off when there
@@ -360,16 +376,17 @@ class Config:
     admin: AdminConfig | None = None  # None: no admin listener
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __reduce__(self):  # a mapping proxy does not pickle: workers get a Config this way
         return (_rebuild_config, (dict(self.frontends), dict(self.backends), self.settings,
-                                  self.source, self.admin, self.alerts, self.log))
+                                  self.source, self.admin, self.alerts, self.log, self.metrics))
 
 
 def _rebuild_config(frontends, backends, settings, source, admin=None, alerts=None,
-                    log=None) -> Config:
+                    log=None, metrics=None) -> Config:
     return Config(MappingProxyType(frontends), MappingProxyType(backends), settings, source,
-                  admin, alerts or AlertsConfig(), log or LogConfig())
+                  admin, alerts or AlertsConfig(), log or LogConfig(), metrics or MetricsConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +560,7 @@ def _list_of(conv: Callable[[Any, str], Any], what: str, *, single_ok: bool = Fa
 # Sections
 
 _TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
-_LIMIT_KEYS = ("max_request_body", "max_uri", "max_header_size", "max_headers")
+_LIMIT_KEYS = ("max_request_body", "max_uri", "max_header_size", "max_headers", "min_body_rate")
 
 
 def _timeouts(value: Any, path: str, base: Timeouts, allowed: tuple[str, ...]) -> Timeouts:
@@ -559,7 +576,7 @@ def _limits(value: Any, path: str, base: Limits) -> Limits:
             out[key] = _int(1, 10000)(raw, t.key(key))
         else:
             n = _size(raw, t.key(key))
-            if key != "max_request_body" and n < 64:
+            if key not in ("max_request_body", "min_body_rate") and n < 64:
                 raise _bad(t.key(key), raw, "a size of at least 64 bytes")
             out[key] = n
     return replace(base, **out)
@@ -1122,7 +1139,7 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
     algos = tuple(algorithms) if algorithms else BUILTIN_ALGORITHMS
     try:
         top = _Table(dict(data), "", ("global", "defaults", "frontends", "backends", "admin",
-                                      "alerts", "log"))
+                                      "alerts", "log", "metrics"))
         d = top.get("defaults", lambda v, p: _defaults(v, p, algos), _Defaults())
         settings = top.get("global", _global, GlobalConfig())
         log = top.get("log", _log, LogConfig())
@@ -1151,11 +1168,35 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None,
             admin=admin,
             alerts=top.get("alerts", _alerts, AlertsConfig()),
             log=log,
+            metrics=top.get("metrics", _metrics, MetricsConfig()),
         )
     except ConfigError as e:
         e.source = source
         e.args = (e.line(),)
         raise
+
+
+_MAX_BUCKETS = 50
+
+
+def _metrics(value: Any, path: str) -> MetricsConfig:
+    t = _Table(value, path, ("buckets",))
+    return MetricsConfig(buckets=t.get("buckets", _buckets, DEFAULT_BUCKETS))
+
+
+def _buckets(value: Any, path: str) -> tuple[float, ...]:
+    expected = (f"a list of 1 to {_MAX_BUCKETS} increasing durations, like "
+                '["1ms", "5ms", "25ms", "100ms", "500ms", "2s"]')
+    if not isinstance(value, list) or not 1 <= len(value) <= _MAX_BUCKETS:
+        raise _bad(path, value, expected)
+    out: list[float] = []
+    for i, v in enumerate(value):
+        b = _duration(v, f"{path}[{i}]")
+        if b <= 0 or (out and b <= out[-1]):
+            raise _bad(f"{path}[{i}]", v, "a duration above 0 and above the one before it"
+                       if b > 0 else "a duration above 0")
+        out.append(b)
+    return tuple(out)
 
 
 def _admin(value: Any, path: str, source: str | None) -> AdminConfig:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .backend import Backend
 from .clientaddr import Edge
 from .config import FrontendConfig, HeaderRules
-from .shared import F_1XX, F_SIZE
+from .shared import F_1XX, F_BYTES_IN, F_BYTES_OUT, F_SIZE
 
 __all__ = ["Frontend", "HeaderPlan", "Route"]
 
@@ -45,9 +45,11 @@ class Route:
         "alog",
         "backend",
         "fe",
+        "fi",
         "max_body",
         "max_header_size",
         "max_headers",
+        "ocls",
         "redispatch",
         "reject_underscore",
         "req_add",
@@ -65,7 +67,11 @@ class Route:
     )
 
     def __init__(self, fe: Frontend, be: Backend | None, plan: HeaderPlan):
-        self.fe = fe  # (its counters: responses are counted per frontend)
+        self.fe = fe
+        # counters (build.py): the frontend's index, for a server's responses by class
+        # (`server.fcls[fi]`), and the cells of the proxy's own answers, ctr[ocls + status // 100]
+        self.fi = 0
+        self.ocls = F_1XX - 1
         self.alog = None  # AccessLog.request when an access log is configured (serving.py)
         self.backend = be
         self.req_drop = plan.req_drop
@@ -146,6 +152,7 @@ class Frontend:
         "ctr",
         "default",
         "edge",
+        "fi",
         "forwarded_proto",
         "http_keep_alive",
         "http_request",
@@ -156,6 +163,8 @@ class Frontend:
         "mode",
         "name",
         "no_route",
+        "o_bin",
+        "o_bout",
         "plans",
         "reject_underscore",
         "routes",
@@ -176,7 +185,10 @@ class Frontend:
         self.ctr = memoryview(bytearray(F_SIZE * 8)).cast("q")
         self.cbase = 0
         self.climits = None  # limits.Limiter when per-client limits are set (limits.attach)
-        self.cls0 = F_1XX - 1  # ctr[cls0 + status // 100]: responses of that class
+        self.cls0 = F_1XX - 1  # ctr[cls0 + status // 100]: own answers routed nowhere
+        self.o_bin = F_BYTES_IN  # (absolute offsets of the hot path's cells)
+        self.o_bout = F_BYTES_OUT
+        self.fi = 0  # its index among the configuration's frontends
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
         # flat copies for the hot path (0 timeouts mean none: a day stands for never)

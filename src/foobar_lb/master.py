@@ -56,6 +56,7 @@ from .config import (
 from .limits import ClientTable
 from .listeners import ListenError, bind_config, check_managed_ports, key_of
 from .managed import Supervisor, expand_command, unrunnable, uses_data_dir
+from .metrics import CheckInfo, RateMeter, fill_stats
 from .servers import Admin, Server, State
 from .shared import (
     COUNTER_BYTES,
@@ -145,7 +146,9 @@ class Master:
         self.clients = ClientTable(config.settings.limit_table_size, config.settings.ipv6_prefix)
         self.layout = Layout()
         self.own = Counters()  # the master's Server objects count nothing; cells for its build
-        self.retired: list[int] = []  # counters of workers that ended, summed
+        self.retired: list[int] = []  # counters of workers that ended, summed (gauges left out)
+        self.check_info: dict[tuple[str, str], CheckInfo] = {}  # checks' results, by server
+        self.rate_meter = RateMeter()  # request rates for stats()
         self.workers: list[WorkerProc] = []
         self.next_id = 1
         self.gen = 0
@@ -427,14 +430,16 @@ class Master:
         """A worker ended: its counters join the totals of the ended ones."""
         if w.counters is None:
             return
-        cells = w.counters.cells
         n = self.layout.cells
-        if len(self.retired) < n:
-            self.retired.extend([0] * (n - len(self.retired)))
-        for i in range(n):
-            v = cells[i]
-            if v:
-                self.retired[i] += v
+        cells = w.counters.cells[:n].tolist()
+        for g in self.layout.gauges:  # what was open in it is gone with it
+            if g < n:
+                cells[g] = 0
+        for taken, given in self.layout.pairs:
+            if given < n:
+                cells[given] = cells[taken]
+        retired = self.retired + [0] * (n - len(self.retired))
+        self.retired = [a + b for a, b in zip(retired, cells, strict=True)]
         w.counters.close()
         w.counters = None
 
@@ -451,7 +456,15 @@ class Master:
 
     # -- server states ------------------------------------------------------------------------
     def _on_check(self, be, server, ok: bool, detail: str, took: float) -> None:
+        self._record_check(be.name, server.name, ok, took)
         self.sm.check_result(be, server, ok, detail, took)
+
+    def _record_check(self, backend: str, server: str, ok: bool, took: float) -> None:
+        """A check's result and duration, for the stats and /metrics (kept across reloads)."""
+        info = self.check_info.get((backend, server))
+        if info is None:
+            info = self.check_info[(backend, server)] = CheckInfo()
+        info.record(ok, took)
 
     def _on_change(self, be, server, change) -> None:
         self.checks.wake(server)
@@ -622,13 +635,13 @@ class Master:
 
     # -- what the group has done ------------------------------------------------------------------
     def totals(self) -> list[int]:
+        """Every counter of the group: the workers' cells summed (read without a lock: each
+        cell is one aligned 64-bit word), plus those of workers that ended."""
         n = self.layout.cells
-        out = list(self.retired) + [0] * (n - len(self.retired))
+        out = self.retired + [0] * (n - len(self.retired))
         for w in self.workers:
             if w.counters is not None:
-                cells = w.counters.cells
-                for i in range(n):
-                    out[i] += cells[i]
+                out = [a + b for a, b in zip(out, w.counters.cells[:n].tolist(), strict=True)]
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -654,13 +667,14 @@ class Master:
                 off = lay.server(be.name, s.name)
                 entry = {"address": s.address, "state": s.state.value,
                          "requests": t[off + S_REQUESTS], "failures": t[off + S_FAILURES],
-                         "check": s.check_status, "weight": s.weight, "backup": s.backup}
+                         "check": {"status": s.check_status or None}, "weight": s.weight,
+                         "backup": s.backup}
                 if s.maxconn:
                     entry["maxconn"] = s.maxconn
                 entry["admin"] = s.admin.value  # the operator's say (runtime API), apart from health
                 servers[s.name] = entry
             backends[be.name] = {"servers": servers}
-        return {
+        out = {
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 3),
             "reloads": self.reloads,
@@ -670,6 +684,8 @@ class Master:
             "backends": backends,
             "alerts": self.alerts.stats(),
         }
+        fill_stats(self, out, t)  # (metrics.py: the counters of issue 13, by the same names)
+        return out
 
     # -- run-time changes (the runtime API: adminapi.py asks, these decide) ------------------
     # Rules: every change goes to this process's objects (the state machine's home) and to
@@ -797,7 +813,7 @@ class Master:
             cfg = ServerConfig(name=name, address=address, weight=weight, backup=backup,
                                check=check, tls=be.cfg.tls)
             srv = Server.from_config(cfg, backend=backend)
-            prepare_server(srv, layout=self.layout, counters=self.own)
+            prepare_server(srv, config=self.config, layout=self.layout, counters=self.own)
             if check is not None:
                 srv.state = State.DOWN
                 srv.health = 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import zlib
 
-from .config import CheckConfig, ServerConfig, ServerTls
-from .shared import S_FAILURES, S_REQUESTS, S_SIZE
+from .config import DEFAULT_BUCKETS, CheckConfig, ServerConfig, ServerTls
+from .shared import CLASSES, S_BYTES_IN, S_BYTES_OUT, S_FAILURES, S_RELEASED, S_REQUESTS, S_SIZE
 from .tls import server_context
 
 __all__ = ["Admin", "Server", "State"]
@@ -43,6 +43,21 @@ class Admin(enum.StrEnum):
         return self.value.upper()
 
 
+_PRIVATE = S_SIZE + CLASSES + 3 * (len(DEFAULT_BUCKETS) + 2)  # a server's own cells
+
+
+class _Same:
+    """`fcls` of a server made on its own: one block of classes for every frontend."""
+
+    __slots__ = ("off",)
+
+    def __init__(self, off: int):
+        self.off = off
+
+    def __getitem__(self, i: int) -> int:
+        return self.off
+
+
 class Server:
     __slots__ = (
         "active",
@@ -55,12 +70,22 @@ class Server:
         "check_status",
         "ctr",
         "errors",
+        "fcls",
         "hash_seed",
+        "hb",
+        "hct",
         "health",
+        "hn",
         "host",
+        "hqt",
+        "hrs",
+        "hrt",
         "last_change",
         "maxconn",
         "name",
+        "o_bin",
+        "o_bout",
+        "o_end",
         "pool_key",
         "port",
         "send_proxy",
@@ -100,9 +125,24 @@ class Server:
         # `active` against `maxconn` is the limit (one process)
         self.slots = None
         # counters (shared.S_*): cells of this process's counter block, from `cbase` on; a
-        # server made on its own gets private ones
-        self.ctr = memoryview(bytearray(S_SIZE * 8)).cast("q")
+        # server made on its own gets private ones (build.py gives it its shared ones)
+        self.ctr = memoryview(bytearray(_PRIVATE * 8)).cast("q")
         self.cbase = 0
+        self.o_bin = S_BYTES_IN  # (absolute offsets of the hot path's cells)
+        self.o_bout = S_BYTES_OUT
+        self.o_end = S_RELEASED
+        # responses by class to requests of the frontend of index i (Route.fi): the cells
+        # ctr[fcls[i] + status // 100]
+        self.fcls: tuple[int, ...] | _Same = _Same(S_SIZE - 1)
+        # histograms (shared.Layout.histogram): response, connect and queue times; their
+        # bucket bounds `hb` (seconds), the bucket of t at ctr[h + bisect_left(hb, t)], the
+        # sum (us) at ctr[h + hn]
+        self.hb = DEFAULT_BUCKETS
+        self.hn = len(DEFAULT_BUCKETS) + 1
+        self.hrt = S_SIZE + CLASSES
+        self.hrs = self.hrt + self.hn  # (the response times' sum, for the hot path)
+        self.hct = self.hrt + self.hn + 1
+        self.hqt = self.hct + self.hn + 1
         self.errors = 0  # consecutive errors seen by passive observation
         # active checks: HAProxy's hysteresis, one counter from 0 (down) to rise+fall-1 (fully up);
         # servers start fully up, so it takes `fall` failed checks to put one down

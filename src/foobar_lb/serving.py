@@ -29,7 +29,7 @@ from .listeners import key_of
 from .proxy.http import HttpSession
 from .proxy.tcp import TcpSession
 from .servers import Admin, Server, State
-from .shared import F_DENIED
+from .shared import F_DENIED, F_TLS_FAILURES, F_TLS_HANDSHAKES
 from .tls import RedirectSession, Refusals, frontend_context
 
 __all__ = ["Serving"]
@@ -53,7 +53,8 @@ class Serving:
         # (fd, session class, frontend, its SSL context or None)
         self.listening: list[tuple[int, type, Any, Any]] = []
         self.addresses: dict[str, list[tuple[str, int]]] = {}
-        self.tls_refusals: dict[str, Refusals] = {}  # refused TLS handshakes, by frontend
+        # TLS handshakes completed and refused, by frontend (counted in the shared counters)
+        self.tls_refusals: dict[str, Refusals] = {}
         self.cutting = False  # the deadline of a stop or drain passed: what is left is cut
         # the access log ([log] access): its writer thread starts now; the HTTP frontends'
         # routes get its entry point (None on them: no access log, nothing done per request)
@@ -89,7 +90,8 @@ class Serving:
             # built here, in each generation: a reload re-reads the certificate files
             ctx = None
             if fe.cfg.tls is not None:
-                refusals = self.tls_refusals[name] = Refusals(name)
+                refusals = self.tls_refusals[name] = Refusals(
+                    name, fe.ctr, fe.cbase + F_TLS_HANDSHAKES, fe.cbase + F_TLS_FAILURES)
                 ctx = frontend_context(fe.cfg.tls, refusals)
             tls = {"ssl": ctx, "ssl_handshake_timeout": fe.cfg.timeouts.http_request or None
                    } if ctx is not None else {}

@@ -29,20 +29,54 @@ __all__ = [
 ]
 
 # A server's counters, at these offsets of its block
-S_REQUESTS = 0  # requests (http) or connections (tcp) given to it
+S_REQUESTS = 0  # requests (http) or connections (tcp) given to it (attempts: retries count)
 S_FAILURES = 1  # failed attempts (connect errors, broken or late responses)
-S_SIZE = 8
+S_BYTES_IN = 2  # bytes written to it (requests; tcp: the client's bytes), before TLS
+S_BYTES_OUT = 3  # bytes read from it (responses; tcp: the server's bytes), after TLS
+S_RELEASED = 4  # of S_REQUESTS, those given back: it has S_REQUESTS - S_RELEASED now (a dead
+# worker's are all released when its cells are folded: see S_PAIRS)
+S_RETRIES = 5  # failed attempts on it that were tried again
+S_REDISPATCHES = 6  # of those, tried again on another server
+S_TIMEOUT_CONNECT = 7  # connections to it not made within `timeout connect`
+S_TIMEOUT_SERVER = 8  # responses from it later than `timeout server`
+S_ECON = 9  # connection errors (refused, unreachable, timed out): part of S_FAILURES
+S_ERESP = 10  # response errors (broken, cut, late): part of S_FAILURES
+S_SIZE = 16
+S_GAUGES = ()
+S_PAIRS = ((S_REQUESTS, S_RELEASED),)  # (taken, given back): the difference is open now
 # A frontend's counters
 F_CONNECTIONS = 0  # client connections accepted
-F_1XX = 1  # F_1XX + status // 100 - 1: responses by class, 1xx to 5xx (requests answered:
-# their sum, one increment per request on the hot path)
+F_1XX = 1  # F_1XX + status // 100 - 1: the proxy's own answers, by class 1xx to 5xx, to
+# requests routed to no backend (the others are in the `responses` blocks, see Layout.classes)
 F_DENIED = 6  # connections refused at accept by allow/deny (or a PROXY header not allowed)
 F_RATE_LIMITED = 7  # requests answered 429 by the frontend's rate_limit
 F_CLIENT_REFUSED = 8  # connections closed at accept by max_client_connections
+F_TLS_HANDSHAKES = 9  # TLS handshakes completed
+F_TLS_FAILURES = 10  # TLS handshakes refused (no shared version or cipher, bad certificate...)
+F_BYTES_IN = 11  # bytes read from clients (after TLS)
+F_BYTES_OUT = 12  # bytes written to clients (before TLS)
+F_CURRENT = 13  # GAUGE: client connections open now (admitted or parked)
+F_TIMEOUT_CLIENT = 14  # `timeout client`: a body stalled, or the client stopped reading
 F_LOG_DROPPED = 15  # access log lines dropped: the worker's log buffer was full (accesslog.py)
-F_SIZE = 16
+F_TIMEOUT_HTTP_REQUEST = 16  # `timeout http_request`: a request head not complete in time (408)
+F_TIMEOUT_TUNNEL = 17  # `timeout tunnel`: a tunnel (tcp mode, upgraded http) gone quiet
+F_SIZE = 32
+F_GAUGES = (F_CURRENT,)
+# A backend's counters
+B_QUEUED = 0  # GAUGE: requests (connections) waiting in its queue now
+B_TIMEOUT_QUEUE = 1  # requests that waited `timeout queue` without a server (503)
+B_SIZE = 4
+B_GAUGES = (B_QUEUED,)
+# Responses by class: 5 cells (1xx..5xx) per (frontend, backend, server), and per (frontend,
+# backend) for the proxy's own answers (server ""): see Layout.classes
+CLASSES = 5
+# Histograms: per (kind, backend, server), one cell per bucket holding that bucket's count alone
+# (x in bucket i when bounds[i-1] < x <= bounds[i]: i = bisect_left(bounds, x), as Prometheus's
+# `le` is inclusive), one for +Inf, then the sum in microseconds; the count is the buckets' sum
+# (see Layout.histogram)
+HISTOGRAM_KINDS = ("response", "connect", "queue")
 
-COUNTER_BYTES = 1 << 20  # per worker: 131072 cells, pages touched only when used
+COUNTER_BYTES = 1 << 22  # per worker: 524288 cells (~70 a server), pages touched only when used
 SEM_SIZE = 32  # sizeof(sem_t) on 64-bit Linux
 SEM_CAPACITY = 8192
 
@@ -178,29 +212,59 @@ class SemTable:
 
 
 class Layout:
-    """Where each frontend's and server's counters are, the same in every process of a
-    group; offsets are never reused, so a reload keeps them by name."""
+    """Where each frontend's, backend's and server's counters are, the same in every process
+    of a group; offsets are never reused, so a reload keeps them by name. `gauges`: the cells
+    that go up and down (what is open now), which a dead worker's totals leave out (the master
+    keeps it; workers get `offsets` and `cells` only). `pairs`: (taken, given back) counters
+    whose difference is what is open now (cheaper than a gauge when `taken` is counted anyway);
+    a dead worker gave everything back."""
 
-    __slots__ = ("cells", "offsets")
+    __slots__ = ("cells", "gauges", "offsets", "pairs")
 
     def __init__(self) -> None:
         self.offsets: dict[tuple[str, ...], int] = {}
         self.cells = 0
+        self.gauges: list[int] = []
+        self.pairs: list[tuple[int, int]] = []
 
     def frontend(self, name: str) -> int:
-        return self._at(("frontend", name), F_SIZE)
+        return self._at(("frontend", name), F_SIZE, F_GAUGES)
 
     def server(self, backend: str, name: str) -> int:
-        return self._at(("server", backend, name), S_SIZE)
+        off = self.offsets.get(("server", backend, name))
+        if off is None:
+            off = self._at(("server", backend, name), S_SIZE, S_GAUGES)
+            self.pairs += [(off + a, off + b) for a, b in S_PAIRS]
+        return off
 
-    def _at(self, key: tuple[str, ...], size: int) -> int:
+    def backend(self, name: str) -> int:
+        return self._at(("backend", name), B_SIZE, B_GAUGES)
+
+    def classes(self, frontend: str, backend: str, server: str) -> int:
+        """5 cells, responses 1xx..5xx of `server` to requests of `frontend` (server "": the
+        proxy's own answers to requests routed to `backend`)."""
+        return self._at(("responses", frontend, backend, server), CLASSES)
+
+    def histogram(self, kind: str, backend: str, server: str, bounds: tuple[float, ...]) -> int:
+        """len(bounds) + 2 cells: one per bucket, +Inf, the sum (us). New bounds (a reload
+        that changed them) are new cells."""
+        return self._at(("histogram", kind, backend, server, bounds_key(bounds)),
+                        len(bounds) + 2)
+
+    def _at(self, key: tuple[str, ...], size: int, gauges: tuple[int, ...] = ()) -> int:
         off = self.offsets.get(key)
         if off is None:
+            if (self.cells + size) * 8 > COUNTER_BYTES:
+                raise RuntimeError("too many counters")
             off = self.offsets[key] = self.cells
             self.cells += size
-            if self.cells * 8 > COUNTER_BYTES:
-                raise RuntimeError("too many counters")
+            self.gauges += [off + g for g in gauges]
         return off
+
+
+def bounds_key(bounds: tuple[float, ...]) -> str:
+    """Histogram bounds as part of a Layout key."""
+    return ",".join(repr(float(b)) for b in bounds)
 
 
 class Counters:

@@ -143,19 +143,31 @@ def _pair_paths(tls: TlsConfig, pair: TlsCert) -> str:
 
 
 class Refusals:
-    """Refused handshakes of one frontend: counted (`count`) and logged, at most one line a
-    second (with how many were refused since the last line), so a flood cannot flood the log."""
+    """Handshakes of one frontend: completed ones counted, refused ones counted (`count`) and
+    logged, at most one line a second (with how many were refused since the last line), so a
+    flood cannot flood the log. The counts are cells of the shared counters (`ctr[ok]`,
+    `ctr[failed]`, see shared.F_TLS_*) when given, else private."""
 
-    __slots__ = ("count", "frontend", "last_log", "logged")
+    __slots__ = ("ctr", "failed", "frontend", "last_log", "logged", "ok")
 
-    def __init__(self, frontend: str):
+    def __init__(self, frontend: str, ctr=None, ok: int = 0, failed: int = 1):
         self.frontend = frontend
-        self.count = 0
+        self.ctr = ctr if ctr is not None else memoryview(bytearray(16)).cast("q")
+        self.ok = ok
+        self.failed = failed
         self.logged = 0  # `count` at the last line
         self.last_log = 0.0
 
+    @property
+    def count(self) -> int:
+        """Handshakes refused (by this process)."""
+        return self.ctr[self.failed]
+
+    def completed(self) -> None:
+        self.ctr[self.ok] += 1
+
     def refused(self, e: ssl.SSLError) -> None:
-        self.count += 1
+        self.ctr[self.failed] += 1
         now = time.monotonic()
         if now - self.last_log >= 1.0:
             n = self.count - self.logged
@@ -167,8 +179,8 @@ class Refusals:
 
 
 def _counting_sslobject(refusals: Refusals) -> type[ssl.SSLObject]:
-    """An SSLObject class whose failed handshakes are told to `refusals` (the event loop's TLS
-    transport drops them silently otherwise)."""
+    """An SSLObject class whose handshakes are told to `refusals`: completed ones, and failed
+    ones (the event loop's TLS transport drops them silently otherwise)."""
 
     def do_handshake(self) -> None:
         try:
@@ -178,6 +190,7 @@ def _counting_sslobject(refusals: Refusals) -> type[ssl.SSLObject]:
         except ssl.SSLError as e:
             refusals.refused(e)
             raise
+        refusals.completed()
 
     return type("CountingSSLObject", (ssl.SSLObject,), {"do_handshake": do_handshake})
 

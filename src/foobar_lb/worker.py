@@ -195,7 +195,7 @@ def _runtime_change(msg: tuple, serving: Serving, layout: Layout, counters: Coun
         layout.offsets.update(offsets)
         layout.cells = max(layout.cells, cells)
         server = Server.from_config(cfg, backend=backend)
-        prepare_server(server, layout=layout, counters=counters,
+        prepare_server(server, config=serving.built.config, layout=layout, counters=counters,
                        states={(backend, cfg.name): (state, health, admin)})
         serving.add_server(backend, server, cfg)
     elif kind == "remove":  # ("remove", backend, server, seconds its requests may take)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import errno
 
+from ..shared import F_CURRENT
+
 __all__ = ["OUT_OF_FDS", "ClientSide", "LazyTimer", "pass_eof"]
 
 # a server connection that failed for want of a descriptor here: this process's limit, not the
-# server's fault (never observed as its error; the request gets 503 at once)
+# server's fault (never observed as its error: the request waits for one, or gets 503)
 OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE))
 
 
@@ -60,20 +62,24 @@ class ClientSide(LazyTimer):
         """Who the client is (the peer, until a PROXY header or a trusted proxy says more), the
         frontend's rules at accept (`clientaddr.Edge`), then the subclass's `accepted`."""
         self.transport = transport
+        fe = self.fe
+        fe.ctr[fe.cbase + F_CURRENT] += 1  # (-1 in _ended: connection_lost always follows)
         # (a PROXY header read before TLS gives the client's address: serving._proxied)
         peer = self.proxied[0] if self.proxied else transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
             self.peer_key = self.client_key = peer[0].encode()
-        edge = self.fe.edge
+        edge = fe.edge
         if edge is None or edge.accept(self):
             self.accepted()
 
     def _ended(self) -> None:
         """The connection is gone: free its maxconn slot, its queue place and its timer."""
         self.lb.leave(self)
+        fe = self.fe
+        fe.ctr[fe.cbase + F_CURRENT] -= 1
         self.closing = True
         if self.waiter is not None:
-            self.waiter.cancelled = True
+            self.waiter.cancel()
             self.waiter = None
         self._disarm()

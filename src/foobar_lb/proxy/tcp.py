@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from ..backend import ASSIGNED, QUEUED
 from ..clientaddr import send_proxy_header
+from ..shared import F_TIMEOUT_TUNNEL, S_ECON, S_TIMEOUT_CONNECT
 from .base import OUT_OF_FDS, ClientSide, pass_eof
 
 if TYPE_CHECKING:
@@ -90,8 +92,11 @@ class TcpSession(ClientSide):
         self._dispatch(None)
 
     def _dispatch(self, avoid: Server | None) -> None:
-        outcome, got = self.be.assign(self.peer_key, self, None, self.loop.time(),
-                                      avoid=avoid, retry=avoid is not None)
+        be = self.be
+        outcome, got = be.assign(self.peer_key, self, None, self.loop.time(),
+                                 avoid=avoid, retry=avoid is not None)
+        if avoid is not None and outcome in (ASSIGNED, QUEUED):
+            be.retried(avoid, got if outcome == ASSIGNED else None)
         if outcome == ASSIGNED:
             self._use(got)
         elif outcome == QUEUED:  # every usable server is full: wait in the backend's queue
@@ -118,18 +123,23 @@ class TcpSession(ClientSide):
 
     async def _connect(self, server: Server) -> None:
         be = self.be
+        t = self.loop.time()
         try:
             async with asyncio.timeout(be.timeouts.connect or None):
                 _, up = await self.loop.create_connection(
                     lambda: TcpUpstream(self), server.host, server.port, ssl=server.ssl,
                     server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
-            what = "connection timeout" if isinstance(e, TimeoutError) else (
-                e.strerror or str(e)).lower()
+            late = isinstance(e, TimeoutError)
+            what = "connection timeout" if late else (e.strerror or str(e)).lower()
             out_of_fds = getattr(e, "errno", None) in OUT_OF_FDS  # ours, not the server's
             if out_of_fds:
                 self.lb.admission.short_of_fds()
             else:
+                ctr = server.ctr
+                ctr[server.cbase + S_ECON] += 1
+                if late:
+                    ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
                 be.observe_error(server, what)
             self._drop_server()
             if self.transport.is_closing():
@@ -140,6 +150,11 @@ class TcpSession(ClientSide):
             else:
                 self._close()
             return
+        took = self.loop.time() - t
+        ctr = server.ctr
+        h = server.hct
+        ctr[h + bisect_left(server.hb, took)] += 1
+        ctr[h + server.hn] += int(took * 1e6)
         if self.transport.is_closing():
             up.transport.close()
             self._drop_server()
@@ -155,6 +170,7 @@ class TcpSession(ClientSide):
                 self.paused = False
                 self.transport.resume_reading()
             up.transport.writelines(self.pending)
+            ctr[server.o_bin] += self.pending_size
             self.pending = []
             self.pending_size = 0
         if self.eof_in and up.transport.can_write_eof():
@@ -163,9 +179,15 @@ class TcpSession(ClientSide):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
+        fe = self.fe
+        ctr = fe.ctr
+        n = len(data)
+        ctr[fe.o_bin] += n
         up = self.up
         if up is not None:
             up.transport.write(data)
+            server = self.server
+            server.ctr[server.o_bin] += n
             return
         self.pending.append(data)
         self.pending_size += len(data)
@@ -237,6 +259,8 @@ class TcpSession(ClientSide):
         if self.loop.time() < when:
             self._arm(when)
             return
+        fe = self.fe
+        fe.ctr[fe.cbase + F_TIMEOUT_TUNNEL] += 1
         self.transport.close()
         if up is not None:
             up.transport.close()
@@ -260,6 +284,13 @@ class TcpUpstream(asyncio.Protocol):
         s = self.session
         self.last_rx = s.loop.time()
         s.transport.write(data)
+        n = len(data)
+        fe = s.fe
+        ctr = fe.ctr
+        ctr[fe.o_bout] += n
+        server = s.server
+        if server is not None:
+            server.ctr[server.o_bout] += n
 
     def eof_received(self) -> bool:
         self.eof_in = True

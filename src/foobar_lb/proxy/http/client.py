@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,14 @@ from ...backend import ASSIGNED, QUEUED
 from ...clientaddr import client_from_xff, send_proxy_header
 from ...frontend import Frontend, Route
 from ...limits import too_many_requests
+from ...shared import (
+    F_TIMEOUT_CLIENT,
+    F_TIMEOUT_HTTP_REQUEST,
+    F_TIMEOUT_TUNNEL,
+    S_ECON,
+    S_ERESP,
+    S_TIMEOUT_CONNECT,
+)
 from ...tls import client_subject_line
 from ..base import OUT_OF_FDS, ClientSide
 from ..upstream import Pool
@@ -70,6 +79,10 @@ log = logging.getLogger("foobar_lb.http")
 
 FD_WAIT = 0.05  # a server connection that found no descriptor is tried again this soon
 HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
+RATE_WINDOW = 5.0  # limits.min_body_rate is judged over each window of this many seconds
+# what pauses reading a client for our own reasons (a server or a queue not taking its bytes):
+# while it holds, the client is not the slow one, and none of its deadlines for a body runs
+_FLOW = BLOCK_UPSTREAM | BLOCK_PENDING | BLOCK_PIPELINE
 # the access log's termination state of the proxy's own answers, by status (see _send_error)
 _TERMS = {408: "cR", 500: "IR", 502: "SH", 503: "SC", 504: "sH"}
 
@@ -137,6 +150,7 @@ class HttpSession(ClientSide):
         "log_client",  # the access log's client address (set by it, when it is on)
         "loop",
         "mode",
+        "next_again",
         "own_pool",
         "parser",
         "parsing",
@@ -144,6 +158,8 @@ class HttpSession(ClientSide):
         "peer_key",
         "proxied",
         "q",
+        "rate_n",
+        "rate_t",
         "rx",
         "served",
         "simple",
@@ -171,6 +187,10 @@ class HttpSession(ClientSide):
         self.closing = False
         self.eof_in = False
         self.served = 0
+        # response_done is starting the next pipelined request (None: it is not): a request
+        # answered at once (a 429, a 503) ends inside that start; it sets this to True, and the
+        # loop there starts the one after it, instead of recursing once per request
+        self.next_again: bool | None = None
         self.head_bytes = 0
         self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
         self.peer_ip = ""
@@ -192,6 +212,10 @@ class HttpSession(ClientSide):
         self.last_rx = 0.0
         self.idle_since = 0.0
         self.wblocked_at = 0.0
+        # limits.min_body_rate: the start of the body's current window (0.0: no body arriving)
+        # and its byte count then
+        self.rate_t = 0.0
+        self.rate_n = 0
 
     # -- connection events ---------------------------------------------------------------
     def accepted(self) -> None:
@@ -270,6 +294,8 @@ class HttpSession(ClientSide):
         return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
+        # the client does not read: what we hold for it stays within the buffers, so the server
+        # is paused (and the next request's server from the start: Exchange.attach)
         self.wblocked_at = self.loop.time()
         self._arm(self.wblocked_at + (self.fe.timeouts.client or 86400.0))
         if self.q:
@@ -306,6 +332,8 @@ class HttpSession(ClientSide):
     # -- reading requests --------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.last_rx = now = self.loop.time()
+        fe = self.fe
+        fe.ctr[fe.o_bin] += len(data)
         if self.parsing is None and not self.q and not self.block and data[-4:] == b"\r\n\r\n":
             # between requests, and this read ends like a head: the commonest request, a GET
             # or HEAD without a body, alone in its read, takes the simple path if it can
@@ -325,6 +353,7 @@ class HttpSession(ClientSide):
         if parser is None or self.block & (BLOCK_STOP | BLOCK_PARKED):
             if self.block & BLOCK_PARKED and not self.block & BLOCK_STOP:
                 self.held = [*(self.held or ()), data]  # held until admitted
+                fe.ctr[fe.o_bin] -= len(data)  # (counted when it is read again)
             return  # a request was refused or this is the last one: nothing more is read
         before = self.parsing
         if before is None and _LOOSE_LINE.match(data):
@@ -515,6 +544,10 @@ class HttpSession(ClientSide):
         if body:
             # a body follows: from now on the client may be silent for `timeout client` at most
             when = self.last_rx + fe.client_timeout
+            if fe.limits.min_body_rate:  # and it must come at that rate at least, over a window
+                self.rate_t = self.last_rx
+                self.rate_n = 0
+                when = min(when, self.last_rx + RATE_WINDOW)
             if self.th is None or self.th_when > when:
                 self._arm(when)
             # HAProxy's http-buffer-request: no server is engaged before the body's first buffer
@@ -556,6 +589,7 @@ class HttpSession(ClientSide):
     def on_message_complete(self) -> None:
         r = self.parsing
         self.parsing = None
+        self.rate_t = 0.0
         if r.error:
             if r.buffering == HELD:  # a 429, answered now that its request is whole
                 r.complete = True
@@ -598,6 +632,8 @@ class HttpSession(ClientSide):
             if r.buffering == 2 and self.transport is not None:
                 r.buffering = 1
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                fe = self.fe
+                fe.ctr[fe.o_bout] += 25
             return
         be = r.backend
         outcome, got = be.assign(self.peer_key, self, r, now or self.last_rx)
@@ -670,8 +706,11 @@ class HttpSession(ClientSide):
     def _again(self, r: Exchange, avoid: Server | None = None, prefer: Server | None = None,
                fresh: bool = False, why: str = "") -> bool:
         """Assign `r` again (a retry); False when no server can take it now or later."""
-        outcome, got = r.backend.assign(self.peer_key, self, r, self.loop.time(),
-                                        avoid=avoid, retry=True, prefer=prefer)
+        be = r.backend
+        outcome, got = be.assign(self.peer_key, self, r, self.loop.time(),
+                                 avoid=avoid, retry=True, prefer=prefer)
+        if avoid is not None and outcome in (ASSIGNED, QUEUED):
+            be.retried(avoid, got if outcome == ASSIGNED else None)
         if outcome == ASSIGNED:
             if why:
                 be = r.backend
@@ -702,6 +741,7 @@ class HttpSession(ClientSide):
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
                 return
+        t = self.loop.time()
         try:
             async with asyncio.timeout(timeout):
                 pool = be.pool if server.send_proxy is None else self._private(be)
@@ -717,8 +757,10 @@ class HttpSession(ClientSide):
                         conn.transport = await self.loop.start_tls(
                             conn.transport, conn, server.ssl, server_hostname=server.sni)
         except (OSError, TimeoutError) as e:
-            reason = "connection timeout" if isinstance(e, TimeoutError) else (
-                e.strerror or str(e)).lower()
+            late = isinstance(e, TimeoutError)
+            reason = "connection timeout" if late else (e.strerror or str(e)).lower()
+            if late:
+                server.ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
                 return
@@ -740,13 +782,18 @@ class HttpSession(ClientSide):
                 return
             self.attempt_failed(r, False, reason, connected=False)
             return
+        now = self.loop.time()
+        ctr = server.ctr
+        h = server.hct
+        ctr[h + bisect_left(server.hb, now - t)] += 1
+        ctr[h + server.hn] += int((now - t) * 1e6)
         if self.transport.is_closing() or not self.q or self.q[0] is not r:
             # the client went away, or its request was refused, meanwhile: a connection that
             # never carried a request is not kept (only connections that served are pooled)
             r.release_server()
             conn.close()
             return
-        r.attach(conn, self.loop.time())
+        r.attach(conn, now)
 
     def _send_body(self, r: Exchange, chunks: tuple[bytes, ...], n: int) -> None:
         if r.send_body(chunks, n):
@@ -764,6 +811,7 @@ class HttpSession(ClientSide):
         replayable = r.idempotent and r.replay is not None and not r.upgrade
         stale = reused and connected and not timeout and not r.got_response
         if server is not None and not stale:
+            server.ctr[server.cbase + (S_ERESP if connected else S_ECON)] += 1
             be.observe_error(server, reason, layer7=timeout or r.got_response)
         r.release_server()
         if r.responded:
@@ -772,12 +820,12 @@ class HttpSession(ClientSide):
                 alog(r, _status(r), "sD" if timeout else "SD")
             self._abort()  # part of the response went out: the client must see it broke
             return
-        if r.got_response:
-            self._send_error(r, 502, "sH" if timeout else (
-                "PH" if "invalid" in reason or "too large" in reason else "SH"))
-            return
-        if timeout:
+        if timeout:  # no response head within timeout.server (part of one may have come)
             self._send_error(r, 504, "sH")
+            return
+        if r.got_response:
+            self._send_error(r, 502, "PH" if "invalid" in reason or "too large" in reason
+                             else "SH")
             return
         if stale and replayable and server is not None:
             # a pooled connection the server had closed meanwhile: not the server's fault and
@@ -817,7 +865,16 @@ class HttpSession(ClientSide):
         if self.block & BLOCK_PIPELINE:
             self._unblock(BLOCK_PIPELINE)
         if q:
-            self._start(q[0])
+            if self.next_again is not None:  # inside the loop below: it starts the next one
+                self.next_again = True
+                return
+            self.next_again = True
+            try:
+                while self.next_again and q:
+                    self.next_again = False
+                    self._start(q[0])
+            finally:
+                self.next_again = None
         else:
             self.idle_since = now
             if self.parsing is None:
@@ -840,7 +897,7 @@ class HttpSession(ClientSide):
             return
         r.responded = True
         fe = self.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        fe.ctr[(r.route or fe.no_route).ocls + status // 100] += 1
         keep = ((status in ERR_KEEP or status == 429) and r.complete and r.keep_alive and not self.closing
                 and not r.upgrade and not (self.block & BLOCK_STOP))
         if status == 429:
@@ -850,6 +907,7 @@ class HttpSession(ClientSide):
         if r.is_head:  # the same head, without the body a HEAD response never has
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
         transport.write(answer)
+        fe.ctr[fe.o_bout] += len(answer)
         if alog is not None:
             r.bytes_out += len(answer)
             alog(r, status, term or _TERMS.get(status, "PR"))
@@ -916,6 +974,14 @@ class HttpSession(ClientSide):
             self.block &= ~why
             if not self.block and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+                r = self.parsing
+                if why & _FLOW and r is not None and r.head_done:
+                    # a body we stopped reading: its client's deadlines start again from now
+                    self.last_rx = now = self.loop.time()
+                    if self.rate_t:
+                        self.rate_t = now
+                        self.rate_n = r.body_size
+                    self._arm(now + (RATE_WINDOW if self.rate_t else self.fe.client_timeout))
 
     def _deadline(self) -> tuple[float, int] | None:
         """The earliest client-side deadline in force and what happens then."""
@@ -928,15 +994,19 @@ class HttpSession(ClientSide):
             last = max(self.last_rx, r.server_rx() if r is not None else 0.0)
             tun = r.backend.timeouts.tunnel if r is not None and r.backend else 0.0
             d = (last + tun, 4) if tun else None
-        elif self.parsing is not None and not self.q:
-            r = self.parsing
-            if not r.head_done:
-                d = (r.t0 + t.http_request, 1) if t.http_request else None
-            else:
-                d = (self.last_rx + t.client, 2) if t.client else None
         elif self.parsing is not None:
             r = self.parsing
-            d = (self.last_rx + t.client, 2) if r.head_done and t.client else None
+            if not r.head_done:  # (a pipelined head gets its time once the ones before are done)
+                # a connection's first request has it from the accept on, a later one from its
+                # first byte (its wait before that was http_keep_alive's)
+                start = r.t0 if self.served else self.idle_since
+                d = (start + t.http_request, 1) if t.http_request and not self.q else None
+            elif self.block & _FLOW:
+                d = None  # we are not reading its body: the server's timeout applies meanwhile
+            else:
+                d = (self.last_rx + t.client, 2) if t.client else None
+                if self.rate_t and (d is None or self.rate_t + RATE_WINDOW < d[0]):
+                    d = (self.rate_t + RATE_WINDOW, 5)  # the body's rate window ends
         elif not self.q:
             if self.served:
                 d = (self.idle_since + t.http_keep_alive, 0) if t.http_keep_alive else None
@@ -956,15 +1026,32 @@ class HttpSession(ClientSide):
         if d is None:
             return
         when, what = d
-        if self.loop.time() < when:
+        now = self.loop.time()
+        if what == 5 and now >= when:
+            # limits.min_body_rate: did the window bring enough of the body? then the next one
+            r = self.parsing
+            if r.body_size - self.rate_n >= self.fe.limits.min_body_rate * RATE_WINDOW:
+                self.rate_t = now
+                self.rate_n = r.body_size
+                when, what = self._deadline()
+        if now < when:
             self.th_when = when
             self.th = self.loop.call_at(when, self._on_timer)
             return
+        fe = self.fe
         if what == 0:  # idle keep-alive, or a connection that never sent a byte
             self._close()
-        elif what in (1, 2):  # the head did not complete in time, or the body stalled
+        elif what in (1, 2, 5):  # the head was late, the body stalled or came too slowly
+            fe.ctr[fe.cbase + (F_TIMEOUT_HTTP_REQUEST if what == 1 else F_TIMEOUT_CLIENT)] += 1
+            r = self.parsing
+            if r is not None and r.responded:  # (its server answered early): it is cut
+                if fe.alog is not None:
+                    fe.alog(r, _status(r), "cD")
+                self._abort()
+                return
             self._reject(408)
         else:  # the client stopped reading, or the tunnel went quiet
+            fe.ctr[fe.cbase + (F_TIMEOUT_CLIENT if what == 3 else F_TIMEOUT_TUNNEL)] += 1
             if self.q and self.fe.alog is not None:
                 r = self.q[0]
                 self.fe.alog(r, 101 if what == 4 else _status(r), "cD")

@@ -127,17 +127,22 @@ class Exchange:
         self.conn = conn
         self.t_connect = now
         conn.take(self, now)
+        if self.s.wblocked_at:  # the client does not take our bytes: the server waits from the start
+            conn.pause()
         head = self.head
         if self.needs_host:
             head = head[:-2] + b"host: " + self.server.address.encode() + b"\r\n\r\n"
         t = conn.transport
+        server = conn.server
         if self.pending:
+            server.ctr[server.o_bin] += len(head) + sum(map(len, self.pending))
             t.writelines([head, *self.pending])
             self.pending = []
             self.pending_size = 0
             self.s.sent_pending()
         else:
             t.write(head)
+            server.ctr[server.o_bin] += len(head)
 
     def send_body(self, chunks: tuple[bytes, ...], n: int) -> bool:
         """Body bytes (already framed for the server): to the server connection if one is
@@ -154,10 +159,13 @@ class Exchange:
         conn = self.conn
         if conn is not None:
             conn.last_rx = self.s.last_rx  # the server is taking our bytes: it is alive
+            server = conn.server
             if len(chunks) == 1:
                 conn.transport.write(chunks[0])
+                server.ctr[server.o_bin] += len(chunks[0])
             else:
                 conn.transport.writelines(chunks)
+                server.ctr[server.o_bin] += sum(map(len, chunks))
             return False
         if self.pending is NO_BYTES:
             self.pending = list(chunks)
@@ -172,6 +180,8 @@ class Exchange:
         conn = self.conn
         if conn is not None and conn.transport is not None:
             conn.transport.write(data)
+            server = conn.server
+            server.ctr[server.o_bin] += len(data)
             return False
         if self.pending is NO_BYTES:
             self.pending = []
@@ -223,20 +233,24 @@ class Exchange:
 
     def to_client(self, out: list[bytes]) -> None:
         """Response bytes for the client (one write; big bodies are not copied again)."""
-        t = self.s.transport
+        s = self.s
+        t = s.transport
         if t is None or t.is_closing():
             return
         if len(out) == 1:
             data = out[0]
-            self.bytes_out += len(data)
+            n = len(data)
             t.write(data)
         elif len(out[-1]) < 8192:
             data = b"".join(out)
-            self.bytes_out += len(data)
+            n = len(data)
             t.write(data)
         else:
-            self.bytes_out += sum(map(len, out))
+            n = sum(map(len, out))
             t.writelines(out)
+        self.bytes_out += n
+        fe = s.fe
+        fe.ctr[fe.o_bout] += n
 
     def close_client_after(self) -> None:
         """The client connection closes after this response (it says `Connection: close`)."""
@@ -273,6 +287,8 @@ class Exchange:
         conn = self.conn
         if held and conn is not None:
             conn.transport.writelines(held)
+            server = conn.server
+            server.ctr[server.o_bin] += sum(map(len, held))
         self.pending = []
         self.pending_size = 0
         s.tunnel_started(self.backend.timeouts.tunnel)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import httptools
 
+from ...shared import S_TIMEOUT_SERVER
 from ..base import LazyTimer
 from ..upstream import Pool
 from .exchange import Exchange
@@ -199,6 +201,8 @@ class UpstreamHttp(LazyTimer):
             self.close()
             return
         self.last_rx = self.loop.time()
+        server = self.server
+        server.ctr[server.o_bout] += len(data)
         if self.tunnel:
             r.to_client([data])
             return
@@ -238,6 +242,9 @@ class UpstreamHttp(LazyTimer):
         if broken is not None and not responded:
             # nothing reached the client yet: it gets a 502, not the start of a broken answer
             out.clear()
+            if r.responded:  # (its head was counted: the 502 is counted instead)
+                server = self.server
+                server.ctr[server.fcls[r.route.fi] + self.status // 100] -= 1
             r.responded = False
         self.rx = b""
         if self.memo_key is not None:
@@ -265,9 +272,13 @@ class UpstreamHttp(LazyTimer):
         body: counted, sent, and the connection freed, as `on_headers_complete` and
         `on_message_complete` would."""
         head, _, status = hit
-        r.t_head = self.last_rx
-        fe = r.route.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        server = self.server  # (counted as in on_headers_complete)
+        ctr = server.ctr
+        ctr[server.fcls[r.route.fi] + status // 100] += 1
+        r.t_head = t = self.last_rx
+        t -= r.t_connect
+        ctr[server.hrt + bisect_left(server.hb, t)] += 1
+        ctr[server.hrs] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -348,11 +359,17 @@ class UpstreamHttp(LazyTimer):
             self.body_off = -1
             return
         self.status = status
-        r.t_head = self.last_rx
+        r.t_head = t = self.last_rx
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
-        fe = r.route.fe
-        fe.ctr[fe.cls0 + status // 100] += 1
+        # counted: the response's class, and the time since the request went out (the server's
+        # response time: HAProxy's Tr) in its histogram, at the loop time of this read
+        server = self.server
+        ctr = server.ctr
+        ctr[server.fcls[r.route.fi] + status // 100] += 1
+        t -= r.t_connect
+        ctr[server.hrt + bisect_left(server.hb, t)] += 1
+        ctr[server.hrs] += int(t * 1e6)
         srv = r.server
         if srv is not None and (status >= 500 or srv.errors):
             r.backend.observe_status(srv, status)
@@ -440,5 +457,7 @@ class UpstreamHttp(LazyTimer):
             self.th_when = now + timeout if self.paused else when
             self.th = self.loop.call_at(self.th_when, self._on_timer)
             return
+        server = self.server
+        server.ctr[server.cbase + S_TIMEOUT_SERVER] += 1
         self.unlink()
         r.fail(self, "server timeout", timeout=True)
