@@ -313,3 +313,49 @@ async def load(port: int, *, connections: int = 20, requests: int = 2000, path: 
                         deadline=deadline)
         for i in range(connections)))
     return res
+
+
+def fd_count(pid: int) -> int:
+    """Descriptors open in process `pid` (-1 when it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process `pid` in KiB (VmRSS; 0 when it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one CPU process `pid` used over the next `seconds` (wall clock)."""
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def fd_counts(pids: list[int]) -> dict[int, int]:
+    return {pid: fd_count(pid) for pid in pids}
+
+
+async def fds_settle(pids: list[int], baseline: dict[int, int], timeout: float = 10.0
+                     ) -> dict[int, int]:
+    """Wait (bounded) until every process of `pids` has its `baseline` descriptor count again
+    (connections closing take a moment); the counts at the end, for the test to assert."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = fd_counts(pids)
+        if now == baseline or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.05)

@@ -298,6 +298,7 @@ class GlobalConfig:
     group: str | None = None
     limit_table_size: int = 100000  # clients the per-client limits remember (whole group)
     ipv6_prefix: int = 64  # IPv6 clients are one client per prefix of this length
+    max_open_files: int = 0  # each process's RLIMIT_NOFILE (HAProxy's ulimit-n); 0: fit maxconn
 
     @property
     def worker_count(self) -> int:
@@ -1005,7 +1006,7 @@ def _workers(value: Any, path: str) -> int | str:
 def _global(value: Any, path: str) -> GlobalConfig:
     t = _Table(value, path, ("grace", "log_level", "maxconn", "data_dir", "startup_timeout",
                              "workers", "hard_stop_after", "backlog", "user", "group",
-                             "limit_table_size", "ipv6_prefix"))
+                             "limit_table_size", "ipv6_prefix", "max_open_files"))
     d = GlobalConfig()
     return GlobalConfig(
         grace=t.get("grace", _duration, d.grace),
@@ -1020,6 +1021,7 @@ def _global(value: Any, path: str) -> GlobalConfig:
         group=t.get("group", _str, None),
         limit_table_size=t.get("limit_table_size", _int(8, 100_000_000), d.limit_table_size),
         ipv6_prefix=t.get("ipv6_prefix", _int(1, 128), d.ipv6_prefix),
+        max_open_files=t.get("max_open_files", _int(64, 1 << 24), d.max_open_files),
     )
 
 

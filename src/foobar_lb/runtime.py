@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from .admission import Admission
+from .admission import Admission, fit_fd_limit
 from .alerts import Alerts
 from .backend import Backend
 from .balancing import algorithm_names
@@ -106,7 +106,7 @@ class LoadBalancer:
                                                       clients))
         self.started = True
         self.alerts.start()
-        _raise_fd_limit(cfg.settings.maxconn)
+        fd_limit = fit_fd_limit(cfg.settings.maxconn, cfg.settings.max_open_files)
         for be in self.backends.values():
             self.checks.start(be, self.spawn)
         self._start_managed()
@@ -120,7 +120,7 @@ class LoadBalancer:
                 raise
         # accept only now: clients that connected meanwhile waited in the listen backlog
         try:
-            await self.serving.listen(socks, cfg.settings.listen_backlog)
+            await self.serving.listen(socks, cfg.settings.listen_backlog, fd_limit)
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -220,24 +220,6 @@ class LoadBalancer:
 
     def server(self, backend: str, name: str) -> Server:
         return self.backends[backend].by_name[name]
-
-
-def _raise_fd_limit(maxconn: int) -> None:
-    """Two descriptors per connection (client and server) and some room: raise the soft limit
-    towards the hard one when it is lower (as HAProxy does from maxconn)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Linux
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * maxconn + 1024
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if new > soft:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            except (ValueError, OSError) as e:
-                log.warning("could not raise the open file limit from %d to %d: %s", soft, new, e)
 
 
 def _fmt(addr: tuple[str, int]) -> str:

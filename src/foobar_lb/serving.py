@@ -19,8 +19,9 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .accepting import Acceptor
 from .accesslog import AccessLog
-from .admission import Admission
+from .admission import Admission, open_fds
 from .build import Built
 from .clientaddr import read_header_before_tls
 from .limits import attach
@@ -47,8 +48,8 @@ class Serving:
         self.admit = admission.admit
         self.leave = admission.leave
         self.tasks: set[asyncio.Task] = set()  # connects (kept referenced until they end)
-        self.servers: list[asyncio.AbstractServer] = []
-        self.acceptors: list[asyncio.Task] = []  # accept loops of PROXY-before-TLS listeners
+        self.acceptors: list[Acceptor] = admission.acceptors  # one per listening socket
+        self.proxied_loops: list[asyncio.Task] = []  # accept loops of PROXY-before-TLS ones
         # (fd, session class, frontend, its SSL context or None)
         self.listening: list[tuple[int, type, Any, Any]] = []
         self.addresses: dict[str, list[tuple[str, int]]] = {}
@@ -77,8 +78,11 @@ class Serving:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def listen(self, socks: dict[tuple, socket.socket], backlog: int) -> None:
-        """Accept on the frontends' sockets (keyed like `listeners.key_of`)."""
+    async def listen(self, socks: dict[tuple, socket.socket], backlog: int,
+                     fd_limit: int | None = None) -> None:
+        """Accept on the frontends' sockets (keyed like `listeners.key_of`; they are this
+        Serving's to close), within the open-file budget of `fd_limit` descriptors (the
+        process's soft RLIMIT_NOFILE when None)."""
         for name, fe in self.frontends.items():
             cls = HttpSession if fe.mode == "http" else TcpSession
             if fe.mode == "http" and fe.cfg.redirect_https:
@@ -97,23 +101,30 @@ class Serving:
                     # a PROXY header comes before the TLS handshake: accepted here, its header
                     # read from the socket, then the socket handed over with TLS
                     sock.setblocking(False)
-                    self.acceptors.append(self.loop.create_task(
+                    self.proxied_loops.append(self.loop.create_task(
                         self._accept_proxied(sock, cls, fe, ctx)))
                 else:
-                    srv = await self.loop.create_server(_factory(self, cls, fe), sock=sock,
-                                                        backlog=backlog, **tls)
-                    self.servers.append(srv)
+                    self.acceptors.append(Acceptor(self.loop, sock, _factory(self, cls, fe), tls,
+                                                   backlog, self.admission))
                 self.listening.append((sock.fileno(), cls, fe, ctx))
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(name, []).append((host, port))
+        if fd_limit is None:
+            import resource
+
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # (uvloop's servers hold a duplicate of each socket: counted in now)
+        self.admission.budget(fd_limit, open_fds() + len(self.acceptors), backlog)
+        for acceptor in self.acceptors:
+            await acceptor.start()
 
     def stop_accepting(self) -> None:
-        for srv in self.servers:
-            srv.close()
-        self.servers.clear()
-        for task in self.acceptors:
-            task.cancel()
+        for acceptor in self.acceptors:
+            acceptor.close()
         self.acceptors.clear()
+        for task in self.proxied_loops:
+            task.cancel()
+        self.proxied_loops.clear()
 
     async def _accept_proxied(self, sock: socket.socket, cls: type, fe: Any, ctx: Any) -> None:
         while True:

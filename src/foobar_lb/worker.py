@@ -22,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-from .admission import Admission
+from .admission import Admission, fit_fd_limit
 from .build import build, prepare_server
 from .channel import Channel, recv_one
 from .limits import ClientTable
@@ -139,7 +139,9 @@ async def _run(init: dict[str, Any], ctrl: socket.socket) -> int:
         apply(msg)
     early.clear()
     socks = {key: socket.socket(fileno=fd) for key, fd in init["sockets"].items()}
-    await serving.listen(socks, init["backlog"])
+    # the open-file limit (global.max_open_files, else raised to fit maxconn) and the budget
+    fd_limit = fit_fd_limit(settings.maxconn, settings.max_open_files)
+    await serving.listen(socks, init["backlog"], fd_limit)
     loop.add_signal_handler(signal.SIGTERM, commands.put_nowait, ("stop", config.settings.grace))
     loop.add_signal_handler(signal.SIGUSR1, serving.reopen_log)  # (sent to a worker itself)
     channel.send(("ready", os.getpid()))

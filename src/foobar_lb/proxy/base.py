@@ -8,10 +8,15 @@ deadline if there is one, so activity never costs a timer operation.
 from __future__ import annotations
 
 import asyncio
+import errno
 
 from ..shared import F_CURRENT
 
-__all__ = ["ClientSide", "LazyTimer", "pass_eof"]
+__all__ = ["OUT_OF_FDS", "ClientSide", "LazyTimer", "pass_eof"]
+
+# a server connection that failed for want of a descriptor here: this process's limit, not the
+# server's fault (never observed as its error: the request waits for one, or gets 503)
+OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE))
 
 
 def pass_eof(peer_done: bool, peer: asyncio.Transport | None) -> bool:

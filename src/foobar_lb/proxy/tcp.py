@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..backend import ASSIGNED, QUEUED
 from ..clientaddr import send_proxy_header
 from ..shared import F_TIMEOUT_TUNNEL, S_ECON, S_TIMEOUT_CONNECT
-from .base import ClientSide, pass_eof
+from .base import OUT_OF_FDS, ClientSide, pass_eof
 
 if TYPE_CHECKING:
     from ..backend import Backend, Waiter
@@ -132,15 +132,19 @@ class TcpSession(ClientSide):
         except (OSError, TimeoutError) as e:
             late = isinstance(e, TimeoutError)
             what = "connection timeout" if late else (e.strerror or str(e)).lower()
-            ctr = server.ctr
-            ctr[server.cbase + S_ECON] += 1
-            if late:
-                ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
-            be.observe_error(server, what)
+            out_of_fds = getattr(e, "errno", None) in OUT_OF_FDS  # ours, not the server's
+            if out_of_fds:
+                self.lb.admission.short_of_fds()
+            else:
+                ctr = server.ctr
+                ctr[server.cbase + S_ECON] += 1
+                if late:
+                    ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
+                be.observe_error(server, what)
             self._drop_server()
             if self.transport.is_closing():
                 return
-            if self.attempts <= be.retries:
+            if self.attempts <= be.retries and not out_of_fds:
                 log.debug("tcp: retrying after %r on %s/%s", e, be.name, server.name)
                 self._dispatch(server)
             else:

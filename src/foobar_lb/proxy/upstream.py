@@ -93,6 +93,17 @@ class Pool:
         if left:
             self._timer = loop.call_later(max(self.idle_timeout / 2, 0.05), self._purge)
 
+    def shrink(self) -> int:
+        """Close every idle connection (this process is out of descriptors): how many."""
+        n = 0
+        for dq in self.idle.values():
+            while dq:
+                conn = dq.pop()
+                if not conn.closed:
+                    conn.close()
+                    n += 1
+        return n
+
     def close_all(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

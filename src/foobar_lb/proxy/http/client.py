@@ -38,7 +38,7 @@ from ...shared import (
     S_TIMEOUT_CONNECT,
 )
 from ...tls import client_subject_line
-from ..base import ClientSide
+from ..base import OUT_OF_FDS, ClientSide
 from ..upstream import Pool
 from .exchange import (
     BLOCK_PARKED,
@@ -77,6 +77,7 @@ __all__ = ["HttpSession"]
 log = logging.getLogger("foobar_lb.http")
 
 
+FD_WAIT = 0.05  # a server connection that found no descriptor is tried again this soon
 HELD = 3  # Exchange.buffering: a refusal (429) waits for the end of its request, then answers
 RATE_WINDOW = 5.0  # limits.min_body_rate is judged over each window of this many seconds
 # what pauses reading a client for our own reasons (a server or a queue not taking its bytes):
@@ -732,9 +733,14 @@ class HttpSession(ClientSide):
                      avoid.name if avoid is not None else "?", why)
         return False
 
-    async def _connect(self, r: Exchange, server: Server) -> None:
+    async def _connect(self, r: Exchange, server: Server, wait: float = 0.0) -> None:
         be = r.backend
         timeout = be.timeouts.connect or None
+        if wait:  # (no descriptor for it a moment ago: see OUT_OF_FDS below)
+            await asyncio.sleep(wait)
+            if self.transport.is_closing() or not self.q or self.q[0] is not r:
+                r.release_server()
+                return
         t = self.loop.time()
         try:
             async with asyncio.timeout(timeout):
@@ -757,6 +763,22 @@ class HttpSession(ClientSide):
                 server.ctr[server.cbase + S_TIMEOUT_CONNECT] += 1
             if self.transport.is_closing() or not self.q or self.q[0] is not r:
                 r.release_server()
+                return
+            if getattr(e, "errno", None) in OUT_OF_FDS:
+                # this process's limit, not the server's fault: idle server connections give
+                # some back (tried again at once); else fewer clients are accepted from now on,
+                # and the request waits for a descriptor (50 ms, doubling to 1 s) within
+                # timeout.connect, unless this process holds more clients than it can serve
+                if be.pool.shrink():
+                    self.lb.spawn(self._connect(r, server))
+                    return
+                adm = self.lb.admission
+                adm.short_of_fds()
+                if adm.load() <= adm.cap and self.loop.time() + wait < r.t_queue + (timeout or 5.0):
+                    self.lb.spawn(self._connect(r, server, min(2 * wait or FD_WAIT, 1.0)))
+                    return
+                r.release_server()
+                self._send_error(r, 503, "PC")
                 return
             self.attempt_failed(r, False, reason, connected=False)
             return
