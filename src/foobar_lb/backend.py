@@ -273,14 +273,11 @@ class Backend:
         if server.state is state:
             return
         self.balancer.set_state(server, state)
-        if not server.usable:
-            self.pool.drop(server)
-        if not self.balancer.any_up():
-            self._fail_queue()
-        elif self.queue:
-            self._serve_queue()
+        self._after_change(server)
 
     def _after_change(self, server: Server) -> None:
+        """After a state or admin change: a server out of rotation keeps no idle connection;
+        the queue is served by what is left, or failed when nothing is."""
         if not server.usable:
             self.pool.drop(server)
         if not self.balancer.any_up():

@@ -201,6 +201,10 @@ class Balancer:
             return
         was_usable = server.usable
         server.state = state
+        self._rotation(server, was_usable)
+
+    def _rotation(self, server: Server, was_usable: bool) -> None:
+        """Tell the server's algorithm when a change took it out of rotation or put it back."""
         algo = self._algo_of(server)
         if algo is not None and was_usable != server.usable:
             if server.usable:
@@ -219,12 +223,7 @@ class Balancer:
         when that takes it out of rotation or puts it back."""
         was_usable = server.usable
         server.admin = admin
-        algo = self._algo_of(server)
-        if algo is not None and was_usable != server.usable:
-            if server.usable:
-                algo.server_up(server)
-            else:
-                algo.server_down(server)
+        self._rotation(server, was_usable)
 
     def add(self, server: Server) -> None:
         """A server added at run time, after the others."""
