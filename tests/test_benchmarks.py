@@ -100,3 +100,41 @@ def test_quick_run_measures_haproxy_and_foobar_lb_and_writes_the_report(tmp_path
     assert "- workers: 1 (foobar_lb --workers 1" in md and "HAProxy nbthread 1" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## http-small-c50" in proc.stdout  # the Markdown is printed too
+
+
+def test_cost_rows_divide_a_scenario_by_another_and_the_baseline():
+    """The rows of issue 13 and 14 (metrics vs --baseline-src, access log on vs off, the load
+    beside slow clients vs without) are ratios the report computes from the summaries."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import report
+
+    def run(target, rps, cpu):
+        return {"target": target, "rps": rps, "latency_ms": {"p50": 1.0, "p99": 2.0},
+                "user_us_per_req": cpu / 2, "system_us_per_req": cpu / 2, "errors": {},
+                "cpu_pct": 99.0, "requests": 1000, "other_cpu_pct": {}}
+
+    def result(name, runs):
+        return {"scenario": name, "kind": "wrk", "targets": sorted({r["target"] for r in runs}),
+                "reference": "haproxy", "runs": runs, "rounds": 5, "duration": 10}
+
+    results = {
+        "http-small-c50": result("http-small-c50", [
+            run("haproxy", 100.0, 10.0), run("foobar_lb", 70.0, 14.0),
+            run("foobar_lb-baseline", 50.0, 20.0)]),
+        "http-log-c50": result("http-log-c50", [run("haproxy", 80.0, 12.0),
+                                                run("foobar_lb", 45.0, 21.0)]),
+        "http-trickle-c50": result("http-trickle-c50", [run("haproxy", 90.0, 10.0),
+                                                        run("foobar_lb", 63.0, 15.0)]),
+    }
+    summaries = {n: report.summarize(r) for n, r in results.items()}
+    rows = {row["target"]: row for row in report.evaluate_targets(summaries, results)}
+    metrics = rows["Metrics (always on), HTTP small c=50: CPU per request vs foobar_lb before "
+                   "them (--baseline-src)"]
+    assert (metrics["value"], metrics["status"]) == (0.7, "met")
+    log = rows["Access log on vs off, HTTP small c=50: foobar_lb CPU per request"]
+    assert (log["value"], log["status"]) == (1.5, "reported (no target)")
+    assert rows["Access log on vs off, HTTP small c=50: HAProxy CPU per request"]["value"] == 1.2
+    trickle = rows["Beside 200 uploads trickling at 10 B/s: foobar_lb req/s vs without"]
+    assert (trickle["value"], trickle["status"]) == (0.9, "met")
+    slowloris = rows["Beside 500 slowloris connections: foobar_lb req/s vs without"]
+    assert slowloris["status"] == "not measured"
