@@ -272,16 +272,8 @@ class UpstreamHttp(LazyTimer):
         body: counted, sent, and the connection freed, as `on_headers_complete` and
         `on_message_complete` would."""
         head, _, status = hit
-        server = self.server  # (counted as in on_headers_complete)
-        ctr = server.ctr
-        ctr[server.fcls[r.route.fi] + status // 100] += 1
-        r.t_head = t = self.last_rx
-        t -= r.t_connect
-        ctr[server.hrt + bisect_left(server.hb, t)] += 1
-        ctr[server.hrs] += int(t * 1e6)
-        srv = r.server
-        if srv is not None and (status >= 500 or srv.errors):
-            r.backend.observe_status(srv, status)
+        r.t_head = self.last_rx
+        self._count_head(r, status)
         self.status = status
         self.mode = PASS
         self.resp_close = False
@@ -290,6 +282,21 @@ class UpstreamHttp(LazyTimer):
         self.done = 1
         self.unlink(keep=True)
         r.end(self)
+
+    def _count_head(self, r: Exchange, status: int) -> None:
+        """A final response head, counted (both paths): its class, and the time since the
+        request went out (the server's response time: HAProxy's Tr, to `r.t_head`, the loop
+        time of this read) in its histogram; a 5xx, or any answer from a server with errors,
+        observed."""
+        server = self.server
+        ctr = server.ctr
+        ctr[server.fcls[r.route.fi] + status // 100] += 1
+        t = r.t_head - r.t_connect
+        ctr[server.hrt + bisect_left(server.hb, t)] += 1
+        ctr[server.hrs] += int(t * 1e6)
+        srv = r.server
+        if srv is not None and (status >= 500 or srv.errors):
+            r.backend.observe_status(srv, status)
 
     def _parse_error(self, e: Exception) -> str | None:
         """What a parsing exception means: None, or why the response is broken."""
@@ -359,20 +366,10 @@ class UpstreamHttp(LazyTimer):
             self.body_off = -1
             return
         self.status = status
-        r.t_head = t = self.last_rx
+        r.t_head = self.last_rx
         if status == 101 and not r.upgrade:
             raise HeadError(502, "unexpected 101 response")
-        # counted: the response's class, and the time since the request went out (the server's
-        # response time: HAProxy's Tr) in its histogram, at the loop time of this read
-        server = self.server
-        ctr = server.ctr
-        ctr[server.fcls[r.route.fi] + status // 100] += 1
-        t -= r.t_connect
-        ctr[server.hrt + bisect_left(server.hb, t)] += 1
-        ctr[server.hrs] += int(t * 1e6)
-        srv = r.server
-        if srv is not None and (status >= 500 or srv.errors):
-            r.backend.observe_status(srv, status)
+        self._count_head(r, status)
         self.resp_close = not parser.should_keep_alive()
         keep_client = r.client_stays()
         head, mode, self.eof_ends = response_head(rx, start, end, status, r.route, r.is_head,
