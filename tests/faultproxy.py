@@ -226,13 +226,14 @@ class FaultProxy:
                         continue
                     piece = data
                     if self.bandwidth:
+                        # each piece waits its own time first: n bytes take n / bandwidth
+                        # seconds to arrive, the last one included
                         piece = data[:max(1, self.bandwidth // 20)]
+                        await asyncio.sleep(len(piece) / self.bandwidth)
                     writer.write(piece)
                     conn.sent += len(piece)
                     data = data[len(piece):]
                     await writer.drain()
-                    if self.bandwidth:
-                        await asyncio.sleep(len(piece) / self.bandwidth)
         except (OSError, ConnectionError):
             return
 
