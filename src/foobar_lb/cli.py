@@ -500,7 +500,7 @@ def _said(args: argparse.Namespace, answer: Any) -> tuple[str, bool]:
                 f"{counted}; state {s.get('state')}, admin {s.get('admin')}"), bool(answer.get("ok"))
     if not answer.get("ok"):
         raise _AdminError(answer.get("message", "reload failed"))
-    return f"{PROG}: {answer.get('message')}", True
+    return str(answer.get("message")), True
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -527,7 +527,7 @@ def _admin(args: argparse.Namespace) -> int:
         text, ok = _said(args, _request(base, method, path, body, token, timeout))
     except _AdminError as e:
         return _fail(str(e))
-    say(text)
+    say(f"{PROG}: {text}" if args.action == "reload" else text)
     return 0 if ok else 1
 
 
