@@ -321,10 +321,11 @@ class _AdminError(Exception):
     """A request not done: `why` in one line; `base` (the listener's URL) when the why is about
     reaching it rather than its answer."""
 
-    def __init__(self, why: str, base: str | None = None):
+    def __init__(self, why: str, base: str | None = None, *, reached: bool = True):
         super().__init__(why)
         self.why = why
         self.base = base
+        self.reached = reached  # False: no connection, so the request was not even sent
 
     def __str__(self) -> str:
         return f"{self.base}: {self.why}" if self.base else self.why
@@ -392,9 +393,10 @@ def _request(base: str, method: str, path: str, body: dict | None, token: str | 
             conn.connect()
         except TimeoutError:
             raise _AdminError(f"cannot reach the admin listener: no connection within "
-                              f"{min(CONNECT_TIMEOUT, timeout):g}s", base) from None
+                              f"{min(CONNECT_TIMEOUT, timeout):g}s", base, reached=False) from None
         except OSError as e:
-            raise _AdminError(f"cannot reach the admin listener: {_why(e)}", base) from None
+            raise _AdminError(f"cannot reach the admin listener: {_why(e)}", base,
+                              reached=False) from None
         try:
             conn.sock.settimeout(timeout)
             conn.request(method, path, body=data, headers=headers)
@@ -533,7 +535,7 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _on_peers(urls: list[str], fn: Any, timeout: float) -> dict[str, tuple[bool, Any]]:
     """`fn(url)` for every url at once, a thread each: url -> (True, what it returned) or
-    (False, why not, one line). A thread still running after a connection's and an answer's
+    (False, an _AdminError saying why not). A thread still running after a connection's and an answer's
     time is given up (daemon threads: they do not hold the exit)."""
     done: dict[str, tuple[bool, Any]] = {}
 
@@ -541,9 +543,9 @@ def _on_peers(urls: list[str], fn: Any, timeout: float) -> dict[str, tuple[bool,
         try:
             done[url] = (True, fn(url))
         except _AdminError as e:
-            done[url] = (False, e.why)
+            done[url] = (False, e)
         except Exception as e:  # an answer of an unexpected shape: that peer's failure
-            done[url] = (False, f"unexpected answer: {type(e).__name__}: {e}")
+            done[url] = (False, _AdminError(f"unexpected answer: {type(e).__name__}: {e}"))
 
     threads = [threading.Thread(target=run, args=(u,), name=f"admin {u}", daemon=True)
                for u in urls]
@@ -552,7 +554,8 @@ def _on_peers(urls: list[str], fn: Any, timeout: float) -> dict[str, tuple[bool,
     deadline = time.monotonic() + CONNECT_TIMEOUT + timeout + 1.0
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    return {u: done.get(u, (False, f"no answer within {timeout:g}s")) for u in urls}
+    late = (False, _AdminError(f"no answer within {timeout:g}s"))
+    return {u: done.get(u, late) for u in urls}
 
 
 def _admin_peers(args: argparse.Namespace, urls: list[str], method: str, path: str,
@@ -566,7 +569,7 @@ def _admin_peers(args: argparse.Namespace, urls: list[str], method: str, path: s
 
     results = _on_peers(urls, one, timeout)
     if args.action == "servers" and args.json:
-        say(json.dumps({u: (r[0] if ok else {"error": r}) for u, (ok, r) in results.items()},
+        say(json.dumps({u: (r[0] if ok else {"error": r.why}) for u, (ok, r) in results.items()},
                        indent=2))
     elif args.action == "servers":
         tables = [f"== {u}\n{r[1]}" for u, (ok, r) in results.items() if ok]
@@ -579,28 +582,30 @@ def _admin_peers(args: argparse.Namespace, urls: list[str], method: str, path: s
     failed = [u for u, (ok, _) in results.items() if not ok]
     with contextlib.suppress(OSError, ValueError):
         for u in failed:
-            print(f"{PROG}: error: {u}: {results[u][1]}", file=sys.stderr, flush=True)
+            print(f"{PROG}: error: {u}: {results[u][1].why}", file=sys.stderr, flush=True)
         if failed and args.action in ("add", "remove"):
-            print(f"{PROG}: {_where(args, urls, results, token)}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {_where(args, urls, results, token, timeout)}", file=sys.stderr,
+                  flush=True)
     return 1 if failed or not all(r[2] for ok, r in results.values() if ok) else 0
 
 
 def _where(args: argparse.Namespace, urls: list[str], results: dict[str, tuple[bool, Any]],
-           token: str | None) -> str:
+           token: str | None, timeout: float) -> str:
     """Which load balancers have the server now, after an add or a remove that failed on some:
-    those that failed are asked (an add that timed out may have been done; a 409 means the name
-    is taken there already)."""
+    those that failed once connected are asked again (an add that timed out may have been done;
+    a 409 means the name is taken there already); those not reached are not known."""
     name = f"{args.backend}/{args.server}"
+    ask = min(timeout, DEFAULT_TIMEOUT)
 
     def look(url: str) -> dict[str, Any] | None:
-        answer = _request(url, "GET", "/api/backends", None, token, DEFAULT_TIMEOUT)
+        answer = _request(url, "GET", "/api/backends", None, token, ask)
         for be in answer.get("backends", []):
             if be.get("name") == args.backend:
                 return next((s for s in be.get("servers", []) if s.get("name") == args.server),
                             None)
         return None
 
-    seen = _on_peers([u for u in urls if not results[u][0]], look, DEFAULT_TIMEOUT)
+    seen = _on_peers([u for u, (ok, r) in results.items() if not ok and r.reached], look, ask)
     on: list[str] = []
     off: list[str] = []
     other: list[str] = []
@@ -609,7 +614,7 @@ def _where(args: argparse.Namespace, urls: list[str], results: dict[str, tuple[b
         if results[u][0]:
             (on if args.action == "add" else off).append(u)
             continue
-        ok, s = seen[u]
+        ok, s = seen.get(u, (False, None))
         if not ok:
             unknown.append(u)
         elif s is None:
