@@ -535,8 +535,8 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _on_peers(urls: list[str], fn: Any, timeout: float) -> dict[str, tuple[bool, Any]]:
     """`fn(url)` for every url at once, a thread each: url -> (True, what it returned) or
-    (False, an _AdminError saying why not). A thread still running after a connection's and an answer's
-    time is given up (daemon threads: they do not hold the exit)."""
+    (False, an _AdminError saying why not). A thread still running after a connection's and an
+    answer's time is given up (daemon threads: they do not hold the exit)."""
     done: dict[str, tuple[bool, Any]] = {}
 
     def run(url: str) -> None:
