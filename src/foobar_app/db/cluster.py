@@ -984,6 +984,10 @@ def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
         _repoint(n, best, repl_password)
     _retopology(data, best, nodes, fenced=(old.name, *(n.name for n in nodes
                                                         if n.role == "fenced")))
+    # where the new primary's history left the old one's: what the old primary has past it is
+    # errant (the new primary's own transactions, its epoch first, raise the sequence numbers,
+    # so comparing with its position today would hide them)
+    data["nodes"][old.name]["fork"] = positions[best.name]
     _save(dir, data)
     for n in others:
         _wait_replicating(n, timeout)
@@ -1025,7 +1029,8 @@ def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[st
         c.execute("SELECT @@gtid_binlog_pos AS b, @@gtid_current_pos AS cur")
         mine = c.fetchone()
     theirs = primary.sql("SELECT @@gtid_binlog_pos AS b")[0]["b"]
-    extra = _ahead(_pos(mine["b"]), _pos(theirs))
+    fork = data["nodes"][name].get("fork")  # (an old primary fenced by failover)
+    extra = _ahead(_pos(mine["b"]), _pos(theirs if fork is None else fork))
     if extra:
         _fence_record(dir, data, name)
         raise ClusterError(f"rejoin refused: {name} has {extra} transaction(s) the primary "
@@ -1051,6 +1056,7 @@ def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[st
             raise ClusterError(f"{name}: not caught up with {primary.name} after {timeout:g}s")
         time.sleep(0.05)
     node.role = "replica"
+    data["nodes"][name].pop("fork", None)
     _retopology(data, primary, nodes, fenced=tuple(n.name for n in nodes
                                                     if n.role == "fenced" and n is not node))
     _save(dir, data)
