@@ -208,6 +208,8 @@ def lab(tmp_path):
             if (d / "cluster.json").exists():
                 cluster_down(d)
         topo.down()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert topo.prefix not in left, f"namespaces left behind: {left}"
 
 
 @pytest.mark.netns
@@ -290,6 +292,10 @@ def test_failover_across_hosts_and_the_returning_old_primary_takes_no_writes(lab
             status, _, headers = app.request("GET", f"/items/{item['id']}")
             assert status == 200
         assert admin_sql(data, topo, "db1", "SELECT @@gtid_binlog_pos AS g")[0]["g"] == before
+        # the writes sent into the cut link were abandoned with a reset: none ran when it came back
+        for name in ("db1", "db2"):
+            assert admin_sql(data, topo, name, "SELECT COUNT(*) AS n FROM foobar.items "
+                                               "WHERE name = 'during-cut'") == [{"n": 0}]
         quoted = ", ".join(f"'{n}'" for n in names)
         assert admin_sql(data, topo, "db1", f"SELECT COUNT(*) AS n FROM foobar.items "
                                             f"WHERE name IN ({quoted})") == [{"n": 0}]
@@ -317,6 +323,27 @@ def test_failover_across_hosts_and_the_returning_old_primary_takes_no_writes(lab
         assert admin_sql(data, topo, "db1", "SELECT @@read_only AS ro") == [{"ro": 1}]
         assert admin_sql(data, topo, "db1", "SELECT epoch FROM foobar.cluster_epoch") == \
             [{"epoch": 2}]
+
+        # switchover back (from the root namespace): epoch 3 on db1, the app follows
+        r = cli("switchover", "--dir", str(d), "--to", "db1")
+        assert r.returncode == 0 and "db1 is the primary" in r.stdout, r.stderr
+        status, back, headers = until(lambda: (w := app.write("after-switchover"))[0] == 201 and w,
+                                      10, "writes taken by db1 again")
+        assert admin_sql(data, topo, "db1", f"SELECT name FROM foobar.items WHERE id = "
+                                            f"{int(back['id'])}") == [{"name": "after-switchover"}]
+        assert admin_sql(data, topo, "db2", "SELECT epoch, name FROM foobar.cluster_epoch") == \
+            [{"epoch": 3, "name": "db1"}]
+        # down and start again, from the root namespace: the same nodes in their namespaces
+        app.stop()
+        assert cli("down", "--dir", str(d)).stdout.strip() == "foobar-app: stopped db2, db1"
+        r = cli("start", "--dir", str(d))
+        assert r.returncode == 0 and r.stdout.strip() == "foobar-app: started db1, db2", r.stderr
+        lines = cli("status", "--dir", str(d)).stdout.splitlines()
+        assert re.match(r"db1 +primary +10\.214\.9\.31:3306 .* running, writable, read_only=0, "
+                        r"gtid \S+, epoch 3$", lines[0]), lines
+        assert re.match(r"db2 +replica +10\.214\.9\.32:3306 .* running, replicating, read_only=1, "
+                        r"gtid \S+, epoch 3, from 10\.214\.9\.31:3306, IO thread Yes, SQL thread Yes",
+                        lines[1]), lines
         print(f"whole scenario: {time.monotonic() - t0:.1f}s")
     finally:
         app.stop()
@@ -332,6 +359,7 @@ def test_host_flags_are_checked_one_line_exit_2(tmp_path):
          "network namespace 'fbdbh-no-such-ns' not found"),
         (["--host", "db1=10.0.0.1", "--control-netns", "fbdbh-no-such-ns"],
          "network namespace 'fbdbh-no-such-ns' not found"),
+        (["--host", "db1=10.0.0.1:0"], "hosts[0].port 0 (db1): expected 1-65535"),
     ):
         r = cli("up", "--dir", str(tmp_path / "c"), *args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)

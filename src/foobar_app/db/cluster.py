@@ -23,7 +23,8 @@ Rules of this module:
   still reach across a cut link; a node's liveness is still its recorded pid;
 - with `control_netns` every command runs its connections from that namespace (the calling
   thread enters it with setns(2) for the command and leaves it after; the CLI re-executes
-  itself there), so the commands work from the root namespace too;
+  itself there), so the commands work from the root namespace too; `down` needs no network
+  (it stops nodes by pid) and runs anywhere, even once the namespaces are gone;
 - every node writes a binary log (`log_slave_updates`), so any replica can be promoted; each
   replica replicates with `MASTER_USE_GTID=slave_pos` and runs `read_only=1`, and is verified
   replicating before a command returns; `--semisync` turns on semi-synchronous replication on
@@ -366,8 +367,9 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     dir = Path(dir).resolve()
     if hosts is not None:
         hosts = check_hosts(hosts, control_netns)
-    elif control_netns:
-        netns_inode(control_netns)
+    elif control_netns and not (dir / "cluster.json").exists():
+        raise ClusterError(f"control_netns {control_netns!r}: only with hosts (nodes on "
+                           "127.0.0.1 are reached from where the command runs)")
     with entered(control_netns or control_netns_of(dir)):
         return _up(dir, replicas, general_log, semisync, timeout, hosts, control_netns)
 
@@ -1072,7 +1074,6 @@ def _fence_record(dir: Path, data: dict[str, Any], name: str) -> None:
 # -- down ---------------------------------------------------------------------------------------
 
 
-@_controlled
 def cluster_down(dir: str | Path, timeout: float = 30.0) -> list[str]:
     """Stop every node of the cluster under `dir` by its recorded pid; return what was stopped."""
     dir = Path(dir).resolve()
