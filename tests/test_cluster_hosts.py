@@ -12,6 +12,7 @@ a missing `ip netns` fails).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -27,9 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pymysql
 import pytest
 
+import dbstack
 import foobar_app
 from foobar_app.db import cluster as cluster_mod
 from foobar_app.db.cluster import cluster_down, cluster_up, entered
@@ -365,3 +368,70 @@ def test_host_flags_are_checked_one_line_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
         assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.mariadb
+@pytest.mark.slow
+async def test_a_frozen_old_primary_thawed_after_failover_is_stale_on_loopback(tmp_path):
+    """The epoch fence without namespaces: the primary frozen (SIGSTOP) is unreachable,
+    `failover` promotes the replica; thawed, the old primary is still writable at epoch 1, and
+    the app writes to the new primary only."""
+    with dbstack.own_cluster(tmp_path) as data:
+        pid = data["nodes"]["primary"]["pid"]
+        try:
+            async with dbstack.app_servers(data, tmp_path, "--heartbeat-interval", "250ms",
+                                           count=1) as (server,), \
+                    aiohttp.ClientSession() as session:
+
+                async def write(name: str) -> int:
+                    async with session.post(f"{server.url}/items", json={"name": name}) as r:
+                        return r.status
+
+                async def health() -> dict:
+                    async with session.get(f"{server.url}/health") as r:
+                        return await r.json()
+
+                assert await write("before") == 201
+                dbstack.freeze(pid)
+                seen: list[int] = []
+
+                async def refused() -> bool:
+                    seen.append(await write("frozen"))
+                    return seen[-1] == 503
+                await _async_until(refused, 10, "writes 503 with the primary frozen")
+                r = dbstack.cli("failover", "--dir", str(data["dir"]))
+                assert r.returncode == 0 and "replica-1 is the primary" in r.stdout, r.stderr
+                await _async_until(lambda: write("moved"), 10, "writes on replica-1", want=201)
+                dbstack.thaw(pid)
+                await _async_until(lambda: _state(health, "primary"), 10, "primary stale",
+                                   want="stale")
+                h = await health()
+                assert h["nodes"]["primary"]["role"] == "stale" and h["primary"] == "up"
+                assert h["nodes"]["replica-1"]["role"] == "primary"
+                assert h["nodes"]["primary"]["detail"] == (
+                    "stale: writable at epoch 1 < 2; takes nothing until `cluster rejoin primary`")
+                names = [f"thawed-{i}" for i in range(10)]
+                for name in names:
+                    assert await write(name) == 201
+                quoted = ", ".join(f"'{n}'" for n in names)
+                assert dbstack.sql(data, "primary", "SELECT @@read_only AS ro") == [{"ro": 0}]
+                assert dbstack.count_items(data, "primary", f"name IN ({quoted})") == 0
+                assert dbstack.count_items(data, "replica-1", f"name IN ({quoted})") == 10
+                status = dbstack.cli("status", "--dir", str(data["dir"])).stdout
+                assert re.search(r"^primary +fenced .* running, stale \(writable at epoch 1 < 2",
+                                 status, re.M), status
+        finally:
+            dbstack.thaw(pid)
+
+
+async def _state(health: Callable, node: str) -> str:
+    return (await health())["nodes"][node]["state"]
+
+
+async def _async_until(probe: Callable, timeout: float, what: str, want: Any = True) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await probe()) != want:
+        if loop.time() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        await asyncio.sleep(0.05)
