@@ -32,8 +32,10 @@ Rules of this module:
 - the application user has privileges on its database (and SLAVE MONITOR, to read replica
   status) but neither SUPER nor READ_ONLY ADMIN, so `read_only` binds it on every non-primary;
 - DIR/cluster.json is the one record of the topology: {"primary": DSN, "replicas": [DSN, ...],
-  "nodes": {name: {"role": "primary" | "replica" | "fenced", "port", "pid", ...}}}; every
-  command that changes roles rewrites it (atomically) after the change is made;
+  "nodes": {name: {"role": "primary" | "replica" | "fenced", "port", "pid", "address",
+  "netns", ...}}, "epoch": N, and across hosts "admin_user", "admin_password",
+  "control_netns"}; every command that changes roles rewrites it (atomically, mode 0600) after
+  the change is made;
 - no split brain: `switchover` fences the old primary (read_only=1, application sessions
   killed) before it promotes anyone; `failover` (the primary unreachable) marks the old one
   `fenced`, and `start` keeps a fenced node read-only, not replicating, until `rejoin` checks
