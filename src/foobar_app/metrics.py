@@ -147,7 +147,7 @@ def render(metrics: Metrics, db: Any, server: str) -> str:
     for n in nodes:
         o.sample(p + "db_node_usable", int(bool(n.usable)), node=n.name, role=n.role)
     o.family(p + "db_node_state", "gauge", "Each node's state as the monitor saw it last "
-                                           "(up, down, hung, lagging, broken, recovering): 1.")
+                                           "(up, down, hung, lagging, broken, recovering, stale): 1.")
     for n in nodes:
         o.sample(p + "db_node_state", 1, node=n.name, role=n.role, state=n.status())
     primary = db.primary
