@@ -1,9 +1,10 @@
-"""Command line: `python -m foobar_lb serve|check|reload|stats|admin`.
+"""Command line: `python -m foobar_lb serve|check|reload|stats|admin|lab`.
 
 Rule of this module: parse arguments, load configuration, hand over to the master (`serve`) or
 talk to a running one (`reload`, `stats` through the control socket; `admin` through the
-admin listener's runtime API); report user mistakes as one line on stderr with exit status 2
-and never a traceback. It does no work itself.
+admin listener's runtime API, of one load balancer or of several peers at once), or hand the
+whole command line over (`lab`, to foobar_lb.lab); report user mistakes as one line on stderr
+with exit status 2 and never a traceback. It does no work itself.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
+import os
+import re
 import sys
+import threading
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from . import __version__
 from .balancing import algorithm_names
@@ -102,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--pid-file", metavar="PATH", required=True)
 
     _admin_parser(sub)
+    # `lab` is handed its arguments untouched (main() does it before parsing): listed here only
+    sub.add_parser("lab", add_help=False,
+                   help="a lab of real hosts in network namespaces (two load balancers on a "
+                        "virtual IP, app and database hosts): `lab --help` for more")
     return p
 
 
@@ -167,6 +178,9 @@ def _talk(pid_file: str, cmd: str) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lab"]:
+        return _lab(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # say it with the usage of the command that got them
@@ -218,27 +232,68 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# `admin`: the runtime API from the shell (urllib; every state-changing request is JSON)
+# `admin`: the runtime API from the shell, to one load balancer (--url) or to several at once
+# (--peers: one thread each, every request bounded); every state-changing request is JSON
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8404"
+CONNECT_TIMEOUT = 3.0  # seconds to connect to an admin listener: a peer cut off fails fast
+DEFAULT_TIMEOUT = 30.0  # seconds for an answer, but for the actions that wait for something:
+ACTION_TIMEOUT = {"remove": 600.0,  # the server's requests in flight to finish in every worker
+                  "reload": 120.0}  # the new workers to serve
+_ADMIN_URL_EXPECTED = "expected an admin listener's address, like http://10.0.0.11:8404"
+_HOST = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: expected seconds, more than "
+                                         "0 and at most 3600")
+    return v
 
 
 def _admin_parser(sub: Any) -> None:
     admin = sub.add_parser(
-        "admin", help="see and change a running group's servers (the runtime API)",
-        description="Talks to the admin listener ([admin] bind). The token comes from --token or "
-                    "the environment variable FOOBAR_ADMIN_TOKEN.")
-    admin.add_argument("--url", default=DEFAULT_ADMIN_URL,
-                       help=f"the admin listener (default {DEFAULT_ADMIN_URL})")
+        "admin", help="see and change the servers of one running load balancer, or of several "
+                      "at once (the runtime API)",
+        description="Talks to the admin listener ([admin] bind) of one load balancer (--url) or "
+                    "of several at once (--peers). The token comes from --token or the "
+                    "environment variable FOOBAR_ADMIN_TOKEN (the same for every peer). With "
+                    "--peers the action goes to every load balancer listed, all at the same "
+                    "time: one that cannot be reached, does not answer in time or refuses is "
+                    "named on stderr (its URL and why, one line each) and the exit status is 1, "
+                    "while the others are still changed (nothing is undone); after an add or a "
+                    "remove that did not apply everywhere a last line says which load balancers "
+                    "have the server. Exit status 2: a mistake on the command line.")
+    admin.add_argument("--url", help=f"the admin listener (default {DEFAULT_ADMIN_URL})")
+    admin.add_argument("--peers", action="append", metavar="URL,URL",
+                       help="act on every one of these admin listeners at once, instead of "
+                            "--url (comma-separated, or the option repeated)")
     admin.add_argument("--token", help="its token (default: $FOOBAR_ADMIN_TOKEN)")
-    # --url and --token after the action too (`admin servers --url ...`)
+    admin.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help=f"wait this long for each answer (default {DEFAULT_TIMEOUT:g}; remove "
+                            f"{ACTION_TIMEOUT['remove']:g}, reload {ACTION_TIMEOUT['reload']:g}: "
+                            f"they wait for drains, new workers); connecting takes at most "
+                            f"{CONNECT_TIMEOUT:g}s")
+    # the same options after the action too (`admin servers --url ...`); --peers given before
+    # and after add up (a separate dest: a subcommand's values replace its parent's)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--peers", dest="peers_after", action="append", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     common.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     acts = admin.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     servers = acts.add_parser("servers", parents=[common],
-                              help="every backend's servers: state, admin state, weight, counters")
-    servers.add_argument("--json", action="store_true", help="the API's JSON as it comes")
+                              help="every backend's servers: state, admin state, weight, counters "
+                                   "(with --peers: each load balancer's under its URL)")
+    servers.add_argument("--json", action="store_true",
+                         help="the API's JSON as it comes (with --peers: {URL: answer}, "
+                              '{"error": why} for a peer that failed)')
     st = acts.add_parser("set", parents=[common], help="drain, maint or ready a server, or set its weight")
     st.add_argument("backend")
     st.add_argument("server")
@@ -263,54 +318,112 @@ def _admin_parser(sub: Any) -> None:
 
 
 class _AdminError(Exception):
-    pass
+    """A request not done: `why` in one line; `base` (the listener's URL) when the why is about
+    reaching it rather than its answer."""
+
+    def __init__(self, why: str, base: str | None = None, *, reached: bool = True):
+        super().__init__(why)
+        self.why = why
+        self.base = base
+        self.reached = reached  # False: no connection, so the request was not even sent
+
+    def __str__(self) -> str:
+        return f"{self.base}: {self.why}" if self.base else self.why
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None,
-          timeout: float = 60.0) -> tuple[int, Any]:
-    """(status, JSON answer) of one request to the runtime API; _AdminError with one line when
-    it could not be asked or answered with an error."""
-    import os
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+def _admin_base(text: str) -> str | None:
+    """`scheme://host[:port]` of an admin listener's address (`http://` when none is given), or
+    None when `text` is not one."""
+    split = urlsplit(text if "://" in text else "http://" + text)
+    try:
+        port = split.port
+    except ValueError:
+        return None
+    host = split.hostname
+    if (split.scheme not in ("http", "https") or not host or not _HOST.fullmatch(host)
+            or port == 0 or split.username is not None or split.password is not None
+            or split.path not in ("", "/") or split.query or split.fragment):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return f"{split.scheme}://{shown}" + (f":{port}" if port is not None else "")
 
-    base = args.url.rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
+
+def _peer_urls(items: list[str]) -> list[str]:
+    """The admin listeners of --peers (comma-separated, repeatable), in order; ValueError with
+    one line for a bad or repeated one."""
+    urls: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            text = part.strip()
+            if not text:
+                raise ValueError(f'--peers "{item}": an empty address; {_ADMIN_URL_EXPECTED}')
+            url = _admin_base(text)
+            if url is None:
+                raise ValueError(f'--peers "{text}": {_ADMIN_URL_EXPECTED}')
+            if url in urls:
+                raise ValueError(f"--peers: {url} is given twice")
+            urls.append(url)
+    return urls
+
+
+def _why(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text[0].lower() + text[1:]
+
+
+def _request(base: str, method: str, path: str, body: dict | None, token: str | None,
+             timeout: float) -> Any:
+    """The JSON answer of one request to the admin listener at `base`: at most CONNECT_TIMEOUT
+    to connect, then `timeout` for each step of the answer; _AdminError when it could not be
+    asked or answered with an error."""
+    import http.client
+
+    split = urlsplit(base)
+    cls = http.client.HTTPSConnection if split.scheme == "https" else http.client.HTTPConnection
+    conn = cls(split.hostname, split.port, timeout=min(CONNECT_TIMEOUT, timeout))
     headers = {"Accept": "application/json"}
-    token = args.token or os.environ.get("FOOBAR_ADMIN_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = None
     if method != "GET":
         headers["Content-Type"] = "application/json"
         data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        try:
+            conn.connect()
+        except TimeoutError:
+            raise _AdminError(f"cannot reach the admin listener: no connection within "
+                              f"{min(CONNECT_TIMEOUT, timeout):g}s", base, reached=False) from None
+        except OSError as e:
+            raise _AdminError(f"cannot reach the admin listener: {_why(e)}", base,
+                              reached=False) from None
+        try:
+            conn.sock.settimeout(timeout)
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
             status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except urllib.error.URLError as e:
-        reason = e.reason
-        why = (reason.strerror or str(reason)) if isinstance(reason, OSError) else str(reason)
-        raise _AdminError(f"{base}: cannot reach the admin listener: {why.lower()}") from None
-    except (OSError, ValueError) as e:  # a timeout, a malformed URL
-        raise _AdminError(f"{base}: {e}") from None
+        except TimeoutError:
+            raise _AdminError(f"no answer within {timeout:g}s", base) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _AdminError(f"the admin listener did not answer: {_why(e)}", base) from None
+    finally:
+        conn.close()
     try:
         answer = json.loads(raw)
     except ValueError:
-        text = raw.decode(errors="replace").strip().splitlines()
-        raise _AdminError(text[0] if text else f"{base}{path}: HTTP {status}") from None
-    if status >= 400 and isinstance(answer, dict) and "error" in answer:
-        raise _AdminError(str(answer["error"]))
-    return status, answer
+        lines = raw.decode(errors="replace").strip().splitlines()
+        if status >= 400 and lines:
+            raise _AdminError(lines[0]) from None  # the guard's 401, 403, 415 are text
+        raise _AdminError(f"HTTP {status}: not a JSON answer (is it an admin listener?)",
+                          base) from None
+    if status >= 400:
+        if isinstance(answer, dict) and "error" in answer:
+            raise _AdminError(str(answer["error"]))
+        raise _AdminError(f"HTTP {status}: {json.dumps(answer)[:200]}")
+    return answer
 
 
 def _server_path(args: argparse.Namespace) -> str:
-    from urllib.parse import quote
-
     return f"/api/backends/{quote(args.backend, safe='')}/servers/{quote(args.server, safe='')}"
 
 
@@ -346,53 +459,192 @@ def _dash(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _admin(args: argparse.Namespace) -> int:
-    try:
-        return _admin_action(args)
-    except _AdminError as e:
-        return _fail(str(e))
-
-
-def _admin_action(args: argparse.Namespace) -> int:
+def _what(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path, body) of the request the action makes."""
     act = args.action
-    if act is None:
-        return _fail("admin: say what to do: servers, set, add, remove, check or reload")
     if act == "servers":
-        _, answer = _call(args, "GET", "/api/backends")
-        say(json.dumps(answer, indent=2) if args.json else _table(answer))
-        return 0
+        return "GET", "/api/backends", None
     if act == "set":
-        if args.state is None and args.weight is None:
-            return _fail("admin set: give --state ready|drain|maint and/or --weight N")
         body: dict[str, Any] = {}
         if args.state is not None:
             body["state"] = args.state
         if args.weight is not None:
             body["weight"] = args.weight
-        _, s = _call(args, "POST", _server_path(args), body)
-        say(_line(args.backend, s))
-        return 0
+        return "POST", _server_path(args), body
     if act == "add":
-        body = {"address": args.address, "weight": args.weight, "backup": args.backup}
-        _, s = _call(args, "PUT", _server_path(args), body)
-        say(f"added {_line(args.backend, s)}")
-        return 0
+        return "PUT", _server_path(args), {"address": args.address, "weight": args.weight,
+                                           "backup": args.backup}
     if act == "remove":
-        _, answer = _call(args, "DELETE", _server_path(args), timeout=600.0)
-        say(answer.get("message", "removed"))
-        return 0
+        return "DELETE", _server_path(args), None
     if act == "check":
-        _, answer = _call(args, "POST", _server_path(args) + "/check")
+        return "POST", _server_path(args) + "/check", None
+    return "POST", "/api/reload", {}
+
+
+def _said(args: argparse.Namespace, answer: Any) -> tuple[str, bool]:
+    """What to print of an answer, and whether the action succeeded (a failed check did not);
+    _AdminError for an answer that refuses (a reload that did not take)."""
+    act = args.action
+    if act == "servers":
+        return (json.dumps(answer, indent=2) if args.json else _table(answer)), True
+    if act == "set":
+        return _line(args.backend, answer), True
+    if act == "add":
+        return f"added {_line(args.backend, answer)}", True
+    if act == "remove":
+        return answer.get("message", "removed"), True
+    if act == "check":
         took = answer.get("duration") or 0.0
         counted = "" if answer.get("counted") else " (no check configured: a TCP connect, " \
                                                     "not counted)"
         s = answer.get("server", {})
-        say(f"{args.backend}/{args.server}: {answer.get('status')} ({took * 1000:.0f}ms){counted}; "
-            f"state {s.get('state')}, admin {s.get('admin')}")
-        return 0 if answer.get("ok") else 1
-    # reload
-    _, answer = _call(args, "POST", "/api/reload", {}, timeout=120.0)
+        return (f"{args.backend}/{args.server}: {answer.get('status')} ({took * 1000:.0f}ms)"
+                f"{counted}; state {s.get('state')}, admin {s.get('admin')}"), bool(answer.get("ok"))
     if not answer.get("ok"):
-        return _fail(answer.get("message", "reload failed"))
-    say(f"{PROG}: {answer.get('message')}")
-    return 0
+        raise _AdminError(answer.get("message", "reload failed"))
+    return str(answer.get("message")), True
+
+
+def _admin(args: argparse.Namespace) -> int:
+    if args.action is None:
+        return _fail("admin: say what to do: servers, set, add, remove, check or reload")
+    if args.action == "set" and args.state is None and args.weight is None:
+        return _fail("admin set: give --state ready|drain|maint and/or --weight N")
+    peers = (args.peers or []) + getattr(args, "peers_after", [])
+    if peers and args.url is not None:
+        return _fail("admin: give either --url or --peers, not both")
+    try:
+        urls = _peer_urls(peers)
+    except ValueError as e:
+        return _fail(str(e))
+    token = args.token or os.environ.get("FOOBAR_ADMIN_TOKEN")
+    timeout = args.timeout or ACTION_TIMEOUT.get(args.action, DEFAULT_TIMEOUT)
+    method, path, body = _what(args)
+    if urls:
+        return _admin_peers(args, urls, method, path, body, token, timeout)
+    base = _admin_base(args.url or DEFAULT_ADMIN_URL)
+    if base is None:
+        return _fail(f'--url "{args.url}": {_ADMIN_URL_EXPECTED}')
+    try:
+        text, ok = _said(args, _request(base, method, path, body, token, timeout))
+    except _AdminError as e:
+        return _fail(str(e))
+    say(f"{PROG}: {text}" if args.action == "reload" else text)
+    return 0 if ok else 1
+
+
+def _on_peers(urls: list[str], fn: Any, timeout: float) -> dict[str, tuple[bool, Any]]:
+    """`fn(url)` for every url at once, a thread each: url -> (True, what it returned) or
+    (False, an _AdminError saying why not). A thread still running after a connection's and an
+    answer's time is given up (daemon threads: they do not hold the exit)."""
+    done: dict[str, tuple[bool, Any]] = {}
+
+    def run(url: str) -> None:
+        try:
+            done[url] = (True, fn(url))
+        except _AdminError as e:
+            done[url] = (False, e)
+        except Exception as e:  # an answer of an unexpected shape: that peer's failure
+            done[url] = (False, _AdminError(f"unexpected answer: {type(e).__name__}: {e}"))
+
+    threads = [threading.Thread(target=run, args=(u,), name=f"admin {u}", daemon=True)
+               for u in urls]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + CONNECT_TIMEOUT + timeout + 1.0
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    late = (False, _AdminError(f"no answer within {timeout:g}s"))
+    return {u: done.get(u, late) for u in urls}
+
+
+def _admin_peers(args: argparse.Namespace, urls: list[str], method: str, path: str,
+                 body: dict[str, Any] | None, token: str | None, timeout: float) -> int:
+    """The action on every peer at once. Exit status 0 when every one did it, 1 when one could
+    not be reached, refused or failed its check (the others are done all the same)."""
+
+    def one(url: str) -> tuple[Any, str, bool]:
+        answer = _request(url, method, path, body, token, timeout)
+        return (answer, *_said(args, answer))
+
+    results = _on_peers(urls, one, timeout)
+    if args.action == "servers" and args.json:
+        say(json.dumps({u: (r[0] if ok else {"error": r.why}) for u, (ok, r) in results.items()},
+                       indent=2))
+    elif args.action == "servers":
+        tables = [f"== {u}\n{r[1]}" for u, (ok, r) in results.items() if ok]
+        if tables:
+            say("\n\n".join(tables))
+    else:
+        for u, (ok, r) in results.items():
+            if ok:
+                say("\n".join(f"{u}: {line}" for line in r[1].splitlines()))
+    failed = [u for u, (ok, _) in results.items() if not ok]
+    with contextlib.suppress(OSError, ValueError):
+        for u in failed:
+            print(f"{PROG}: error: {u}: {results[u][1].why}", file=sys.stderr, flush=True)
+        if failed and args.action in ("add", "remove"):
+            print(f"{PROG}: {_where(args, urls, results, token, timeout)}", file=sys.stderr,
+                  flush=True)
+    return 1 if failed or not all(r[2] for ok, r in results.values() if ok) else 0
+
+
+def _where(args: argparse.Namespace, urls: list[str], results: dict[str, tuple[bool, Any]],
+           token: str | None, timeout: float) -> str:
+    """Which load balancers have the server now, after an add or a remove that failed on some:
+    those that failed once connected are asked again (an add that timed out may have been done;
+    a 409 means the name is taken there already); those not reached are not known."""
+    name = f"{args.backend}/{args.server}"
+    ask = min(timeout, DEFAULT_TIMEOUT)
+
+    def look(url: str) -> dict[str, Any] | None:
+        answer = _request(url, "GET", "/api/backends", None, token, ask)
+        for be in answer.get("backends", []):
+            if be.get("name") == args.backend:
+                return next((s for s in be.get("servers", []) if s.get("name") == args.server),
+                            None)
+        return None
+
+    seen = _on_peers([u for u, (ok, r) in results.items() if not ok and r.reached], look, ask)
+    on: list[str] = []
+    off: list[str] = []
+    other: list[str] = []
+    unknown: list[str] = []
+    for u in urls:
+        if results[u][0]:
+            (on if args.action == "add" else off).append(u)
+            continue
+        ok, s = seen.get(u, (False, None))
+        if not ok:
+            unknown.append(u)
+        elif s is None:
+            off.append(u)
+        elif args.action == "add" and s.get("address") != args.address:
+            other.append(f"{u} (at {s.get('address')})")
+        else:
+            on.append(u)
+    parts = [f"{name} is on " + (", ".join(on) if on else "none of them")]
+    if off:
+        parts.append("not on " + ", ".join(off))
+    if other:
+        parts.append(f"another {name} is on " + ", ".join(other))
+    if unknown:
+        parts.append("not known for " + ", ".join(unknown))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# `lab`: handed over whole to foobar_lb.lab (its own argument parser)
+
+
+def _lab(argv: list[str]) -> int:
+    try:
+        lab = importlib.import_module("foobar_lb.lab")
+    except ModuleNotFoundError as e:
+        if e.name != "foobar_lb.lab":
+            raise
+        return _fail("lab: this installation has no foobar_lb.lab")
+    try:
+        return lab.cli_main(list(argv))
+    except KeyboardInterrupt:
+        return 130
