@@ -3,7 +3,9 @@
 
 Rule of this module: parse arguments and run; user mistakes (bad DSN, port taken, no MariaDB
 installed) are one line on stderr with exit status 2, never a traceback. SIGTERM and SIGINT
-stop the server cleanly.
+stop the server cleanly. A `cluster` command of a cluster with a control namespace (`up
+--control-netns`, recorded in cluster.json) run outside it re-executes itself there (`ip netns
+exec NAME python -m foobar_app cluster ...`, the same arguments) and exits with its status.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 
 from aiohttp import web
@@ -78,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--semisync", action="store_true",
                     help="semi-synchronous replication (AFTER_SYNC): a commit is acknowledged "
                          "once a replica has it, so `failover` loses no acknowledged write")
+    up.add_argument("--host", action="append", default=[], metavar="NAME=ADDR[:PORT][@NETNS]",
+                    help="a node on another host (repeatable; the first is the primary, "
+                         "--replicas is then ignored): it listens on ADDR:3306 (or PORT), "
+                         "started in network namespace NETNS when given, and every command "
+                         "reaches it over TCP at ADDR")
+    up.add_argument("--control-netns", metavar="NAME",
+                    help="the network namespace every command of this cluster runs from "
+                         "(recorded; a command run elsewhere re-executes itself there)")
     for name, text in (("status", "each node's role, state, GTID position and lag"),
                        ("down", "stop every node"),
                        ("start", "start a stopped cluster again, with its data"),
@@ -119,9 +131,10 @@ def _split_bind(bind: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "cluster":
-        return _cluster(args)
+        return _cluster(args, argv)
     if args.command != "serve":
         _parser().print_help()
         return 2
@@ -190,18 +203,64 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     return 0
 
 
-def _cluster(args: argparse.Namespace) -> int:
+def _parse_host(text: str) -> dict:
+    """NAME=ADDR[:PORT][@NETNS] -> {"name", "address", "netns"[, "port"]}."""
+    name, eq, rest = text.partition("=")
+    where, _, netns = rest.partition("@")
+    address, port = where, ""
+    if where.count(":") == 1:  # (an IPv6 address has several: no port then)
+        address, _, port = where.partition(":")
+    if not eq or not name or not address or (port and not port.isdigit()):
+        raise ValueError(f'--host "{text}": expected NAME=ADDR[:PORT][@NETNS] like '
+                         f"db1=10.213.0.31@fblab-db1")
+    host: dict = {"name": name, "address": address, "netns": netns}
+    if port:
+        host["port"] = int(port)
+    return host
+
+
+REEXEC_ENV = "FOOBAR_CLUSTER_IN_NETNS"
+
+
+def _reexec(c, args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Run this command again inside the cluster's control namespace when not there (its exit
+    status), or None to run it here."""
+    netns = args.control_netns if args.action == "up" else c.control_netns_of(args.dir)
+    if not netns:
+        return None
+    here = os.stat("/proc/self/ns/net").st_ino
+    if here == c.netns_inode(netns):
+        return None
+    if os.environ.get(REEXEC_ENV) == netns:
+        raise c.ClusterError(f"control namespace {netns!r}: not entered by `ip netns exec`")
+    cmd = ["ip", "netns", "exec", netns, sys.executable, "-m", "foobar_app", *argv]
+    try:
+        return subprocess.run(cmd, env={**os.environ, REEXEC_ENV: netns}).returncode
+    except FileNotFoundError:
+        raise c.ClusterError(f"control namespace {netns!r}: no `ip` command (install "
+                             "iproute2)") from None
+
+
+def _cluster(args: argparse.Namespace, argv: list[str]) -> int:
     from .db import cluster as c
 
     if args.action is None:
         _parser().parse_args(["cluster", "--help"])
         return 2
     try:
+        rc = _reexec(c, args, argv)
+        if rc is not None:
+            return rc
         if args.action == "up":
             if args.replicas < 0:
                 return _fail(f"--replicas {args.replicas}: expected 0 or more")
+            try:
+                hosts = [_parse_host(h) for h in args.host] or None
+            except ValueError as e:
+                return _fail(str(e))
             data = c.cluster_up(args.dir, args.replicas, general_log=args.general_log,
-                                semisync=args.semisync)
+                                semisync=args.semisync, hosts=hosts,
+                                control_netns=args.control_netns)
             print(json.dumps(data, indent=2), flush=True)
         elif args.action == "status":
             for row in c.cluster_status(args.dir):
@@ -254,19 +313,23 @@ def _loss_line(r: dict) -> str:
 
 
 def _status_line(row: dict) -> str:
-    head = f"{row['node']:<10} {row['role']:<8} port {row['port']:<5} pid {row['pid']:<7}"
+    where = (f"{row['address']}:{row['port']:<5}" if row.get("address")
+             else f"port {row['port']:<5}")
+    head = f"{row['node']:<10} {row['role']:<8} {where} pid {row['pid']:<7}"
     if not row["running"]:
         return f"{head} stopped"
     if "error" in row:
         return f"{head} running, unreachable: {row['error']}"
     line = (f"{head} running, {row['state']}, read_only={int(row['read_only'])}, "
-            f"gtid {row['gtid'] or '-'}")
+            f"gtid {row['gtid'] or '-'}, epoch {row.get('epoch', 0)}")
     if "semisync" in row:
         line += f", semi-sync {'ON' if row['semisync'] == 'ON' else 'OFF (asynchronous)'}"
     if "io_thread" not in row:
         return line
     lag = row.get("heartbeat_lag")
-    return (f"{line}, from port {row['master_port']}, IO thread {row['io_thread']}, "
+    source = (f"{row['master_host']}:{row['master_port']}" if row.get("address")
+              else f"port {row['master_port']}")
+    return (f"{line}, from {source}, IO thread {row['io_thread']}, "
             f"SQL thread {row['sql_thread']}, Seconds_Behind_Master "
             f"{row['seconds_behind_master']}, heartbeat lag "
             f"{'-' if lag is None else f'{lag:.2f}s'}"

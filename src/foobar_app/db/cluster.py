@@ -1,6 +1,8 @@
 """A local MariaDB primary and replicas with real GTID replication, from the machine's binaries.
 
     python -m foobar_app cluster up --dir DIR [--replicas N] [--semisync]
+    python -m foobar_app cluster up --dir DIR --host NAME=ADDR[:PORT][@NETNS] ... \
+                                   [--control-netns NAME]
     python -m foobar_app cluster status --dir DIR
     python -m foobar_app cluster down --dir DIR
     python -m foobar_app cluster start --dir DIR
@@ -13,6 +15,15 @@ Rules of this module:
   listen on 127.0.0.1 only, on free ports (kept for good: a node comes back on its port);
   nothing reads the machine's option files (`--no-defaults`) and no other MariaDB instance is
   touched;
+- across hosts (`hosts=[{"name", "address", "netns"}]`, the first the primary) each node is
+  started in its host's network namespace (`ip netns exec NETNS mariadbd ...`) and listens on
+  ADDRESS:3306; every command reaches it over TCP at that address with an admin account
+  (created at '%' by the node's first start, never written to a binary log; its password in
+  cluster.json, mode 0600), never through the unix socket that the shared filesystem would
+  still reach across a cut link; a node's liveness is still its recorded pid;
+- with `control_netns` every command runs its connections from that namespace (the calling
+  thread enters it with setns(2) for the command and leaves it after; the CLI re-executes
+  itself there), so the commands work from the root namespace too;
 - every node writes a binary log (`log_slave_updates`), so any replica can be promoted; each
   replica replicates with `MASTER_USE_GTID=slave_pos` and runs `read_only=1`, and is verified
   replicating before a command returns; `--semisync` turns on semi-synchronous replication on
@@ -26,6 +37,12 @@ Rules of this module:
   killed) before it promotes anyone; `failover` (the primary unreachable) marks the old one
   `fenced`, and `start` keeps a fenced node read-only, not replicating, until `rejoin` checks
   it has no transaction the new primary lacks;
+- the epoch fence, for an old primary that could not be told (its host cut off, still
+  read_only=0 when it comes back): `up` writes epoch 1 into the replicated one-row table
+  `foobar.cluster_epoch` (epoch, server_id, name), and `switchover` and `failover` write the
+  next epoch on the new primary before it turns writable. The app servers read it with every
+  check (mysql.py): a writable node whose epoch is lower than one seen is stale and used for
+  nothing; `cluster status` shows it; `rejoin` makes it a replica;
 - `down` stops every node by the pid it recorded (SIGTERM, then SIGKILL) and leaves nothing
   running or listening; `start` (or `up` on a stopped cluster) brings the same nodes back on
   their data.
@@ -34,6 +51,9 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import ipaddress
 import json
 import os
 import re
@@ -43,7 +63,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +80,12 @@ SEARCH_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
 DATABASE = "foobar"
 APP_USER = "foobar"
 REPL_USER = "repl"
+ADMIN_USER = "foobar_admin"  # across hosts: the commands' account (root stays socket-only)
 LOOPBACK = "127.0.0.1"
+MYSQL_PORT = 3306
+EPOCH_TABLE = "cluster_epoch"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CLONE_NEWNET = 0x40000000
 
 # small and quick to start: a development and test cluster, not a tuned production one
 SERVER_OPTIONS = (
@@ -140,10 +165,17 @@ class Node:
     port: int
     dir: str
     pid: int = 0
+    address: str = ""  # across hosts: where it listens (and is reached); "" = loopback, socket
+    netns: str = ""  # across hosts: the network namespace it runs in ("" = this one)
+    secret: str = field(default="", repr=False)  # the admin password (not in its record)
 
     @property
     def path(self) -> Path:
         return Path(self.dir)
+
+    @property
+    def host(self) -> str:
+        return self.address or LOOPBACK
 
     @property
     def socket(self) -> str:
@@ -159,11 +191,16 @@ class Node:
 
     def admin(self, timeout: float = 5.0, read_timeout: float | None = None
               ) -> pymysql.connections.Connection:
-        """root over the node's own socket (root has no password and no TCP access)."""
+        """root over the node's own socket (root has no password and no TCP access); across
+        hosts the admin account over TCP at the node's address (a cut link cuts it off)."""
         rt = timeout + 25 if read_timeout is None else read_timeout
-        return pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=timeout,
-                               read_timeout=rt, write_timeout=rt,
-                               autocommit=True, cursorclass=pymysql.cursors.DictCursor)
+        where: dict[str, Any] = {"unix_socket": self.socket, "user": "root"}
+        if self.address:
+            where = {"host": self.address, "port": self.port, "user": ADMIN_USER,
+                     "password": self.secret}
+        return pymysql.connect(**where, connect_timeout=timeout, read_timeout=rt,
+                               write_timeout=rt, autocommit=True,
+                               cursorclass=pymysql.cursors.DictCursor)
 
     def sql(self, *statements: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Run statements as root; the rows of the last one."""
@@ -213,18 +250,130 @@ def _load(dir: Path) -> dict[str, Any]:
 
 
 def _nodes(data: dict[str, Any]) -> list[Node]:
-    return [Node(**{k: v for k, v in n.items() if k in Node.__dataclass_fields__})
+    secret = data.get("admin_password") or ""
+    return [Node(**{k: v for k, v in n.items() if k in Node.__dataclass_fields__ and k != "secret"},
+                 secret=secret)
             for n in data["nodes"].values()]
+
+
+# -- the control namespace -------------------------------------------------------------------
+
+
+def netns_inode(name: str) -> int:
+    """The inode of a named network namespace (/run/netns/NAME), ClusterError if none."""
+    try:
+        return os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        raise ClusterError(f"network namespace {name!r} not found (no /run/netns/{name}); "
+                           "create it first (ip netns add)") from None
+
+
+def in_netns(name: str) -> bool:
+    """Does this thread run in the network namespace `name`?"""
+    return os.stat("/proc/thread-self/ns/net").st_ino == netns_inode(name)
+
+
+@contextlib.contextmanager
+def entered(netns: str | None):
+    """Run the block's connections from `netns` (this thread only, setns(2)); a no-op without
+    one or when already there."""
+    if not netns or in_netns(netns):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise ClusterError(f"cannot enter network namespace {netns!r}: "
+                                   f"{os.strerror(err)} (needs root)")
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            if libc.setns(back, CLONE_NEWNET) != 0:  # never leave a thread in the wrong place
+                raise OSError(ctypes.get_errno(), "cannot return to the caller's namespace")
+    finally:
+        os.close(back)
+
+
+def control_netns_of(dir: str | Path) -> str | None:
+    """The namespace the commands of the cluster under `dir` run from (None: anywhere)."""
+    path = Path(dir).resolve() / "cluster.json"
+    try:
+        return json.loads(path.read_text()).get("control_netns") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _controlled(fn):
+    """Run a command from the cluster's control namespace (when it has one)."""
+    @functools.wraps(fn)
+    def run(dir: str | Path, *args: Any, **kw: Any) -> Any:
+        with entered(control_netns_of(dir)):
+            return fn(dir, *args, **kw)
+    return run
 
 
 # -- up ---------------------------------------------------------------------------------------
 
 
+def check_hosts(hosts: list[dict[str, Any]], control: str | None = None) -> list[dict[str, Any]]:
+    """Validated copies of `hosts` ({"name", "address", "netns"?, "port"?}); ClusterError
+    naming the bad entry and value."""
+    out: list[dict[str, Any]] = []
+    for i, h in enumerate(hosts):
+        if not isinstance(h, dict):
+            raise ClusterError(f"hosts[{i}]: {h!r}: expected {{'name', 'address', 'netns'}}")
+        name, address = h.get("name"), h.get("address")
+        netns, port = h.get("netns") or "", h.get("port", MYSQL_PORT)
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ClusterError(f"hosts[{i}].name {name!r}: expected letters, digits, '_.-'")
+        if name in {o["name"] for o in out}:
+            raise ClusterError(f"hosts[{i}].name {name!r}: named twice")
+        try:
+            address = str(ipaddress.ip_address(str(address)))
+        except ValueError:
+            raise ClusterError(f"hosts[{i}].address {address!r} ({name}): expected an IP "
+                               "address") from None
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ClusterError(f"hosts[{i}].port {port!r} ({name}): expected 1-65535")
+        if (address, port) in {(o["address"], o["port"]) for o in out}:
+            raise ClusterError(f"hosts[{i}].address {address}:{port} ({name}): used twice")
+        if netns:
+            netns_inode(str(netns))
+        out.append({"name": name, "address": address, "netns": str(netns), "port": port})
+    if not out:
+        raise ClusterError("hosts: expected at least one host (the primary)")
+    if control:
+        netns_inode(control)
+    return out
+
+
 def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
-               semisync: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+               semisync: bool = False, timeout: float = 60.0,
+               hosts: list[dict[str, Any]] | None = None,
+               control_netns: str | None = None) -> dict[str, Any]:
     """Create and start a primary and `replicas` replicas under `dir`; return cluster.json.
-    On a directory that holds a stopped cluster, start it again with its data instead."""
+    On a directory that holds a stopped cluster, start it again with its data instead.
+
+    With `hosts` (the first the primary, the others its replicas; `replicas` is ignored) each
+    node runs in its host's namespace on ADDRESS:3306 (or the host's "port"), and with
+    `control_netns` every command, this one included, reaches them from that namespace."""
     dir = Path(dir).resolve()
+    if hosts is not None:
+        hosts = check_hosts(hosts, control_netns)
+    elif control_netns:
+        netns_inode(control_netns)
+    with entered(control_netns or control_netns_of(dir)):
+        return _up(dir, replicas, general_log, semisync, timeout, hosts, control_netns)
+
+
+def _up(dir: Path, replicas: int, general_log: bool, semisync: bool, timeout: float,
+        hosts: list[dict[str, Any]] | None, control: str | None) -> dict[str, Any]:
     server_bin, install_bin = find_binaries()
     if (dir / "cluster.json").exists():
         data = _load(dir)
@@ -236,17 +385,24 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
         cluster_start(dir, timeout=timeout)
         return _load(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    for old in [dir / "primary", *dir.glob("replica-*")]:  # what a failed `up` left (its logs)
-        if old.is_dir():
-            shutil.rmtree(old)
+    names = [h["name"] for h in hosts] if hosts else ["primary", *(f"replica-{i}" for i in
+                                                                   range(1, replicas + 1))]
+    for name in names:  # what a failed `up` left (its logs)
+        if (dir / name).is_dir():
+            shutil.rmtree(dir / name)
     password = secrets.token_urlsafe(18)
     repl_password = secrets.token_urlsafe(18)
-    nodes = [Node("primary", "primary", 1, _free_port(), str(dir / "primary"))]
-    nodes += [Node(f"replica-{i}", "replica", 1 + i, _free_port(), str(dir / f"replica-{i}"))
-              for i in range(1, replicas + 1)]
+    admin_password = secrets.token_urlsafe(18) if hosts else ""
+    if hosts:
+        nodes = [Node(h["name"], "primary" if i == 0 else "replica", i + 1, h["port"],
+                      str(dir / h["name"]), address=h["address"], netns=h["netns"],
+                      secret=admin_password) for i, h in enumerate(hosts)]
+    else:
+        nodes = [Node(name, "primary" if i == 0 else "replica", i + 1, _free_port(),
+                      str(dir / name)) for i, name in enumerate(names)]
     data: dict[str, Any] = {
-        "primary": _dsn(password, nodes[0].port),
-        "replicas": [_dsn(password, n.port) for n in nodes[1:]],
+        "primary": _dsn(password, nodes[0]),
+        "replicas": [_dsn(password, n) for n in nodes[1:]],
         "nodes": {},
         "database": DATABASE,
         "user": APP_USER,
@@ -254,14 +410,19 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
         "semisync": semisync,
         "repl_user": REPL_USER,
         "repl_password": repl_password,
+        "epoch": 1,
     }
+    if hosts:
+        data.update(admin_user=ADMIN_USER, admin_password=admin_password,
+                    control_netns=control or None)
     try:
         for node in nodes:
             _install(install_bin, node, timeout)
-            _start(server_bin, node, general_log, timeout, semisync, semisync_master=False)
+            _start(server_bin, node, general_log, timeout, semisync, semisync_master=False,
+                   first=True)
             data["nodes"][node.name] = _describe(node, password)
             _save(dir, data)  # so that `down` can stop what already runs, whatever happens next
-        _setup_primary(nodes[0], password, repl_password)
+        _setup_primary(nodes[0], password, repl_password, "%" if hosts else LOOPBACK)
         for node in nodes[1:]:
             _setup_replica(node, nodes[0], repl_password, timeout)
         if semisync:
@@ -277,12 +438,14 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     return data
 
 
-def _dsn(password: str, port: int) -> str:
-    return f"mysql://{APP_USER}:{password}@{LOOPBACK}:{port}/{DATABASE}"
+def _dsn(password: str, node: Node) -> str:
+    return f"mysql://{APP_USER}:{password}@{node.host}:{node.port}/{DATABASE}"
 
 
 def _describe(node: Node, password: str) -> dict[str, Any]:
-    return {**asdict(node), "dsn": _dsn(password, node.port), "socket": node.socket,
+    record = asdict(node)
+    del record["secret"]
+    return {**record, "dsn": _dsn(password, node), "socket": node.socket,
             "error_log": str(node.error_log), "general_log": str(node.general_log)}
 
 
@@ -318,10 +481,10 @@ def _install(install_bin: str, node: Node, timeout: float) -> None:
 
 
 def _start(server_bin: str, node: Node, general_log: bool, timeout: float,
-           semisync: bool = False, semisync_master: bool = True) -> None:
+           semisync: bool = False, semisync_master: bool = True, first: bool = False) -> None:
     p = node.path
     cmd = [server_bin, "--no-defaults", *_run_as_root_args(), f"--datadir={p / 'data'}",
-           f"--socket={node.socket}", f"--port={node.port}", f"--bind-address={LOOPBACK}",
+           f"--socket={node.socket}", f"--port={node.port}", f"--bind-address={node.host}",
            f"--pid-file={p / 'mariadbd.pid'}", f"--log-error={node.error_log}", f"--tmpdir={p}",
            f"--server-id={node.server_id}", f"--log-bin={p / 'binlog'}", *SERVER_OPTIONS]
     if node.role != "primary":  # replicas, and fenced nodes until they rejoin
@@ -333,37 +496,92 @@ def _start(server_bin: str, node: Node, general_log: bool, timeout: float,
         cmd.append(f"--rpl-semi-sync-master-enabled={'ON' if semisync_master else 'OFF'}")
     if general_log:
         cmd += ["--general-log=1", f"--general-log-file={node.general_log}"]
+    init = p / "init.sql"
+    if first and node.address:
+        # the admin account the commands use over TCP, made by the node itself at its first
+        # start and kept out of its binary log (each node has its own; none replicates)
+        fd = os.open(init, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"SET SQL_LOG_BIN = 0;\n"
+                    f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'%' IDENTIFIED BY '{node.secret}';\n"
+                    f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%' WITH GRANT OPTION;\n")
+        cmd.append(f"--init-file={init}")
+    if node.netns:  # `ip netns exec` execs the server: the pid is mariadbd's own
+        cmd = ["ip", "netns", "exec", node.netns, *cmd]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=p, start_new_session=True)
     node.pid = proc.pid
     deadline = time.monotonic() + timeout
-    while True:
-        rc = proc.poll()
-        if rc is not None:
-            raise ClusterError(f"{node.name}: mariadbd exited with status {rc} while starting "
-                               f"(see {node.error_log})\n{_tail(node.error_log)}")
-        try:
-            with contextlib.closing(node.admin(timeout=1.0)):
-                return
-        except pymysql.err.MySQLError:
-            pass
-        if time.monotonic() > deadline:
-            raise ClusterError(f"{node.name}: mariadbd not ready after {timeout:.0f}s "
-                               f"(see {node.error_log})\n{_tail(node.error_log)}")
-        time.sleep(0.05)
+    try:
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                raise ClusterError(f"{node.name}: mariadbd exited with status {rc} while "
+                                   f"starting (see {node.error_log})\n{_tail(node.error_log)}")
+            try:
+                with contextlib.closing(node.admin(timeout=1.0)):
+                    return
+            except pymysql.err.MySQLError:
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{node.name}: mariadbd not ready after {timeout:.0f}s at "
+                                   f"{node.host}:{node.port} (see {node.error_log})\n"
+                                   f"{_tail(node.error_log)}")
+            time.sleep(0.05)
+    finally:
+        init.unlink(missing_ok=True)
 
 
-def _setup_primary(node: Node, password: str, repl_password: str) -> None:
+def _setup_primary(node: Node, password: str, repl_password: str, at: str = LOOPBACK) -> None:
+    """The database, the application and replication users (from `at`: 127.0.0.1, or '%'
+    across hosts), and epoch 1 (replicated to every replica from here)."""
     with contextlib.closing(node.admin()) as db, db.cursor() as c:
         for sql in (
             f"CREATE DATABASE `{DATABASE}` CHARACTER SET utf8mb4",
-            f"CREATE USER '{APP_USER}'@'{LOOPBACK}' IDENTIFIED BY '{password}'",
-            f"GRANT ALL PRIVILEGES ON `{DATABASE}`.* TO '{APP_USER}'@'{LOOPBACK}'",
-            f"GRANT SLAVE MONITOR ON *.* TO '{APP_USER}'@'{LOOPBACK}'",
-            f"CREATE USER '{REPL_USER}'@'{LOOPBACK}' IDENTIFIED BY '{repl_password}'",
-            f"GRANT REPLICATION SLAVE ON *.* TO '{REPL_USER}'@'{LOOPBACK}'",
+            f"CREATE USER '{APP_USER}'@'{at}' IDENTIFIED BY '{password}'",
+            f"GRANT ALL PRIVILEGES ON `{DATABASE}`.* TO '{APP_USER}'@'{at}'",
+            f"GRANT SLAVE MONITOR ON *.* TO '{APP_USER}'@'{at}'",
+            f"CREATE USER '{REPL_USER}'@'{at}' IDENTIFIED BY '{repl_password}'",
+            f"GRANT REPLICATION SLAVE ON *.* TO '{REPL_USER}'@'{at}'",
         ):
             c.execute(sql)
+    _write_epoch(node, 1)
+
+
+def _write_epoch(node: Node, epoch: int) -> None:
+    """Record on `node` (the primary, or the replica about to become it: an admin writes
+    through read_only) that it holds the primary role since `epoch`."""
+    node.sql(f"CREATE TABLE IF NOT EXISTS `{DATABASE}`.{EPOCH_TABLE} (id TINYINT PRIMARY KEY, "
+             "epoch BIGINT UNSIGNED NOT NULL, server_id INT UNSIGNED NOT NULL, "
+             "name VARCHAR(64) NOT NULL, since DATETIME(6) NOT NULL) ENGINE=InnoDB",
+             f"REPLACE INTO `{DATABASE}`.{EPOCH_TABLE} (id, epoch, server_id, name, since) "
+             f"VALUES (1, {int(epoch)}, @@server_id, {pymysql.converters.escape_string(node.name)!r}, "
+             "NOW(6))")
+
+
+def _read_epoch(node: Node) -> tuple[int, int | None]:
+    """(epoch, server_id named) on a node: (0, None) without the table (an older cluster)."""
+    with contextlib.closing(node.admin(2.0, read_timeout=2.0)) as db, db.cursor() as c:
+        return _epoch_of(c)
+
+
+def _epoch_of(c) -> tuple[int, int | None]:
+    try:
+        c.execute(f"SELECT epoch, server_id FROM `{DATABASE}`.{EPOCH_TABLE} WHERE id = 1")
+    except pymysql.err.ProgrammingError:
+        return 0, None
+    row = c.fetchone()
+    return (int(row["epoch"]), int(row["server_id"])) if row else (0, None)
+
+
+def _next_epoch(data: dict[str, Any], nodes: list[Node]) -> int:
+    """One more than any epoch recorded or found on a reachable node."""
+    seen = [int(data.get("epoch") or 0)]
+    for n in nodes:
+        if n.alive():
+            with contextlib.suppress(pymysql.err.MySQLError, OSError):
+                seen.append(_read_epoch(n)[0])
+    return max(seen) + 1
 
 
 def _setup_replica(node: Node, primary: Node, repl_password: str, timeout: float) -> None:
@@ -393,7 +611,7 @@ def _not_replicating(node: Node, st: dict, timeout: float, default: str) -> Clus
 
 
 def _change_master(primary: Node, repl_password: str) -> str:
-    return (f"CHANGE MASTER TO MASTER_HOST='{LOOPBACK}', MASTER_PORT={primary.port}, "
+    return (f"CHANGE MASTER TO MASTER_HOST='{primary.host}', MASTER_PORT={primary.port}, "
             f"MASTER_USER='{REPL_USER}', MASTER_PASSWORD='{repl_password}', "
             "MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1")
 
@@ -401,6 +619,7 @@ def _change_master(primary: Node, repl_password: str) -> str:
 # -- status -------------------------------------------------------------------------------------
 
 
+@_controlled
 def cluster_status(dir: str | Path) -> list[dict[str, Any]]:
     """Each node: its role in cluster.json and as it behaves (read_only, replication), state,
     GTID position, lag (heartbeat and Seconds_Behind_Master), semi-sync on the primary."""
@@ -410,12 +629,22 @@ def cluster_status(dir: str | Path) -> list[dict[str, Any]]:
     for node in _nodes(data):
         row: dict[str, Any] = {"node": node.name, "role": node.role, "port": node.port,
                                "pid": node.pid, "running": node.alive()}
+        if node.address:
+            row.update(address=node.address, netns=node.netns)
         if row["running"]:
             try:
                 row.update(_inspect(node, data))
             except (pymysql.err.MySQLError, OSError) as e:
                 row["error"] = str(e) or type(e).__name__
         out.append(row)
+    # the epoch fence: a writable node behind the newest epoch is an old primary nobody could
+    # fence; the app servers use it for nothing
+    newest = max([int(data.get("epoch") or 0), *(r.get("epoch", 0) for r in out)])
+    for r in out:
+        if r.get("read_only") is False and r["epoch"] < newest:
+            r["state"] = (f"stale (writable at epoch {r['epoch']} < {newest}: takes no writes; "
+                          f"run `cluster rejoin {r['node']}`)")
+            r["stale"] = True
     return out
 
 
@@ -427,6 +656,7 @@ def _inspect(node: Node, data: dict[str, Any] | None = None) -> dict[str, Any]:
         row = c.fetchone()
         info: dict[str, Any] = {"read_only": bool(row["ro"]), "gtid": row["gtid"],
                                 "binlog_pos": row["binlog"], "slave_pos": row["slave"]}
+        info["epoch"] = _epoch_of(c)[0]
         c.execute("SHOW SLAVE STATUS")
         st = c.fetchone()
         if not row["ro"]:
@@ -440,7 +670,7 @@ def _inspect(node: Node, data: dict[str, Any] | None = None) -> dict[str, Any]:
         if st is None:
             return info
         info.update(io_thread=st.get("Slave_IO_Running"), sql_thread=st.get("Slave_SQL_Running"),
-                    master_port=st.get("Master_Port"),
+                    master_port=st.get("Master_Port"), master_host=st.get("Master_Host"),
                     seconds_behind_master=st.get("Seconds_Behind_Master"),
                     last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "")
         running = info["io_thread"] == "Yes" and info["sql_thread"] == "Yes"
@@ -458,6 +688,7 @@ def _inspect(node: Node, data: dict[str, Any] | None = None) -> dict[str, Any]:
 # -- start ----------------------------------------------------------------------------------------
 
 
+@_controlled
 def cluster_start(dir: str | Path, timeout: float = 60.0) -> list[str]:
     """Start the stopped nodes of the cluster under `dir` on their data and ports: the primary
     writable, replicas read-only and replicating again, fenced nodes read-only and idle."""
@@ -473,7 +704,7 @@ def cluster_start(dir: str | Path, timeout: float = 60.0) -> list[str]:
             raise ClusterError(f"{node.name}: no data directory at {node.path / 'data'}; "
                                "remove the directory and run `cluster up` to start afresh")
         with socket.socket() as probe:
-            if probe.connect_ex((LOOPBACK, node.port)) == 0:
+            if not node.address and probe.connect_ex((LOOPBACK, node.port)) == 0:
                 raise ClusterError(f"{node.name}: port {node.port} is taken by another program; "
                                    "free it and run `cluster start` again")
         _start(server_bin, node, bool(data.get("general_log")), timeout,
@@ -538,8 +769,8 @@ def _retopology(data: dict[str, Any], primary: Node, nodes: list[Node],
         n.role = role
         data["nodes"][n.name]["role"] = role
         data["nodes"][n.name]["fenced"] = role == "fenced"
-    data["primary"] = _dsn(password, primary.port)
-    data["replicas"] = [_dsn(password, n.port) for n in nodes if n.role == "replica"]
+    data["primary"] = _dsn(password, primary)
+    data["replicas"] = [_dsn(password, n) for n in nodes if n.role == "replica"]
     data["primary_node"] = primary.name
 
 
@@ -553,7 +784,8 @@ def _repoint(node: Node, primary: Node, repl_password: str, own_binlog: bool = F
 def _kill_sessions(c) -> int:
     """Kill every application session (anything but root, replication and system threads)."""
     c.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() "
-              f"AND USER NOT IN ('root', 'system user', 'event_scheduler', '{REPL_USER}', '')")
+              f"AND USER NOT IN ('root', 'system user', 'event_scheduler', '{REPL_USER}', "
+              f"'{ADMIN_USER}', '')")
     killed = 0
     for row in c.fetchall():
         with contextlib.suppress(pymysql.err.MySQLError):
@@ -562,6 +794,7 @@ def _kill_sessions(c) -> int:
     return killed
 
 
+@_controlled
 def cluster_switchover(dir: str | Path, to: str | None = None,
                        timeout: float = 30.0) -> dict[str, Any]:
     """Move the primary role to a replica with the old primary reachable: zero acknowledged
@@ -613,8 +846,13 @@ def cluster_switchover(dir: str | Path, to: str | None = None,
         with contextlib.suppress(Exception):
             old.sql("SET GLOBAL read_only = 0")
         raise
-    # 3. promote it, 4. repoint the others (the old primary included) to it
-    cand.sql("STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0")
+    # 3. promote it (its epoch first, then writable), 4. repoint the others (the old primary
+    # included) to it
+    epoch = _next_epoch(data, nodes)
+    cand.sql("STOP SLAVE", "RESET SLAVE ALL")
+    _write_epoch(cand, epoch)
+    cand.sql("SET GLOBAL read_only = 0")
+    data["epoch"] = epoch
     others = [n for n in nodes if n is not cand and (n is old or n.role == "replica")]
     for n in others:
         if n.reachable():
@@ -626,7 +864,7 @@ def cluster_switchover(dir: str | Path, to: str | None = None,
         if n.reachable():
             _wait_replicating(n, timeout)
     return {"primary": cand.name, "previous": old.name, "position": target,
-            "sessions_killed": killed, "seconds": round(time.monotonic() - t0, 3),
+            "sessions_killed": killed, "seconds": round(time.monotonic() - t0, 3), "epoch": epoch,
             "replicas": [n.name for n in others]}
 
 
@@ -708,6 +946,7 @@ def _apply_relay_log(node: Node, received: str, deadline: float, timeout: float)
         time.sleep(0.05)
 
 
+@_controlled
 def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     """Promote the most advanced replica when the primary is unreachable; the old primary is
     marked fenced. Says how many transactions the old primary has that the new one lacks."""
@@ -732,7 +971,13 @@ def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
         n.sql("STOP SLAVE")
     best = max(live, key=lambda n: (all(covers(_pos(positions[n.name]), _pos(positions[m.name]))
                                         for m in live), sum(_pos(positions[n.name]).values())))
-    best.sql("RESET SLAVE ALL", "SET GLOBAL read_only = 0")
+    # the next epoch before it turns writable: an old primary that comes back writable (its
+    # host was cut off, nobody could fence it) is stale to the app servers from then on
+    epoch = _next_epoch(data, [n for n in nodes if n is not old])
+    best.sql("RESET SLAVE ALL")
+    _write_epoch(best, epoch)
+    best.sql("SET GLOBAL read_only = 0")
+    data["epoch"] = epoch
     repl_password = _repl_password(data, nodes)
     others = [n for n in live if n is not best]
     for n in others:
@@ -746,9 +991,11 @@ def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     lost = None if old_pos is None else _ahead(_pos(old_pos), _pos(positions[best.name]))
     return {"primary": best.name, "previous": old.name, "position": positions[best.name],
             "previous_position": old_pos, "lost": lost, "semisync": bool(data.get("semisync")),
+            "epoch": epoch,
             "seconds": round(time.monotonic() - t0, 3), "replicas": [n.name for n in others]}
 
 
+@_controlled
 def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[str, Any]:
     """Make `name` (an old primary, or any node) a replica of the current primary, refused when
     it has transactions the primary lacks (they would be lost, or break replication)."""
@@ -819,6 +1066,7 @@ def _fence_record(dir: Path, data: dict[str, Any], name: str) -> None:
 # -- down ---------------------------------------------------------------------------------------
 
 
+@_controlled
 def cluster_down(dir: str | Path, timeout: float = 30.0) -> list[str]:
     """Stop every node of the cluster under `dir` by its recorded pid; return what was stopped."""
     dir = Path(dir).resolve()

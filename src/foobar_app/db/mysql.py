@@ -3,11 +3,22 @@
 Rules of this module:
 - every node is an aiomysql pool; every statement is bounded by `query_timeout` (aiomysql has
   none): a statement that overruns is abandoned and its connection closed, never reused; a
-  connection that failed is never handed out again;
+  connection that failed is never handed out again. Every connection is made with
+  SO_LINGER 0, so closing it is a reset: what the kernel still holds for it is dropped, and a
+  statement sent into a cut link and abandoned is not delivered, and run, when the link comes
+  back (aiomysql closes a cancelled connection itself: the option must be there before);
 - roles are discovered, never configured: each node's monitor reads `@@read_only` (and its
   replication status) every `heartbeat_interval`; the one writable node is the primary, the
   others are replicas, so routing follows a switchover or failover without a restart. No
   writable node, or two, means no primary (writes answer 503 until one is fenced);
+- the epoch fence: each check also reads the node's row of the replicated table
+  `cluster_epoch` (the epoch `cluster up`, `switchover` and `failover` write on the primary
+  they make; no table = epoch 0). A writable node whose epoch is lower than the highest epoch
+  seen on any node is `stale` (an old primary back from a cut link, never told): it counts
+  for nothing in the election above and serves neither writes nor reads, logged once, shown
+  in `health()`, until it is read-only again (`cluster rejoin`). So after a failover the new
+  primary keeps the writes when the old one returns; two writable nodes at the same epoch
+  are still no primary (the row's server_id and name are for operators; the epoch decides);
 - each node has its own monitor on its own connection, so a hung node never delays the others'
   checks; a node that has not answered within twice the heartbeat interval is `hung`: it is
   skipped, and every statement or connect in flight on it is cut short at once (reads are then
@@ -33,6 +44,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,6 +92,7 @@ _SCHEMA_MISSING = {
 }
 _DOWN = ("down", "hung")
 
+EPOCH_TABLE = "cluster_epoch"  # written by cluster.py: row id 1 -> epoch, server_id, name
 _PROBE = ("SELECT @@read_only AS ro, @@gtid_slave_pos AS slave_pos, "
           "@@gtid_binlog_pos AS binlog_pos, @@rpl_semi_sync_master_enabled AS ss_enabled, "
           "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
@@ -154,6 +168,25 @@ def cluster_nodes(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
+_LINGER_0 = struct.pack("ii", 1, 0)
+
+
+def _reset_on_close(raw: aiomysql.Connection) -> aiomysql.Connection:
+    """SO_LINGER 0 on the connection's socket (once): its close is then a reset, and the kernel
+    drops what it has not delivered yet. A statement retransmitted into a cut link would
+    otherwise run on the node once the link returns: on an old primary, a write nobody fenced
+    (aiomysql closes a connection cancelled mid-statement itself, gracefully)."""
+    if getattr(raw, "_foobar_linger", False):
+        return raw
+    writer = getattr(raw, "_writer", None)
+    sock = writer.transport.get_extra_info("socket") if writer is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):  # (a transport without one)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+    raw._foobar_linger = True
+    return raw
+
+
 class _Conn:
     """A pooled aiomysql connection with the statement timeout enforced."""
 
@@ -205,7 +238,7 @@ class _Conn:
 
     def _break(self) -> None:
         self.broken = True
-        self.raw.close()  # aiomysql closes the socket at once; the pool drops it on release
+        self.raw.close()  # a reset (SO_LINGER 0); the pool drops it on release
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
         return await self._run(sql, params, False)
@@ -259,6 +292,7 @@ class MysqlNode:
         self.checked_once = False
         self.can_see_status = True  # SHOW SLAVE STATUS needs the SLAVE MONITOR privilege
         self.epoch = 0  # bumped each time the node is found hung or dead
+        self.cluster_epoch = 0  # the epoch in its cluster_epoch row (0: no table)
         self.waits: set[asyncio.Timeout] = set()  # bounded waits in flight (cut short on loss)
         self.monitor: aiomysql.Connection | None = None
         self.probing: asyncio.Future | None = None  # the monitor's check in flight
@@ -282,7 +316,7 @@ class MysqlNode:
 
     def describe(self) -> dict[str, Any]:
         return {"role": self.role, "state": self.status(), "lag": self.lag,
-                "gtid": self.gtid or None, "detail": self.detail}
+                "gtid": self.gtid or None, "detail": self.detail, "epoch": self.cluster_epoch}
 
     @contextlib.asynccontextmanager
     async def guard(self, seconds: float | None):
@@ -316,7 +350,7 @@ class MysqlNode:
                 self.failed(str(e) or "connect timeout")
             raise DatabaseUnavailable(f"{self.name}: cannot connect: {e or self.detail}",
                                       self.role) from None
-        return _Conn(self, raw)
+        return _Conn(self, _reset_on_close(raw))
 
     def release(self, conn: _Conn, broken: bool = False) -> None:
         if broken or conn.broken:
@@ -440,6 +474,7 @@ class MysqlDatabase:
         self._problem = ""  # why there is no primary (logged once per change)
         self._tasks: list[asyncio.Task] = []
         self._beating = False
+        self.epoch_seen = 0  # the highest cluster epoch any node has shown
 
     # -- what the router sees -----------------------------------------------------------------
     @property
@@ -543,6 +578,7 @@ class MysqlDatabase:
                 autocommit=True, charset="utf8mb4",
                 connect_timeout=min(self.options.connect_timeout,
                                     2 * self.options.heartbeat_interval), **node.args)
+            _reset_on_close(node.monitor)
         async with node.monitor.cursor(aiomysql.DictCursor) as c:
             await c.execute(_PROBE)
             info: dict[str, Any] = dict(await c.fetchone())
@@ -557,6 +593,14 @@ class MysqlDatabase:
                     node.can_see_status = False
                     log.warning("%s: cannot read replica status (grant SLAVE MONITOR); "
                                 "lag from the heartbeat only", node.name)
+            info["epoch"] = 0
+            try:
+                await c.execute(f"SELECT epoch FROM {EPOCH_TABLE} WHERE id = 1")
+                row = await c.fetchone()
+                if row:
+                    info["epoch"] = int(row["epoch"])
+            except pymysql.err.ProgrammingError:
+                pass  # no epoch table: a cluster made before it, or not by `cluster up`
             info["lag"] = None
             if info["ro"]:
                 try:
@@ -573,6 +617,16 @@ class MysqlDatabase:
         was_writable = node.read_only is False
         node.read_only = read_only
         node.checked_once = node.checked_once or not read_only
+        node.cluster_epoch = info.get("epoch", 0)
+        if node.cluster_epoch > self.epoch_seen:
+            self.epoch_seen = node.cluster_epoch
+        if not read_only and node.cluster_epoch < self.epoch_seen:
+            node.gtid = info["binlog_pos"] or ""
+            node.position = parse_position(node.gtid) or {}
+            node.semi_sync = None
+            self._fence_stale(node)
+            self._elect()
+            return
         if not read_only:
             node.gtid = info["binlog_pos"] or ""
             node.position = parse_position(node.gtid) or {}
@@ -638,9 +692,25 @@ class MysqlDatabase:
         elif state != old_state and state in ("broken", "lagging") and detail != _NO_BEAT:
             log.warning("replica %s is %s: %s", r.name, state, detail)
 
+    def _fence_stale(self, node: MysqlNode) -> None:
+        """A writable node behind the newest epoch: used for nothing (logged once)."""
+        if node.state != "stale":
+            log.warning("%s is stale: writable at epoch %d but epoch %d exists (an old primary "
+                        "never fenced): no writes or reads go there until `cluster rejoin %s`",
+                        node.name, node.cluster_epoch, self.epoch_seen, node.name)
+        node.state, node.used, node.good, node.lag = "stale", False, 0, None
+        node.detail = (f"stale: writable at epoch {node.cluster_epoch} < {self.epoch_seen}; "
+                       f"takes nothing until `cluster rejoin {node.name}`")
+
     def _elect(self) -> None:
-        """The one writable node that answers is the primary; none or two: no primary."""
-        writable = [n for n in self.nodes if n.read_only is False and n.state not in _DOWN]
+        """The one writable node that answers, at the newest epoch, is the primary; none or
+        two: no primary. A writable node at an older epoch is stale."""
+        for n in self.nodes:
+            if (n.read_only is False and n.state not in _DOWN and n.state != "stale"
+                    and n.cluster_epoch < self.epoch_seen):
+                self._fence_stale(n)
+        writable = [n for n in self.nodes if n.read_only is False and n.state not in _DOWN
+                    and n.state != "stale"]
         old = self._primary
         if len(writable) == 1:
             new, problem = writable[0], ""
@@ -653,7 +723,8 @@ class MysqlDatabase:
         else:
             new, problem = None, "no writable node (every node is read-only or unreachable)"
         for n in self.nodes:
-            n.role = "primary" if (n is new or n in writable) else "replica"
+            n.role = ("primary" if (n is new or n in writable) else
+                      "stale" if n.state == "stale" and n.read_only is False else "replica")
         self._primary = new
         if problem:
             self._none = _NoPrimary(problem)
