@@ -565,6 +565,9 @@ def lab_down(dir: str | Path | None = None, prefix: str | None = None) -> list[s
             lab = _load(Path(dir))
     prefixes = {p for p in (prefix, lab and lab.get("prefix")) if p}
     pids: list[int] = []
+    if lab and lab.get("hosts") and any(ns in _netns_list() for ns in
+                                        (r["netns"] for r in lab["hosts"].values())):
+        _db_down(lab)
     if lab:
         for rec in lab.get("hosts", {}).values():
             pids += [p["pid"] for p in rec.get("procs", {}).values() if _alive(p)]
@@ -593,6 +596,8 @@ def lab_up(dir: str | Path, prefix: str = DEFAULT_PREFIX, subnet: str = DEFAULT_
     preflight()
     d = Path(dir).resolve()
     lab_down(d, prefix)  # a stale lab of our own: same dir or same prefix
+    if _record_path(d).exists() and (d / "db").is_dir():
+        shutil.rmtree(d / "db")  # the stale lab's database: this one starts afresh
     d.mkdir(parents=True, exist_ok=True)
     lay = Layout(prefix, subnet, d)
     hosts = ["ops", "client", "lb1", "lb2", *[f"app{i}" for i in range(1, apps + 1)]]
@@ -643,34 +648,43 @@ def lab_up(dir: str | Path, prefix: str = DEFAULT_PREFIX, subnet: str = DEFAULT_
     return lab_status(d)
 
 
-def _db_up(lab: dict[str, Any]) -> None:
-    lay = _layout(lab)
+def _cluster():
     try:
-        from foobar_app.db.cluster import cluster_up
+        from foobar_app.db import cluster
     except ImportError as e:
         raise LabError(f"the database hosts need foobar_app: {e}") from e
+    return cluster
+
+
+def _db_up(lab: dict[str, Any]) -> None:
+    """db1 the primary, db2 its replica, each mariadbd in its host's namespace on ADDRESS:3306,
+    started by foobar_app's cluster code; its commands reach them from the ops host."""
+    lay = _layout(lab)
+    cluster = _cluster()
     hosts = [{"name": h, "address": lay.addr(h), "netns": lay.ns(h)} for h in lab["hosts"]
              if _kind(h) == "db"]
     try:
-        cluster_up(lay.dir / "db", replicas=len(hosts) - 1, hosts=hosts,
-                   control_netns=lay.ns("ops"))
-    except TypeError as e:
-        raise LabError("this foobar_app's cluster_up takes no hosts yet (use --db sqlite)") from e
+        cluster.cluster_up(lay.dir / "db", hosts=hosts, control_netns=lay.ns("ops"))
+    except cluster.ClusterError as e:
+        raise LabError(f"the database hosts: {e}") from e
 
 
-def _db_roles(lab: dict[str, Any]) -> dict[str, str]:
+def _db_nodes(lab: dict[str, Any]) -> dict[str, Any]:
     if lab.get("db") != "mariadb":
         return {}
     try:
         data = json.loads((Path(lab["dir"]) / "db" / "cluster.json").read_text())
     except (OSError, ValueError):
         return {}
-    roles = {}
-    for node in data.get("nodes", []):
-        name = node.get("name")
-        if name:
-            roles[name] = node.get("role", "replica")
-    return roles
+    return data.get("nodes") or {}
+
+
+def _db_down(lab: dict[str, Any]) -> None:
+    """Stop the MariaDB nodes cleanly (replicas first) while the namespaces are still there."""
+    if lab.get("db") != "mariadb" or not (Path(lab["dir"]) / "db" / "cluster.json").exists():
+        return
+    with contextlib.suppress(Exception):
+        _cluster().cluster_down(Path(lab["dir"]) / "db", timeout=10.0)
 
 
 def lab_status(dir: str | Path) -> dict[str, Any]:
@@ -680,17 +694,20 @@ def lab_status(dir: str | Path) -> dict[str, Any]:
     token = ""
     with contextlib.suppress(OSError):
         token = (d / "admin.token").read_text().strip()
-    db_roles = _db_roles(lab)
+    db_nodes = _db_nodes(lab)
     hosts: dict[str, Any] = {}
     for h, rec in lab.get("hosts", {}).items():
         kind = _kind(h)
         procs = {name: p["pid"] for name, p in rec["procs"].items() if _alive(p)}
+        node = db_nodes.get(h) if kind == "db" else None
+        if node and node.get("pid") and _starttime(node["pid"]) is not None:
+            procs["mariadbd"] = node["pid"]
         entry: dict[str, Any] = {"netns": rec["netns"], "address": rec["address"]}
         if kind == "lb":
             entry["role"] = "master" if _holds_vip(lay, h) else "backup"
             entry["admin"] = f"http://{rec['address']}:{ADMIN_PORT}"
         elif kind == "db":
-            entry["role"] = db_roles.get(h, "replica")
+            entry["role"] = (node or {}).get("role", "unknown")
         else:
             entry["role"] = kind
         entry["pids"] = sorted(procs.values())
@@ -732,6 +749,12 @@ def lab_restart(dir: str | Path, host: str, timeout: float = 30.0) -> list[str]:
     d = Path(dir).resolve()
     lab = _load(d)
     _host(lab, host)
+    if _kind(host) == "db":
+        cluster = _cluster()
+        try:
+            return ["mariadbd"] if host in cluster.cluster_start(d / "db", timeout=timeout) else []
+        except cluster.ClusterError as e:
+            raise LabError(f"{host}: {e}") from e
     started = _start(lab, host, only_dead=True)
     _save(d, lab)
     if "app" in started:
