@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.mariadb, pytest.mark.slow]
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 LOAD = str(Path(__file__).resolve().parent / "lab_load.py")
@@ -44,6 +44,15 @@ def _missing() -> str | None:
     return None
 
 
+def _need_mariadb() -> None:
+    from foobar_app.db import cluster
+
+    try:
+        cluster.find_binaries()
+    except cluster.MariaDBMissing as e:
+        pytest.fail(f"{e} (the README's test command installs it)")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _needs():
     why = _missing()
@@ -51,6 +60,7 @@ def _needs():
         pytest.fail(f"{why} (CI=true: not skipped)")
     if why:
         pytest.skip(why)
+    _need_mariadb()
 
 
 def _env() -> dict[str, str]:
@@ -60,9 +70,7 @@ def _env() -> dict[str, str]:
 
 
 def lab(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    # TODO(peers merge): `python -m foobar_lb lab ...` once cli.py dispatches `lab`
-    return subprocess.run([sys.executable, "-c", "import sys; from foobar_lb.lab import cli_main; "
-                           "sys.exit(cli_main(sys.argv[1:]))", *args],
+    return subprocess.run([sys.executable, "-m", "foobar_lb", "lab", *args],
                           capture_output=True, text=True, timeout=timeout, env=_env())
 
 
@@ -165,6 +173,14 @@ class Load:
         return json.loads(out.strip().splitlines()[-1])
 
 
+def _tcp_open(the_lab: Lab, host: str, address: str, port: int) -> bool:
+    code = (f"import socket; s = socket.socket(); s.settimeout(0.5); "
+            f"print(s.connect_ex(({address!r}, {port})))")
+    p = subprocess.run(["ip", "netns", "exec", the_lab.ns(host), sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=10)
+    return p.stdout.strip() == "0"
+
+
 def _failures_between(report: dict, t0: float, t1: float) -> list:
     return [f for f in report["failures"] if t0 <= f[0] <= t1]
 
@@ -179,7 +195,7 @@ def _say(what: str, report: dict, **figures) -> None:
 def the_lab(tmp_path_factory, _needs):
     dir = tmp_path_factory.mktemp("lab") / "lab"
     before_links = _root_links()
-    p = lab("up", "--dir", str(dir), "--prefix", PREFIX, "--db", "sqlite", "--json")
+    p = lab("up", "--dir", str(dir), "--prefix", PREFIX, "--json")
     try:
         assert p.returncode == 0, p.stderr
         yield Lab(dir, json.loads(p.stdout))
@@ -227,12 +243,16 @@ def test_status_json_names_every_host_its_address_role_and_processes(the_lab):
         "lb2": (f"{PREFIX}-lb2", "10.213.0.12", "backup"),
         "app1": (f"{PREFIX}-app1", "10.213.0.21", "app"),
         "app2": (f"{PREFIX}-app2", "10.213.0.22", "app"),
+        "db1": (f"{PREFIX}-db1", "10.213.0.31", "primary"),
+        "db2": (f"{PREFIX}-db2", "10.213.0.32", "replica"),
     }
     for h in ("lb1", "lb2"):
         assert sorted(hosts[h]["procs"]) == ["keepalived", "lb"]
         assert hosts[h]["admin"] == f"http://10.213.0.1{h[-1]}:8404"
     for h in ("app1", "app2"):
         assert sorted(hosts[h]["procs"]) == ["app"]
+    for h in ("db1", "db2"):
+        assert sorted(hosts[h]["procs"]) == ["mariadbd"]
     for e in hosts.values():
         assert e["pids"] == sorted(e["procs"].values())
         assert all(_alive(pid) for pid in e["pids"])
@@ -245,6 +265,7 @@ def test_generated_configurations_are_valid_and_the_token_is_private(the_lab):
                        capture_output=True, text=True, env=_env())
     assert (p.returncode, p.stdout.strip()) == (0, f"{d / 'lb.toml'}: ok (1 frontends, 1 backends, "
                                                    "2 servers)")
+    assert json.loads((d / "db" / "cluster.json").read_text())["control_netns"] == f"{PREFIX}-ops"
     for h in ("lb1", "lb2"):
         p = subprocess.run(["keepalived", "--config-test", "-f", str(d / h / "keepalived.conf")],
                            capture_output=True, text=True)
@@ -279,7 +300,11 @@ def test_the_site_answers_through_the_vip_and_the_firewall_closes_the_rest(the_l
         assert the_lab.curl(host, "http://10.213.0.21:8081/health", timeout=0.5)[0] == 0
     # a load balancer's other ports: closed to the client
     assert the_lab.curl("client", "http://10.213.0.11:22/", timeout=0.5)[0] == 0
-    # TODO(dbhosts merge): 3306 on db1/db2 unreachable from the client, reachable from app1
+    # the databases: from the app hosts yes, from the client no
+    for db in ("10.213.0.31", "10.213.0.32"):
+        assert _tcp_open(the_lab, "app1", db, 3306)
+        assert not _tcp_open(the_lab, "client", db, 3306)
+        assert not _tcp_open(the_lab, "lb1", db, 3306)
 
 
 def test_master_process_killed_the_backup_takes_over_within_3s_and_lb1_takes_it_back(the_lab):
@@ -373,11 +398,126 @@ def test_an_app_host_cut_off_under_load(the_lab):
     assert report["servers"]["app2"] > 0
 
 
+def _admin(the_lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    """`admin --peers` from the ops host, the token in the environment (no command line)."""
+    env = _env()
+    env["FOOBAR_ADMIN_TOKEN"] = the_lab.st["admin_token"]
+    peers = ",".join(the_lab.st["admin_urls"])
+    return subprocess.run([sys.executable, "-m", "foobar_lb", "lab", "exec", "--dir", str(the_lab.dir),
+                           "ops", "--", sys.executable, "-m", "foobar_lb", "admin", "--peers", peers,
+                           *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_a_third_app_host_added_with_admin_peers_under_load_fails_nothing(the_lab):
+    load = the_lab.load(60)
+    time.sleep(0.5)
+    p = lab("add-app", "--dir", str(the_lab.dir))
+    assert p.returncode == 0, p.stderr
+    added = json.loads(p.stdout)
+    assert {k: added[k] for k in ("name", "netns", "address", "role", "server")} == {
+        "name": "app3", "netns": f"{PREFIX}-app3", "address": "10.213.0.23", "role": "app",
+        "server": "10.213.0.23:8081"}
+    p = _admin(the_lab, "add", "app", "app3", "10.213.0.23:8081")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        f"{url}: added app/app3 10.213.0.23:8081: state down, admin ready, weight 1 (added at run time)"
+        for url in the_lab.st["admin_urls"]]
+    t0 = time.monotonic()
+    while the_lab.curl("client", the_lab.st["url"])[1].count("X-Served-By: app3") == 0:
+        assert time.monotonic() - t0 < 5.0, "app3 took no request within 5 s"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    report = load.stop()
+    _say("app3 added to both load balancers", report, servers=report["servers"])
+    assert report["failed"] == 0
+    assert report["servers"].get("app3", 0) > 0
+    # both load balancers have it (the backup too, ready for a takeover)
+    p = _admin(the_lab, "servers", "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count('"name": "app3"') == 2
+
+
+def test_admin_peers_with_one_peer_cut_off_exits_1_naming_it(the_lab):
+    assert lab("link", "--dir", str(the_lab.dir), "lb2", "down").returncode == 0
+    try:
+        p = _admin(the_lab, "--timeout", "1", "servers")
+        assert p.returncode == 1
+        lb2 = the_lab.st["admin_urls"][1]
+        assert p.stderr == (f"foobar-lb: error: {lb2}: cannot reach the admin listener: no connection "
+                            "within 1s\n")
+        assert p.stdout.startswith(f"== {the_lab.st['admin_urls'][0]}\n")
+    finally:
+        assert lab("link", "--dir", str(the_lab.dir), "lb2", "up").returncode == 0
+    assert the_lab.holds_vip("lb1")
+
+
+def _post(the_lab: Lab, name: str) -> tuple[int, dict, str]:
+    code, out = the_lab.curl("client", the_lab.st["url"] + "items", "-X", "POST", "-H",
+                             "Content-Type: application/json", "-d", json.dumps({"name": name}),
+                             timeout=8.0)
+    head, _, body = out.partition("\n\n")  # text mode: curl's CRLF read as LF
+    role = next((line.split(": ")[1].strip() for line in head.splitlines()
+                 if line.lower().startswith("x-db-role:")), "")
+    return code, json.loads(body) if body.startswith("{") else {}, role
+
+
+def _cluster(the_lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "foobar_app", "cluster", *args, "--dir",
+                           str(the_lab.dir / "db")], capture_output=True, text=True, timeout=60,
+                          env=_env())
+
+
+def test_the_primarys_host_cut_off_writes_503_reads_go_on_failover_and_rejoin(the_lab):
+    from foobar_app.db import cluster
+
+    code, item, role = _post(the_lab, "before")
+    assert (code, role) == (201, "primary")
+    db = the_lab.dir / "db"
+    assert lab("link", "--dir", str(the_lab.dir), "db1", "down").returncode == 0
+    t0 = time.monotonic()
+    while True:  # the first write may wait for the cut connection: 503, committed unknown
+        code, body, _ = _post(the_lab, "during")
+        assert code == 503 and body["error"]["code"] == "primary_unavailable", (code, body)
+        if body["error"]["committed"] is False:
+            break
+        assert time.monotonic() - t0 < 10.0
+    assert body["error"]["code"] == "primary_unavailable"
+    code, out = the_lab.curl("client", the_lab.st["url"] + f"items/{item['id']}")
+    assert code == 200 and "X-DB-Role: replica" in out and '"name": "before"' in out
+    p = _cluster(the_lab, "failover")
+    assert p.returncode == 0, p.stderr
+    assert "db2 is the primary" in p.stdout
+    t0 = time.monotonic()
+    while (got := _post(the_lab, "after"))[0] != 201:
+        assert time.monotonic() - t0 < 10.0, got
+        time.sleep(0.2)
+    assert got[2] == "primary"
+    assert the_lab.status()["hosts"]["db1"]["role"] == "fenced"
+    assert the_lab.st["hosts"]["db2"]["role"] == "primary"
+    # db1's cable back: still writable (nobody could tell it), but stale: it takes no writes
+    assert lab("link", "--dir", str(the_lab.dir), "db1", "up").returncode == 0
+    time.sleep(2.0)
+    before = {r["node"]: r for r in cluster.cluster_status(db)}
+    assert before["db1"].get("stale") is True and before["db1"]["read_only"] is False
+    for i in range(5):
+        assert _post(the_lab, f"back {i}")[:3:2] == (201, "primary")
+    after = {r["node"]: r for r in cluster.cluster_status(db)}
+    assert after["db1"]["gtid"] == before["db1"]["gtid"]  # not one write reached it
+    assert after["db2"]["gtid"] != before["db2"]["gtid"]
+    p = _cluster(the_lab, "rejoin", "db1")
+    assert p.returncode == 0, p.stderr
+    st = the_lab.status()["hosts"]
+    assert (st["db1"]["role"], st["db2"]["role"]) == ("replica", "primary")
+    rows = {r["node"]: r for r in cluster.cluster_status(db)}
+    assert rows["db1"]["read_only"] is True and not rows["db1"].get("stale")
+
+
 def test_down_leaves_no_namespace_process_or_interface(the_lab):
-    pids = [pid for e in the_lab.status()["hosts"].values() for pid in e["pids"]]
-    assert len(pids) == 6
+    hosts = the_lab.status()["hosts"]
+    pids = [pid for e in hosts.values() for pid in e["pids"]]
+    assert len(pids) == 2 * 2 + len([h for h in hosts if h.startswith(("app", "db"))])
     p = lab("down", "--dir", str(the_lab.dir))
-    assert (p.returncode, p.stdout) == (0, "lab down: 7 namespaces deleted\n"), p.stderr
+    assert (p.returncode, p.stdout) == (0, f"lab down: {len(hosts) + 1} namespaces deleted\n"), p.stderr
     assert _namespaces(PREFIX) == []
     assert [pid for pid in pids if _alive(pid)] == []
     assert _processes_mentioning(str(the_lab.dir)) == []
