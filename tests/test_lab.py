@@ -523,3 +523,39 @@ def test_down_leaves_no_namespace_process_or_interface(the_lab):
     assert _processes_mentioning(str(the_lab.dir)) == []
     assert not [name for name in _root_links() if name.startswith(("v-", "eth0@"))]
     assert lab("down", "--dir", str(the_lab.dir)).stdout == "lab down: 0 namespaces deleted\n"
+
+
+def test_nopreempt_a_recovered_lb1_leaves_the_address_where_it_is(tmp_path):
+    """A lab of its own (after the shared one is down; SQLite app hosts, no db hosts: quicker):
+    with `up --nopreempt` lb1 comes back as the backup, so its return costs no request."""
+    dir, prefix = tmp_path / "lab", PREFIX + "n"
+    p = lab("up", "--dir", str(dir), "--prefix", prefix, "--db", "sqlite", "--nopreempt", "--json")
+    try:
+        assert p.returncode == 0, p.stderr
+        the_lab = Lab(dir, json.loads(p.stdout))
+        for h in ("lb1", "lb2"):
+            conf = (dir / h / "keepalived.conf").read_text()
+            assert "    state BACKUP\n" in conf and "    nopreempt " in conf
+        assert the_lab.holds_vip("lb1") and not the_lab.holds_vip("lb2")
+        load = the_lab.load(60)
+        time.sleep(0.5)
+        os.kill(the_lab.st["hosts"]["lb1"]["procs"]["lb"], signal.SIGKILL)
+        took = the_lab.wait_vip("lb2", 5.0)
+        time.sleep(LOAD_TIMEOUT)
+        restarted = time.time()
+        p = lab("restart", "--dir", str(dir), "lb1")
+        assert (p.returncode, p.stdout) == (0, "lb1: started lb\n"), p.stderr
+        time.sleep(8.0)  # longer than a preempting take-back (rise 2, 3 adverts, skew: ~5 s)
+        report = load.stop()
+        _say("nopreempt: lb1 SIGKILLed and restarted", report, takeover=took,
+             failed_after_restart=len(_failures_between(report, restarted, time.time())))
+        assert took <= 3.0
+        assert the_lab.holds_vip("lb2") and not the_lab.holds_vip("lb1")
+        st = the_lab.status()["hosts"]
+        assert (st["lb1"]["role"], st["lb2"]["role"]) == ("backup", "master")
+        assert _failures_between(report, restarted, time.time()) == []
+    finally:
+        down = lab("down", "--dir", str(dir))
+        assert down.returncode == 0, down.stderr
+        assert _namespaces(prefix) == []
+        assert _processes_mentioning(str(dir)) == []
