@@ -273,7 +273,7 @@ timeout = "400ms"
 def keepalived_conf(lay: Layout, host: str, header_file: Path, nopreempt: bool) -> str:
     master = host == "lb1" and not nopreempt
     state = "MASTER" if master else "BACKUP"
-    preempt = ("    nopreempt                    # a recovered node does not take the address back\n"
+    preempt = ("    nopreempt                        # a recovered node does not take the address back\n"
                if nopreempt else "")
     return f"""\
 # keepalived configuration of {host} (written by `lab up`; the two differ in state and priority).
@@ -296,11 +296,11 @@ vrrp_script foobar_ready {{
 }}
 
 vrrp_instance foobar {{
-    state {state}
-    interface eth0
-    virtual_router_id {VRID}
-    priority {PRIORITY[host]}
-    advert_int {ADVERT_INT}                      # the backup takes over after 3 missed adverts plus a skew
+    state {state:<26} # {"lb1 starts as the master" if master else "starts as a backup"}
+    interface eth0                   # VRRP adverts (224.0.0.18, IP protocol 112) go out here
+    virtual_router_id {VRID:<14} # the same on both, unique on the network
+    priority {PRIORITY[host]:<23} # lb1 150, lb2 100: the highest ready node holds the address
+    advert_int {ADVERT_INT}                     # the backup takes over after 3 missed adverts plus a skew
 {preempt}    garp_master_delay 1              # gratuitous ARP again 1 s after becoming master
     garp_master_repeat 3             # 3 gratuitous ARPs at a time
     garp_lower_prio_repeat 3         # and when a master hears a lower-priority advert
