@@ -535,7 +535,7 @@ def test_nopreempt_a_recovered_lb1_leaves_the_address_where_it_is(tmp_path):
         the_lab = Lab(dir, json.loads(p.stdout))
         for h in ("lb1", "lb2"):
             conf = (dir / h / "keepalived.conf").read_text()
-            assert "    state BACKUP\n" in conf and "    nopreempt " in conf
+            assert "    state BACKUP " in conf and "    nopreempt " in conf
         assert the_lab.holds_vip("lb1") and not the_lab.holds_vip("lb2")
         load = the_lab.load(60)
         time.sleep(0.5)
