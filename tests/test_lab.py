@@ -69,9 +69,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def lab(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def lab(*args: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "foobar_lb", "lab", *args],
-                          capture_output=True, text=True, timeout=timeout, env=_env())
+                          capture_output=True, text=True, timeout=timeout, env=env or _env())
 
 
 def _namespaces(prefix: str) -> list[str]:
@@ -220,6 +220,16 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
                                            "used), like 10.213.0.0/24\n")
     p = lab("up", "--dir", str(tmp_path / "x"), "--prefix", "Bad-Prefix")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--prefix 'Bad-Prefix'" in p.stderr
+    assert not (tmp_path / "x").exists()
+    # a machine without keepalived: one line naming the package
+    bin = tmp_path / "bin"
+    bin.mkdir()
+    for prog in ("ip", "nft"):
+        (bin / prog).symlink_to(shutil.which(prog))
+    env = {**_env(), "PATH": f"{bin}:/usr/bin:/bin"}
+    p = lab("up", "--dir", str(tmp_path / "x"), env=env)
+    assert (p.returncode, p.stderr) == (2, "foobar-lb lab: error: the lab needs keepalived (package "
+                                           "keepalived)\n")
     assert not (tmp_path / "x").exists()
 
 
