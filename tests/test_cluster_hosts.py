@@ -12,6 +12,7 @@ a missing `ip netns` fails).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -27,9 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pymysql
 import pytest
 
+import dbstack
 import foobar_app
 from foobar_app.db import cluster as cluster_mod
 from foobar_app.db.cluster import cluster_down, cluster_up, entered
@@ -208,6 +211,8 @@ def lab(tmp_path):
             if (d / "cluster.json").exists():
                 cluster_down(d)
         topo.down()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert topo.prefix not in left, f"namespaces left behind: {left}"
 
 
 @pytest.mark.netns
@@ -290,6 +295,10 @@ def test_failover_across_hosts_and_the_returning_old_primary_takes_no_writes(lab
             status, _, headers = app.request("GET", f"/items/{item['id']}")
             assert status == 200
         assert admin_sql(data, topo, "db1", "SELECT @@gtid_binlog_pos AS g")[0]["g"] == before
+        # the writes sent into the cut link were abandoned with a reset: none ran when it came back
+        for name in ("db1", "db2"):
+            assert admin_sql(data, topo, name, "SELECT COUNT(*) AS n FROM foobar.items "
+                                               "WHERE name = 'during-cut'") == [{"n": 0}]
         quoted = ", ".join(f"'{n}'" for n in names)
         assert admin_sql(data, topo, "db1", f"SELECT COUNT(*) AS n FROM foobar.items "
                                             f"WHERE name IN ({quoted})") == [{"n": 0}]
@@ -317,6 +326,27 @@ def test_failover_across_hosts_and_the_returning_old_primary_takes_no_writes(lab
         assert admin_sql(data, topo, "db1", "SELECT @@read_only AS ro") == [{"ro": 1}]
         assert admin_sql(data, topo, "db1", "SELECT epoch FROM foobar.cluster_epoch") == \
             [{"epoch": 2}]
+
+        # switchover back (from the root namespace): epoch 3 on db1, the app follows
+        r = cli("switchover", "--dir", str(d), "--to", "db1")
+        assert r.returncode == 0 and "db1 is the primary" in r.stdout, r.stderr
+        status, back, headers = until(lambda: (w := app.write("after-switchover"))[0] == 201 and w,
+                                      10, "writes taken by db1 again")
+        assert admin_sql(data, topo, "db1", f"SELECT name FROM foobar.items WHERE id = "
+                                            f"{int(back['id'])}") == [{"name": "after-switchover"}]
+        assert admin_sql(data, topo, "db2", "SELECT epoch, name FROM foobar.cluster_epoch") == \
+            [{"epoch": 3, "name": "db1"}]
+        # down and start again, from the root namespace: the same nodes in their namespaces
+        app.stop()
+        assert cli("down", "--dir", str(d)).stdout.strip() == "foobar-app: stopped db2, db1"
+        r = cli("start", "--dir", str(d))
+        assert r.returncode == 0 and r.stdout.strip() == "foobar-app: started db1, db2", r.stderr
+        lines = cli("status", "--dir", str(d)).stdout.splitlines()
+        assert re.match(r"db1 +primary +10\.214\.9\.31:3306 .* running, writable, read_only=0, "
+                        r"gtid \S+, epoch 3$", lines[0]), lines
+        assert re.match(r"db2 +replica +10\.214\.9\.32:3306 .* running, replicating, read_only=1, "
+                        r"gtid \S+, epoch 3, from 10\.214\.9\.31:3306, IO thread Yes, SQL thread Yes",
+                        lines[1]), lines
         print(f"whole scenario: {time.monotonic() - t0:.1f}s")
     finally:
         app.stop()
@@ -332,8 +362,76 @@ def test_host_flags_are_checked_one_line_exit_2(tmp_path):
          "network namespace 'fbdbh-no-such-ns' not found"),
         (["--host", "db1=10.0.0.1", "--control-netns", "fbdbh-no-such-ns"],
          "network namespace 'fbdbh-no-such-ns' not found"),
+        (["--host", "db1=10.0.0.1:0"], "hosts[0].port 0 (db1): expected 1-65535"),
     ):
         r = cli("up", "--dir", str(tmp_path / "c"), *args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
         assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.mariadb
+@pytest.mark.slow
+async def test_a_frozen_old_primary_thawed_after_failover_is_stale_on_loopback(tmp_path):
+    """The epoch fence without namespaces: the primary frozen (SIGSTOP) is unreachable,
+    `failover` promotes the replica; thawed, the old primary is still writable at epoch 1, and
+    the app writes to the new primary only."""
+    with dbstack.own_cluster(tmp_path) as data:
+        pid = data["nodes"]["primary"]["pid"]
+        try:
+            async with dbstack.app_servers(data, tmp_path, "--heartbeat-interval", "250ms",
+                                           count=1) as (server,), \
+                    aiohttp.ClientSession() as session:
+
+                async def write(name: str) -> int:
+                    async with session.post(f"{server.url}/items", json={"name": name}) as r:
+                        return r.status
+
+                async def health() -> dict:
+                    async with session.get(f"{server.url}/health") as r:
+                        return await r.json()
+
+                assert await write("before") == 201
+                dbstack.freeze(pid)
+                seen: list[int] = []
+
+                async def refused() -> bool:
+                    seen.append(await write("frozen"))
+                    return seen[-1] == 503
+                await _async_until(refused, 10, "writes 503 with the primary frozen")
+                r = dbstack.cli("failover", "--dir", str(data["dir"]))
+                assert r.returncode == 0 and "replica-1 is the primary" in r.stdout, r.stderr
+                await _async_until(lambda: write("moved"), 10, "writes on replica-1", want=201)
+                dbstack.thaw(pid)
+                await _async_until(lambda: _state(health, "primary"), 10, "primary stale",
+                                   want="stale")
+                h = await health()
+                assert h["nodes"]["primary"]["role"] == "stale" and h["primary"] == "up"
+                assert h["nodes"]["replica-1"]["role"] == "primary"
+                assert h["nodes"]["primary"]["detail"] == (
+                    "stale: writable at epoch 1 < 2; takes nothing until `cluster rejoin primary`")
+                names = [f"thawed-{i}" for i in range(10)]
+                for name in names:
+                    assert await write(name) == 201
+                quoted = ", ".join(f"'{n}'" for n in names)
+                assert dbstack.sql(data, "primary", "SELECT @@read_only AS ro") == [{"ro": 0}]
+                assert dbstack.count_items(data, "primary", f"name IN ({quoted})") == 0
+                assert dbstack.count_items(data, "replica-1", f"name IN ({quoted})") == 10
+                status = dbstack.cli("status", "--dir", str(data["dir"])).stdout
+                assert re.search(r"^primary +fenced .* running, stale \(writable at epoch 1 < 2",
+                                 status, re.M), status
+        finally:
+            dbstack.thaw(pid)
+
+
+async def _state(health: Callable, node: str) -> str:
+    return (await health())["nodes"][node]["state"]
+
+
+async def _async_until(probe: Callable, timeout: float, what: str, want: Any = True) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await probe()) != want:
+        if loop.time() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        await asyncio.sleep(0.05)

@@ -225,6 +225,8 @@ REEXEC_ENV = "FOOBAR_CLUSTER_IN_NETNS"
 def _reexec(c, args: argparse.Namespace, argv: list[str]) -> int | None:
     """Run this command again inside the cluster's control namespace when not there (its exit
     status), or None to run it here."""
+    if args.action == "down":  # by pid: no network needed, and its namespace may be gone
+        return None
     netns = args.control_netns if args.action == "up" else c.control_netns_of(args.dir)
     if not netns:
         return None

@@ -23,7 +23,8 @@ Rules of this module:
   still reach across a cut link; a node's liveness is still its recorded pid;
 - with `control_netns` every command runs its connections from that namespace (the calling
   thread enters it with setns(2) for the command and leaves it after; the CLI re-executes
-  itself there), so the commands work from the root namespace too;
+  itself there), so the commands work from the root namespace too; `down` needs no network
+  (it stops nodes by pid) and runs anywhere, even once the namespaces are gone;
 - every node writes a binary log (`log_slave_updates`), so any replica can be promoted; each
   replica replicates with `MASTER_USE_GTID=slave_pos` and runs `read_only=1`, and is verified
   replicating before a command returns; `--semisync` turns on semi-synchronous replication on
@@ -31,8 +32,10 @@ Rules of this module:
 - the application user has privileges on its database (and SLAVE MONITOR, to read replica
   status) but neither SUPER nor READ_ONLY ADMIN, so `read_only` binds it on every non-primary;
 - DIR/cluster.json is the one record of the topology: {"primary": DSN, "replicas": [DSN, ...],
-  "nodes": {name: {"role": "primary" | "replica" | "fenced", "port", "pid", ...}}}; every
-  command that changes roles rewrites it (atomically) after the change is made;
+  "nodes": {name: {"role": "primary" | "replica" | "fenced", "port", "pid", "address",
+  "netns", ...}}, "epoch": N, and across hosts "admin_user", "admin_password",
+  "control_netns"}; every command that changes roles rewrites it (atomically, mode 0600) after
+  the change is made;
 - no split brain: `switchover` fences the old primary (read_only=1, application sessions
   killed) before it promotes anyone; `failover` (the primary unreachable) marks the old one
   `fenced`, and `start` keeps a fenced node read-only, not replicating, until `rejoin` checks
@@ -366,8 +369,9 @@ def cluster_up(dir: str | Path, replicas: int = 1, general_log: bool = False,
     dir = Path(dir).resolve()
     if hosts is not None:
         hosts = check_hosts(hosts, control_netns)
-    elif control_netns:
-        netns_inode(control_netns)
+    elif control_netns and not (dir / "cluster.json").exists():
+        raise ClusterError(f"control_netns {control_netns!r}: only with hosts (nodes on "
+                           "127.0.0.1 are reached from where the command runs)")
     with entered(control_netns or control_netns_of(dir)):
         return _up(dir, replicas, general_log, semisync, timeout, hosts, control_netns)
 
@@ -984,6 +988,10 @@ def cluster_failover(dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
         _repoint(n, best, repl_password)
     _retopology(data, best, nodes, fenced=(old.name, *(n.name for n in nodes
                                                         if n.role == "fenced")))
+    # where the new primary's history left the old one's: what the old primary has past it is
+    # errant (the new primary's own transactions, its epoch first, raise the sequence numbers,
+    # so comparing with its position today would hide them)
+    data["nodes"][old.name]["fork"] = positions[best.name]
     _save(dir, data)
     for n in others:
         _wait_replicating(n, timeout)
@@ -1025,7 +1033,8 @@ def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[st
         c.execute("SELECT @@gtid_binlog_pos AS b, @@gtid_current_pos AS cur")
         mine = c.fetchone()
     theirs = primary.sql("SELECT @@gtid_binlog_pos AS b")[0]["b"]
-    extra = _ahead(_pos(mine["b"]), _pos(theirs))
+    fork = data["nodes"][name].get("fork")  # (an old primary fenced by failover)
+    extra = _ahead(_pos(mine["b"]), _pos(theirs if fork is None else fork))
     if extra:
         _fence_record(dir, data, name)
         raise ClusterError(f"rejoin refused: {name} has {extra} transaction(s) the primary "
@@ -1051,6 +1060,7 @@ def cluster_rejoin(dir: str | Path, name: str, timeout: float = 30.0) -> dict[st
             raise ClusterError(f"{name}: not caught up with {primary.name} after {timeout:g}s")
         time.sleep(0.05)
     node.role = "replica"
+    data["nodes"][name].pop("fork", None)
     _retopology(data, primary, nodes, fenced=tuple(n.name for n in nodes
                                                     if n.role == "fenced" and n is not node))
     _save(dir, data)
@@ -1066,7 +1076,6 @@ def _fence_record(dir: Path, data: dict[str, Any], name: str) -> None:
 # -- down ---------------------------------------------------------------------------------------
 
 
-@_controlled
 def cluster_down(dir: str | Path, timeout: float = 30.0) -> list[str]:
     """Stop every node of the cluster under `dir` by its recorded pid; return what was stopped."""
     dir = Path(dir).resolve()
