@@ -4,8 +4,8 @@
 #     server-speaks-first TCP peer, and the primary and replicas), haproxy and wrk (the
 #     benchmark runner, which the suite runs once with --quick), openssl (its throwaway
 #     certificate for the HTTPS scenario), chromium (headless: renders the stats page; with a
-#     font, as recommends are not installed), keepalived, nftables and iproute2 (the lab: two
-#     load balancers on a VRRP address, hosts in network namespaces)
+#     font, as recommends are not installed), keepalived, nftables, iproute2 and curl (the lab:
+#     hosts in network namespaces, two load balancers on a VRRP address; tests/test_lab.py)
 #   - the project itself with its test extras, into the current Python
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
@@ -23,7 +23,7 @@ have chromium || missing+=(chromium fonts-dejavu-core)
 have keepalived || missing+=(keepalived)
 have nft || missing+=(nftables)
 have ip || missing+=(iproute2)
-have curl || missing+=(curl)
+[ -x /usr/bin/curl ] || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing system packages: ${missing[*]}"
   sudo=""
