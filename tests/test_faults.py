@@ -302,6 +302,35 @@ async def test_a_post_whose_answer_is_lost_is_504_and_delivered_once(tmp_path):
             no_traceback(lb)
 
 
+async def test_retry_on_timeout_sends_an_unanswered_get_to_another_server_never_a_post(tmp_path):
+    """`retry_on_timeout = true` (HAProxy's `retry-on response-timeout`): a GET whose server
+    says nothing for timeout.server goes to the other server (200 from b, after about 1 s); a
+    POST is still 504 and delivered once (it may have run); without the key a GET is 504 (the
+    test above). `first` sends every new request to a first."""
+    async with ScriptedServer("a") as a, ScriptedServer("b") as b, \
+            FaultProxy(a.address, half_open=True) as pa:
+        port = free_port()
+        cfg = config(port, [{"name": "a", "address": pa.address},
+                            {"name": "b", "address": b.address}],
+                     balance="first", timeout={"server": "1s"}, retry_on_timeout=True)
+        async with LbProcess(tmp_path, cfg) as lb:
+            t0 = time.monotonic()
+            raw = await raw_exchange(LOOPBACK, port, get("/page", close=True))
+            took = time.monotonic() - t0
+            (resp,) = parse_responses(raw)
+            assert resp.status == 200 and resp.header("x-server") == "b"
+            assert 0.9 <= took < 3.0
+            assert [r.url for r in a.requests] == ["/page"]  # it reached a, which never answered
+            assert [r.url for r in b.requests] == ["/page"]
+            raw = await raw_exchange(LOOPBACK, port, b"POST /pay HTTP/1.1\r\nHost: x\r\n"
+                                                     b"Content-Length: 5\r\n\r\nhello")
+            (resp,) = parse_responses(raw)
+            assert resp.status == 504
+            assert [(r.url, r.body) for r in a.requests] == [("/page", b""), ("/pay", b"hello")]
+            assert [r.url for r in b.requests] == ["/page"]
+            no_traceback(lb)
+
+
 # -- slower than the client's patience ------------------------------------------------------------
 
 

@@ -386,27 +386,22 @@ def test_master_link_cut_the_backup_takes_over_within_4s_and_lb1_takes_it_back(t
 
 def test_an_app_host_cut_off_under_load(the_lab):
     """A pulled cable black-holes the app host: new connections to it time out after
-    timeout.connect (300 ms) and are retried on app2, so no request that had not reached app1
-    fails. A GET that reached app1 between the cut and app1 being marked down (in flight, or sent
-    on a pooled connection) gets no answer and is not replayed after timeout.server (5 s): it
-    gets 504, as with HAProxy's default `retry-on`. So the only failures are such 504s, 5 s after
-    they were sent, at most one a client (a client waits 5 s on it: app1 is down long before).
-    The load's clients wait up to 8 s here, to see the load balancer's answer."""
+    timeout.connect (300 ms) and are retried on app2. A GET that reached app1 between the cut
+    and app1 being marked down (in flight, or sent on a pooled connection) gets no answer: the
+    lab's backend has `retry_on_timeout`, so after timeout.server (5 s) it goes to app2 too. No
+    GET fails; those few are late (about 5 s, at most one a client). The load's clients wait up
+    to 8 s here, to see the load balancer's answer."""
     load = the_lab.load(60, timeout=8.0)
     time.sleep(1.0)
-    cut = time.time()
     assert lab("link", "--dir", str(the_lab.dir), "app1", "down").returncode == 0
     time.sleep(6.0)
     assert lab("link", "--dir", str(the_lab.dir), "app1", "up").returncode == 0
     time.sleep(1.5)
     report = load.stop()
-    _say("app1's cable pulled", report, failed_504=report["kinds"].get("status 504", 0))
-    assert set(report["kinds"]) <= {"status 504"}
-    assert report["failed"] <= CONCURRENCY
-    for t, _ in report["failures"]:
-        assert cut + 5.0 - 0.05 <= t <= cut + 5.0 + 2.5  # marked down within 2.5 s of the cut
+    _say("app1's cable pulled", report)
+    assert report["failed"] == 0, report["kinds"]
+    assert report["ok"] > 0 and report["servers"]["app2"] > 0
     assert report["longest_gap"] < 1.0
-    assert report["servers"]["app2"] > 0
 
 
 def _admin(the_lab: Lab, *args: str) -> subprocess.CompletedProcess:

@@ -262,6 +262,9 @@ class BackendConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retries: int = 3
     redispatch: bool = True
+    # an idempotent request with no answer within timeout.server goes again (HAProxy's
+    # `retry-on response-timeout`); off by default: a slow, costly request would run everywhere
+    retry_on_timeout: bool = False
     request_headers: HeaderRules = field(default_factory=HeaderRules)
     response_headers: HeaderRules = field(default_factory=HeaderRules)
     observe: str = "none"  # passive observation: "none", "layer4" or "layer7"
@@ -934,7 +937,7 @@ def _rate_limit(value: Any, path: str) -> RateLimit:
 def _backend(name: str, value: Any, path: str, d: _Defaults,
              algos: tuple[str, ...]) -> BackendConfig:
     t = _Table(value, path, ("servers", "mode", "balance", "timeout", "retries", "redispatch",
-                             "request_headers", "response_headers", "check", "observe",
+                             "retry_on_timeout", "request_headers", "response_headers", "check", "observe",
                              "error_limit", "allbackups", "maxqueue", "http_reuse", "pool_max_idle",
                              "pool_idle_timeout", "tls"))
     be_tls = t.get("tls", _server_tls, None)
@@ -968,6 +971,7 @@ def _backend(name: str, value: Any, path: str, d: _Defaults,
                        d.timeouts),
         retries=t.get("retries", _int(0, 100), d.retries),
         redispatch=t.get("redispatch", _bool, d.redispatch),
+        retry_on_timeout=t.get("retry_on_timeout", _bool, False),
         request_headers=t.get("request_headers", _header_rules, HeaderRules()),
         response_headers=t.get("response_headers", _header_rules, HeaderRules()),
     )

@@ -252,6 +252,8 @@ default_backend = "app"
 balance = "roundrobin"
 retries = 3
 redispatch = true            # a failed attempt goes to the other app host
+retry_on_timeout = true      # an idempotent request unanswered within timeout.server (5 s) too:
+                             # one sent to a host whose cable was just cut goes to the other
 servers = [
 {servers},
 ]

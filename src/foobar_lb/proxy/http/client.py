@@ -821,6 +821,11 @@ class HttpSession(ClientSide):
             self._abort()  # part of the response went out: the client must see it broke
             return
         if timeout:  # no response head within timeout.server (part of one may have come)
+            if (be.cfg.retry_on_timeout and replayable and not r.got_response
+                    and r.attempts <= be.retries):  # HAProxy's `retry-on response-timeout`
+                r.replay_body()
+                if self._again(r, avoid=server, why=reason):
+                    return
             self._send_error(r, 504, "sH")
             return
         if r.got_response:
