@@ -43,7 +43,8 @@ ADVERT_INT = 1
 APP_PORT = 8081
 ADMIN_PORT = 8404
 DB_PORT = 3306
-PRIORITY = {"lb1": 150, "lb2": 100}
+# close priorities near the top: the backup's skew, (256 - priority) / 256 s, is 0.22 s
+PRIORITY = {"lb1": 250, "lb2": 200}
 # host number in the subnet; app hosts are .20+N (N = 1..9), db hosts .30+N
 FIXED = {"ops": 5, "client": 10, "lb1": 11, "lb2": 12}
 VIP_OFFSET = 100
@@ -301,7 +302,7 @@ vrrp_instance foobar {{
     state {state:<26} # {"lb1 starts as the master" if master else "starts as a backup"}
     interface eth0                   # VRRP adverts (224.0.0.18, IP protocol 112) go out here
     virtual_router_id {VRID:<14} # the same on both, unique on the network
-    priority {PRIORITY[host]:<23} # lb1 150, lb2 100: the highest ready node holds the address
+    priority {PRIORITY[host]:<23} # lb1 250, lb2 200: the highest ready node holds the address
     advert_int {ADVERT_INT}                     # the backup takes over after 3 missed adverts plus a skew
 {preempt}    garp_master_delay 1              # gratuitous ARP again 1 s after becoming master
     garp_master_repeat 3             # 3 gratuitous ARPs at a time
