@@ -59,6 +59,7 @@ class Route:
         "resp_add",
         "resp_drop",
         "resp_memo",
+        "resp_memo_close",
         "resp_scan",
         "retries",
         "timeouts",
@@ -94,6 +95,8 @@ class Route:
         self.req_memo: dict[bytes, tuple[bytes, bytes, bool, bytes]] = {}
         # response heads seen lately, whole, and what the client got for each (server.py)
         self.resp_memo: dict[bytes, tuple[bytes, int, int]] = {}
+        # the same for clients that close after the response (another head: Connection: close)
+        self.resp_memo_close: dict[bytes, tuple[bytes, int, int]] = {}
 
 
 def _request_scan(drop: frozenset[bytes], xff_low: bytes | None) -> re.Pattern[bytes]:

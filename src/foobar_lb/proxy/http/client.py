@@ -160,6 +160,8 @@ class HttpSession(ClientSide):
         "q",
         "rate_n",
         "rate_t",
+        "rid_post",
+        "rid_pre",
         "rx",
         "served",
         "simple",
@@ -205,6 +207,7 @@ class HttpSession(ClientSide):
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
         self.cert_line = b""  # mutual TLS: the X-Client-Cert-Subject line (tls.py)
+        self.rid_pre = self.rid_post = b""  # (set in accepted: see _simple_go)
         self.held: list[bytes] | None = None  # bytes read while parked
         self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
@@ -226,6 +229,9 @@ class HttpSession(ClientSide):
             self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
         if self.fe.cfg.tls is not None and self.fe.cfg.tls.client_ca is not None:
             self.cert_line = client_subject_line(self.transport)
+        if self.simple is not None:  # this connection's lines around the simple path's id
+            self.rid_pre = self.xff_line + RID_LINE
+            self.rid_post = CRLF + self.cert_line + self.simple.req_add
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -341,7 +347,7 @@ class HttpSession(ClientSide):
             if route is not None and self.mode == MODE_HTTP:
                 hit = route.req_memo.get(data)  # the same bytes took it lately
                 if hit is not None:
-                    self._simple_go(route, *hit, now)
+                    self._simple_go(route, hit, now)
                     return
                 m = _SIMPLE_REQUEST.fullmatch(data)
                 if m is not None and self._simple(route, m, data, now):
@@ -426,31 +432,24 @@ class HttpSession(ClientSide):
         if host not in _GOOD_HOSTS and not good_host(host):
             return False  # the full path answers it
         line = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields))
+        hit = (method, url, keep_alive, line)
         if len(data) <= 2048:  # (at most 256 of them: half a megabyte a route)
             memo = route.req_memo
             if len(memo) >= 256:
                 memo.clear()
-            memo[data] = (method, url, keep_alive, line)
-        self._simple_go(route, method, url, keep_alive, line, now)
+            memo[data] = hit
+        self._simple_go(route, hit, now)
         return True
 
-    def _simple_go(self, route: Route, method: bytes, url: bytes, keep_alive: bool,
-                   line: bytes, now: float) -> None:
-        """A request the simple path took: `line` is its request line and fields as the
-        server gets them, before this connection's and the route's lines."""
-        r = Exchange(self, now)
-        r.url = url
-        r.method = method
-        r.http11 = True
-        r.keep_alive = keep_alive
-        r.is_head = method == b"HEAD"
-        r.idempotent = True
-        r.head_done = True
-        r.headers = None
-        r.backend = route.backend
-        r.route = route
-        r.head = b"".join((line, self.xff_line, RID_LINE, b"%x" % next(ids), CRLF, self.cert_line,
-                           route.req_add))
+    def _simple_go(self, route: Route, hit: tuple[bytes, bytes, bool, bytes],
+                   now: float) -> None:
+        """A request the simple path took: `hit` is (method, url, keep_alive, line), `line`
+        its request line and fields as the server gets them, before this connection's lines
+        (`rid_pre`: X-Forwarded-For and the start of X-Request-ID; `rid_post`: the end of it,
+        the client certificate's line and the route's lines)."""
+        method, url, keep_alive, line = hit
+        r = Exchange(self, now, route, method, url, keep_alive,
+                     b"".join((line, self.rid_pre, b"%x" % next(ids), self.rid_post)))
         self.q.append(r)
         self._start(r, now)
         # (complete only now, as on the full path: an answer of ours given at once closes)
@@ -525,6 +524,7 @@ class HttpSession(ClientSide):
             n = len(route.req_add)
             r.head = r.head[:-n] + self.cert_line + r.head[-n:]
         r.chunked = chunked
+        r.plain = http11 and not r.is_head and not r.upgrade
         r.headers = None  # not needed any more
         if chunked:
             r.trailers = self.hl = []  # trailer fields, if any, come after the body
