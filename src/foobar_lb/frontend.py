@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .backend import Backend
 from .clientaddr import Edge
@@ -170,6 +171,8 @@ class Frontend:
         "o_bout",
         "plans",
         "reject_underscore",
+        "relay_timer",
+        "relays",
         "routes",
         "rules",
         "simple",
@@ -229,6 +232,10 @@ class Frontend:
         self.simple = self.routes[self.default.name] if self.default and not self.rules else None
         # accept-time rules and client addresses (clientaddr.py); None: nothing to check
         self.edge = Edge.from_config(cfg)
+        # TCP mode: the connections relaying now, whose byte counts go to the counters each
+        # second and at their end (proxy/tcp.py), and the timer that does it
+        self.relays: set[Any] = set()
+        self.relay_timer: Any = None
 
     def _backends(self) -> list[Backend]:
         return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())
