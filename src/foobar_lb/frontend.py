@@ -180,6 +180,7 @@ class Frontend:
         "xff",
         "xff_except",
         "xff_low",
+        "xff_start",
     )
 
     def __init__(self, cfg: FrontendConfig, backends: dict[str, Backend]):
@@ -218,6 +219,7 @@ class Frontend:
         self.xff_except = ff.except_networks
         self.forwarded_proto = cfg.forwarded_proto
         self.xff_low = self.xff.lower() if self.xff is not None else None
+        self.xff_start = self.xff + b": " if self.xff is not None else b""  # (its line's start)
         self.reject_underscore = cfg.reject_underscore_headers
         self.plans: dict[str, HeaderPlan] = {}
         for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
