@@ -176,6 +176,9 @@ class Frontend:
         "routes",
         "rules",
         "simple",
+        "sweep_every",
+        "sweep_th",
+        "swept",
         "timeouts",
         "xff",
         "xff_except",
@@ -238,6 +241,11 @@ class Frontend:
         # second and at their end (proxy/tcp.py), and the timer that does it
         self.relays: set[Any] = set()
         self.relay_timer: Any = None
+        # HTTP mode: the client connections whose first deadline (set at accept) the sweep holds,
+        # the sweep's timer and period (proxy/base.py, ClientSide._arm_first)
+        self.swept: set[Any] = set()
+        self.sweep_th: Any = None
+        self.sweep_every = min(1.0, self.http_request / 4)
 
     def _backends(self) -> list[Backend]:
         return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())

@@ -247,7 +247,7 @@ class HttpSession(ClientSide):
         now = self.loop.time()
         self.last_rx = self.idle_since = now
         # the first request gets `http_request` from the accept on (HAProxy does the same)
-        self._arm(now + self.fe.http_request)
+        self._arm_first(now + self.fe.http_request)
         if self.block & BLOCK_PARKED:
             self._unblock(BLOCK_PARKED)
             held, self.held = self.held, None
