@@ -8,8 +8,9 @@ requests through an `HttpSession` with fake transports and one pooled server con
 
 Prints the bytecodes per request on each path: `simple` (a plain GET alone in its read),
 `full` (the same GET with a field the simple path leaves to llhttp), `close` (a new client
-connection per request, `Connection: close`, as `wrk -H "Connection: close"`: the session and
-its parser made, admitted by a real `Admission`, the request, the response, the close) and
+connection per request, `Connection: close`, as `wrk -H "Connection: close"`: the session made,
+admitted by a real `Admission` over a worker's group-wide slots (a semaphore in shared memory),
+the request, the response, the close) and
 `tcp` (a TCP-mode relay: one read from the client and one from the server per request, on a
 connected session). Run it on two checkouts to see what a change costs. With --access-log, the
 lines are formatted and handed to the writer thread (whose own work, off the loop, is not
@@ -33,7 +34,7 @@ from foobar_lb.admission import Admission
 from foobar_lb.build import build
 from foobar_lb.proxy.http import HttpSession, UpstreamHttp
 from foobar_lb.proxy.tcp import TcpSession, TcpUpstream
-from foobar_lb.shared import F_CURRENT, Counters, Layout, LocalSlots
+from foobar_lb.shared import F_CURRENT, Counters, Layout, SemSlots, SemTable
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SIMPLE = b"GET /index.html HTTP/1.1\r\nHost: example.test\r\nAccept: */*\r\n\r\n"
@@ -71,12 +72,14 @@ class FakeTransport:
 
 
 class FakeLb:
-    """What the Protocols see of `serving.Serving`: admission is a real one (`close` counts
-    it per connection)."""
+    """What the Protocols see of `serving.Serving`: admission is a real one, over the global
+    maxconn's semaphore as in a worker (`close` counts it per connection)."""
 
     def __init__(self, loop) -> None:
         self.loop = loop
-        self.admission = Admission(loop, LocalSlots(1 << 20))
+        table = self.sems = SemTable()  # (kept: the slots are at an address in its region)
+        slots = SemSlots(table.region, table.slots(("maxconn",), 1 << 20), 1 << 20)
+        self.admission = Admission(loop, slots)
         self.admit = self.admission.admit
         self.leave = self.admission.leave
 
