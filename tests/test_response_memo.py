@@ -1,4 +1,4 @@
-"""The response memo (`UpstreamHttp._memo`) against the full path, without sockets.
+"""The response memo (`UpstreamHttp.data_received`) against the full path, without sockets.
 
 A response whose head llhttp accepted lately on a route, whole in one read with its body, may
 skip llhttp and `response_head`; what the client gets (and what is counted) must be exactly
@@ -40,14 +40,16 @@ class CountingUpstream(UpstreamHttp):
 
 
 def _run(exchanges: list[tuple[bytes, list[bytes]]], memo: bool, **frontend):
-    """Each (request, reads of its response) through one session and one pooled server
-    connection: (what the client got for each, responses by class, responses llhttp began,
-    whether the server connection is still open)."""
+    """Each (request, reads of its response) through one session (a new one after a client
+    connection the proxy closed) and one pooled server connection: (what the client got for
+    each, responses by class, responses llhttp began, whether the server connection is still
+    open)."""
     loop = asyncio.get_running_loop()
     fe, be = _frontend(**frontend)
     if not memo:
         for rt in fe.routes.values():
             rt.resp_memo = _Forgetful()
+            rt.resp_memo_close = _Forgetful()
     server = be.servers[0]
     up = CountingUpstream(be.pool, server, loop)
     up.full = 0
@@ -64,8 +66,13 @@ def _run(exchanges: list[tuple[bytes, list[bytes]]], memo: bool, **frontend):
             up.data_received(data)
         got.append(b"".join(ct.out))
         ct.out.clear()
-        if up.closed or ct.closing:
+        if up.closed:
             break
+        if ct.closing:  # the client's next request comes on a new connection
+            s.connection_lost(None)
+            s = HttpSession(FakeLb(loop), fe)
+            ct = FakeTransport()
+            s.connection_made(ct)
     # the frontend's responses by class: the server's (its cells for this frontend), the
     # proxy's own to requests routed to the backend, and those routed nowhere
     route = fe.routes[be.name]
@@ -107,10 +114,20 @@ async def test_the_memo_needs_the_same_head_and_length_and_a_whole_read():
     assert full == 5 and classes == [0, 5, 0, 2, 0] and open_
 
 
-@pytest.mark.parametrize("req", [HEAD, GET10, GET_CLOSE])
-async def test_heads_gets_of_http10_and_closing_clients_take_the_full_path(req):
+@pytest.mark.parametrize("req", [HEAD, GET10])
+async def test_heads_and_gets_of_http10_take_the_full_path(req):
     _, _, full, _ = await same([(GET, [resp()]), (req, [resp(body=b"") if req == HEAD else resp()])])
     assert full == 2
+
+
+async def test_closing_clients_have_a_memo_of_their_own():
+    # a client that closes after the response gets `Connection: close`: another head, from
+    # another memo (each client a new connection, as `wrk -H "Connection: close"`)
+    got, classes, full, open_ = await same([(GET_CLOSE, [resp()])] * 3 + [(GET, [resp()])] * 3)
+    assert full == 2 and classes == [0, 6, 0, 0, 0] and open_
+    assert got[:3] == [b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 30 Nov 2026 06:00:00 "
+                       b"GMT\r\nContent-Length: 6\r\nconnection: close\r\n\r\nhello\n"] * 3
+    assert got[3:] == [got[0].replace(b"connection: close\r\n", b"")] * 3
 
 
 async def test_a_server_asking_to_close_or_bytes_after_the_response_are_never_remembered():
@@ -147,7 +164,7 @@ FIELD = st.sampled_from([b"X-A: 1\r\n", b"Set-Cookie: a=b\r\n", b"Keep-Alive: ti
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.tuples(st.sampled_from([GET, GET, HEAD, GET10]),
+@given(st.lists(st.tuples(st.sampled_from([GET, GET, HEAD, GET10, GET_CLOSE]),
                           st.sampled_from([200, 204, 304, 404, 500]),
                           st.binary(max_size=12), FIELD, st.integers(0, 3)),
                 min_size=1, max_size=6))

@@ -350,6 +350,36 @@ async def test_server_speaks_first():
             writer.close()
 
 
+async def test_relayed_bytes_are_counted_within_a_second_and_exactly_at_the_end():
+    # a relayed read adds to its connection's count; the counters get it each second while
+    # the connection is open, and the rest when it ends
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    async with backend(echo) as addr, running_lb(tcp_config([addr])) as lb:
+        fe = lb.frontends["www"]
+        srv = lb.server("app", "s1")
+
+        def counted() -> tuple[int, int, int, int]:
+            return (fe.ctr[fe.o_bin], fe.ctr[fe.o_bout], srv.ctr[srv.o_bin], srv.ctr[srv.o_bout])
+
+        reader, writer = await connect(lb)
+        try:
+            writer.write(b"x" * 1000)
+            async with asyncio.timeout(STEP):
+                assert await reader.readexactly(1000) == b"x" * 1000
+            await wait_for(lambda: counted() == (1000,) * 4, timeout=2.0)  # still open
+            writer.write(b"y" * 234)
+            async with asyncio.timeout(STEP):
+                assert await reader.readexactly(234) == b"y" * 234
+        finally:
+            writer.close()
+        await wait_for(lambda: not lb.sessions)
+        assert counted() == (1234,) * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # e. One server per connection, round robin
 

@@ -114,7 +114,8 @@ class Admission:
         if session in self.sessions:
             self.sessions.discard(session)
             self.slots.give()
-            self._unpark()
+            if self.parked:
+                self._unpark()
         else:
             with contextlib.suppress(ValueError):
                 self.parked.remove(session)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .backend import Backend
 from .clientaddr import Edge
@@ -59,6 +60,7 @@ class Route:
         "resp_add",
         "resp_drop",
         "resp_memo",
+        "resp_memo_close",
         "resp_scan",
         "retries",
         "timeouts",
@@ -94,6 +96,8 @@ class Route:
         self.req_memo: dict[bytes, tuple[bytes, bytes, bool, bytes]] = {}
         # response heads seen lately, whole, and what the client got for each (server.py)
         self.resp_memo: dict[bytes, tuple[bytes, int, int]] = {}
+        # the same for clients that close after the response (another head: Connection: close)
+        self.resp_memo_close: dict[bytes, tuple[bytes, int, int]] = {}
 
 
 def _request_scan(drop: frozenset[bytes], xff_low: bytes | None) -> re.Pattern[bytes]:
@@ -167,13 +171,19 @@ class Frontend:
         "o_bout",
         "plans",
         "reject_underscore",
+        "relay_timer",
+        "relays",
         "routes",
         "rules",
         "simple",
+        "sweep_every",
+        "sweep_th",
+        "swept",
         "timeouts",
         "xff",
         "xff_except",
         "xff_low",
+        "xff_start",
     )
 
     def __init__(self, cfg: FrontendConfig, backends: dict[str, Backend]):
@@ -212,6 +222,7 @@ class Frontend:
         self.xff_except = ff.except_networks
         self.forwarded_proto = cfg.forwarded_proto
         self.xff_low = self.xff.lower() if self.xff is not None else None
+        self.xff_start = self.xff + b": " if self.xff is not None else b""  # (its line's start)
         self.reject_underscore = cfg.reject_underscore_headers
         self.plans: dict[str, HeaderPlan] = {}
         for be in {b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values():
@@ -226,6 +237,15 @@ class Frontend:
         self.simple = self.routes[self.default.name] if self.default and not self.rules else None
         # accept-time rules and client addresses (clientaddr.py); None: nothing to check
         self.edge = Edge.from_config(cfg)
+        # TCP mode: the connections relaying now, whose byte counts go to the counters each
+        # second and at their end (proxy/tcp.py), and the timer that does it
+        self.relays: set[Any] = set()
+        self.relay_timer: Any = None
+        # HTTP mode: the client connections whose first deadline (set at accept) the sweep holds,
+        # the sweep's timer and period (proxy/base.py, ClientSide._arm_first)
+        self.swept: set[Any] = set()
+        self.sweep_th: Any = None
+        self.sweep_every = min(1.0, self.http_request / 4)
 
     def _backends(self) -> list[Backend]:
         return list({b.name: b for b in [*(r[3] for r in self.rules), self.default] if b}.values())

@@ -4,7 +4,8 @@ Rules of this module:
 - a limit of the whole worker group (a server's `maxconn`, the global `maxconn`) is a POSIX
   semaphore in a shared memory region the master creates (memfd) and every worker maps;
   taking a slot is `sem_trywait` and giving it back `sem_post`: atomic, never blocking, and
-  without a system call while nobody sleeps on it (nobody ever does);
+  without a system call while nobody sleeps on it (nobody ever does), called through the
+  standard library's C semaphore object (multiprocessing's `SemLock`, over that address);
 - counters are 64-bit cells in one region per worker process, written by that worker only
   (no lock) and summed by the master when read; a worker that exits (or is killed) leaves its
   cells behind, and the master folds them into the totals, so group counters never go down;
@@ -17,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from _multiprocessing import SemLock
 from collections.abc import Hashable
+from functools import partial
 
 __all__ = [
     "Counters",
@@ -130,24 +133,25 @@ def libc():
     return _LIBC
 
 
-class SemSlots:
-    """`limit` slots shared by every process that maps the region."""
+_SEMAPHORE = 1  # (multiprocessing's SemLock kinds: 0 a recursive mutex, 1 a semaphore)
 
-    __slots__ = ("_post", "_try", "_value", "addr", "limit")
+
+class SemSlots:
+    """`limit` slots shared by every process that maps the region: `take()` (True: a slot is
+    ours) and `give()`, the C methods of a `SemLock` over the semaphore's address (`_rebuild`
+    with no name wraps an existing `sem_t`, as multiprocessing does when it unpickles one): a
+    few hundred instructions a call, where ctypes takes a few thousand. (Its deallocation's
+    `sem_close` does nothing to a semaphore made by `sem_init`: glibc finds no mapping.)"""
+
+    __slots__ = ("_value", "addr", "give", "limit", "take")
 
     def __init__(self, region: Region, index: int, limit: int):
-        c = libc()
         self.addr = region.addr + index * SEM_SIZE
         self.limit = limit
-        self._try = c.sem_trywait
-        self._post = c.sem_post
-        self._value = c.sem_getvalue
-
-    def take(self) -> bool:
-        return self._try(self.addr) == 0
-
-    def give(self) -> None:
-        self._post(self.addr)
+        self._value = libc().sem_getvalue
+        sem = SemLock._rebuild(self.addr, _SEMAPHORE, SemLock.SEM_VALUE_MAX, None)
+        self.take = partial(sem.acquire, False)
+        self.give = sem.release
 
     def free(self) -> int:
         v = ctypes.c_int()

@@ -5,6 +5,9 @@ client sends before the server connection is up is held (bounded, then the clien
 a destination's `pause_writing` pauses the source's reading; a half-close (FIN) is passed on with
 `write_eof` and the connection ends when both ways are done, a reset is passed on as a reset.
 A connection that cannot be made is retried on another server (`retries`, redispatch).
+A relayed read costs one addition to the connection's own byte count; the counts go to the
+frontend's and the server's counters each second (one timer per frontend, over its relaying
+connections) and when the connection ends, so the metrics are at most a second behind.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ __all__ = ["TcpSession", "TcpUpstream"]
 log = logging.getLogger("foobar_lb.tcp")
 
 PENDING_LIMIT = 65536
+COUNT_EVERY = 1.0  # relayed bytes reach the counters this often (and at the connection's end)
 
 
 class TcpSession(ClientSide):
@@ -44,6 +48,8 @@ class TcpSession(ClientSide):
         "last_rx",
         "lb",
         "loop",
+        "nin",
+        "nout",
         "paused",
         "peer_ip",
         "peer_key",
@@ -80,6 +86,9 @@ class TcpSession(ClientSide):
         self.last_rx = 0.0
         self.th: asyncio.TimerHandle | None = None
         self.th_when = 0.0
+        # bytes relayed from the client to the server and back, not counted yet (_count)
+        self.nin = 0
+        self.nout = 0
 
     def accepted(self) -> None:
         """The client address is established and allowed (at accept, or after the PROXY
@@ -161,6 +170,10 @@ class TcpSession(ClientSide):
             return
         self.up = up
         server.errors = 0
+        fe = self.fe
+        fe.relays.add(self)
+        if fe.relay_timer is None:
+            fe.relay_timer = self.loop.call_later(COUNT_EVERY, _count_relays, fe, self.loop)
         if server.send_proxy is not None:
             send_proxy_header(up.transport, server.send_proxy, self)
         if self.pending:
@@ -179,16 +192,13 @@ class TcpSession(ClientSide):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
-        fe = self.fe
-        ctr = fe.ctr
-        n = len(data)
-        ctr[fe.o_bin] += n
         up = self.up
         if up is not None:
             up.transport.write(data)
-            server = self.server
-            server.ctr[server.o_bin] += n
+            self.nin += len(data)  # (counted by _count)
             return
+        fe = self.fe
+        fe.ctr[fe.o_bin] += len(data)  # (and the server's when it is sent)
         self.pending.append(data)
         self.pending_size += len(data)
         if self.pending_size > PENDING_LIMIT and not self.paused:
@@ -205,6 +215,8 @@ class TcpSession(ClientSide):
             self.transport.get_extra_info("sslcontext") is None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._count()
+        self.fe.relays.discard(self)
         self._ended()
         up = self.up
         self.up = None
@@ -224,6 +236,23 @@ class TcpSession(ClientSide):
         up = self.up
         if up is not None:
             up.transport.resume_reading()
+
+    def _count(self) -> None:
+        """The bytes relayed since the last call go to the frontend's and the server's
+        counters."""
+        nin = self.nin
+        nout = self.nout
+        if nin or nout:
+            self.nin = self.nout = 0
+            fe = self.fe
+            ctr = fe.ctr
+            ctr[fe.o_bin] += nin
+            ctr[fe.o_bout] += nout
+            server = self.server
+            if server is not None:
+                ctr = server.ctr
+                ctr[server.o_bin] += nin
+                ctr[server.o_bout] += nout
 
     def _drop_server(self) -> None:
         server = self.server
@@ -284,13 +313,7 @@ class TcpUpstream(asyncio.Protocol):
         s = self.session
         self.last_rx = s.loop.time()
         s.transport.write(data)
-        n = len(data)
-        fe = s.fe
-        ctr = fe.ctr
-        ctr[fe.o_bout] += n
-        server = s.server
-        if server is not None:
-            server.ctr[server.o_bout] += n
+        s.nout += len(data)  # (counted by the session's _count)
 
     def eof_received(self) -> bool:
         self.eof_in = True
@@ -299,6 +322,7 @@ class TcpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         s = self.session
+        s._count()
         t = s.transport
         if t is not None and not t.is_closing():
             if exc is not None:
@@ -313,3 +337,10 @@ class TcpUpstream(asyncio.Protocol):
         s = self.session
         if not s.paused:
             s.transport.resume_reading()
+
+
+def _count_relays(fe: Frontend, loop: asyncio.AbstractEventLoop) -> None:
+    """Each second while a connection of `fe` relays: their byte counts to the counters."""
+    for s in fe.relays:
+        s._count()
+    fe.relay_timer = loop.call_later(COUNT_EVERY, _count_relays, fe, loop) if fe.relays else None

@@ -91,6 +91,9 @@ class _Stop(Exception):
     """Raised in a callback: stop parsing (nothing after a refused or last request)."""
 
 
+_UNMADE = True  # HttpSession.parser before the full path first needs it
+
+
 # the simple path's request (see HttpSession._simple): a subset of what llhttp and request_head
 # accept, in the syntax they would forward unchanged
 _SIMPLE_REQUEST = re.compile(
@@ -160,6 +163,8 @@ class HttpSession(ClientSide):
         "q",
         "rate_n",
         "rate_t",
+        "rid_post",
+        "rid_pre",
         "rx",
         "served",
         "simple",
@@ -178,7 +183,9 @@ class HttpSession(ClientSide):
         self.fe = fe
         self.loop = lb.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # llhttp's parser, made by the first read the full path parses (a connection whose
+        # requests all take the simple path never needs one); None: nothing more is parsed
+        self.parser: httptools.HttpRequestParser | bool | None = _UNMADE
         self.parsing: Exchange | None = None
         self.rx = b""  # the read being parsed (for checks llhttp leaves to us)
         self.q: deque[Exchange] = deque()  # the active exchange first, then pipelined ones
@@ -192,7 +199,7 @@ class HttpSession(ClientSide):
         # loop there starts the one after it, instead of recursing once per request
         self.next_again: bool | None = None
         self.head_bytes = 0
-        self.hl: list[tuple[bytes, bytes]] = []  # where on_header puts fields
+        # (`hl`, where on_header puts fields, is set by on_message_begin, before any field)
         self.peer_ip = ""
         self.peer_key = b""
         # the client's address as bytes, for per-client rules and limits: the peer's, or the
@@ -205,6 +212,7 @@ class HttpSession(ClientSide):
         self.xff_ip: bytes | None = None  # what X-Forwarded-For gets for this client, if anything
         self.xff_line = b""  # its whole line, for the simple path
         self.cert_line = b""  # mutual TLS: the X-Client-Cert-Subject line (tls.py)
+        self.rid_pre = self.rid_post = b""  # (set in accepted: see _simple_go)
         self.held: list[bytes] | None = None  # bytes read while parked
         self.waiter: Waiter | None = None
         self.th: asyncio.TimerHandle | None = None
@@ -221,11 +229,15 @@ class HttpSession(ClientSide):
     def accepted(self) -> None:
         """The client address is established and allowed (at accept, or after the PROXY
         header): admission, then the first request."""
-        if self.fe.forward_for(self.peer_ip):
+        fe = self.fe
+        if fe.xff is not None and (not fe.xff_except or fe.forward_for(self.peer_ip)):
             self.xff_ip = self.peer_key
-            self.xff_line = b"%s: %s\r\n" % (self.fe.xff, self.peer_key)
-        if self.fe.cfg.tls is not None and self.fe.cfg.tls.client_ca is not None:
+            self.xff_line = fe.xff_start + self.peer_key + CRLF
+        if fe.cfg.tls is not None and fe.cfg.tls.client_ca is not None:
             self.cert_line = client_subject_line(self.transport)
+        if self.simple is not None:  # this connection's lines around the simple path's id
+            self.rid_pre = self.xff_line + RID_LINE
+            self.rid_post = CRLF + self.cert_line + self.simple.req_add
         if self.lb.admit(self):
             self.admitted()
         else:  # parked, unread, until global maxconn has room
@@ -235,7 +247,7 @@ class HttpSession(ClientSide):
         now = self.loop.time()
         self.last_rx = self.idle_since = now
         # the first request gets `http_request` from the accept on (HAProxy does the same)
-        self._arm(now + (self.fe.timeouts.http_request or 86400.0))
+        self._arm_first(now + self.fe.http_request)
         if self.block & BLOCK_PARKED:
             self._unblock(BLOCK_PARKED)
             held, self.held = self.held, None
@@ -340,16 +352,31 @@ class HttpSession(ClientSide):
             route = self.simple
             if route is not None and self.mode == MODE_HTTP:
                 hit = route.req_memo.get(data)  # the same bytes took it lately
+                if hit is None:
+                    m = _SIMPLE_REQUEST.fullmatch(data)
+                    hit = self._simple(route, m, data) if m is not None else None
                 if hit is not None:
-                    self._simple_go(route, *hit, now)
-                    return
-                m = _SIMPLE_REQUEST.fullmatch(data)
-                if m is not None and self._simple(route, m, data, now):
+                    # `line`: its request line and fields as the server gets them, before this
+                    # connection's lines (`rid_pre`: X-Forwarded-For and the start of
+                    # X-Request-ID; `rid_post`: the end of it, the client certificate's line and
+                    # the route's lines)
+                    method, url, keep_alive, line = hit
+                    r = Exchange(self, now, route, method, url, keep_alive,
+                                 b"".join((line, self.rid_pre, b"%x" % next(ids), self.rid_post)))
+                    self.q.append(r)
+                    self._start(r, now)
+                    # (complete only now, as on the full path: an answer of ours given at once
+                    # closes)
+                    r.complete = True
+                    if not keep_alive:
+                        self._block(BLOCK_STOP)
                     return
         if self.mode == MODE_TUNNEL:
             self._tunnel_to_server(data)
             return
         parser = self.parser
+        if parser is _UNMADE:  # (between requests: as a new one would be after them)
+            parser = self.parser = httptools.HttpRequestParser(self)
         if parser is None or self.block & (BLOCK_STOP | BLOCK_PARKED):
             if self.block & BLOCK_PARKED and not self.block & BLOCK_STOP:
                 self.held = [*(self.held or ()), data]  # held until admitted
@@ -388,75 +415,53 @@ class HttpSession(ClientSide):
                 if self.head_bytes > self.fe.limits.max_header_size + self.fe.limits.max_uri:
                     self._reject(431)
 
-    def _simple(self, route: Route, m: re.Match[bytes], data: bytes, now: float) -> bool:
+    def _simple(self, route: Route, m: re.Match[bytes], data: bytes
+                ) -> tuple[bytes, bytes, bool, bytes] | None:
         """The simple path: a request `_SIMPLE_REQUEST` matched whole (a GET or HEAD in origin
         form, HTTP/1.1, each field line `name: value` with nothing llhttp or `request_head`
         would refuse or rewrite in its syntax) on a frontend without routing rules. It sends the
         same head the full path would, byte for byte, and refuses nothing itself: anything it
         does not handle (a field to drop or check, a Host not seen before, a size near a limit)
-        returns False before any state changed, and the full path parses the same bytes.
-        What it decides is a function of the bytes alone (and the route): the route remembers
-        it by them (`Route.req_memo`), for the same request on any connection."""
+        returns None, and the full path parses the same bytes. What it decides, (method, url,
+        keep_alive, line) with `line` the request line and fields the server gets, is a
+        function of the bytes alone (and the route): the route remembers it by them
+        (`Route.req_memo`), for the same request on any connection; data_received sends it."""
         method, url, fields = m.group(1, 2, 3)
         n = len(fields)
         if n + len(url) > route.max_header_size - 64 or len(url) > self.fe.max_uri or (
                 n > 4 * route.max_headers and fields.count(b"\n") > route.max_headers):
-            return False
+            return None
         low = b"\n" + fields.lower()
         found = route.req_scan.findall(low)
         keep_alive = True
         if len(found) == 1:
             name, host = found[0]
             if name != b"host":
-                return False
+                return None
         elif len(found) == 2:
             (name, host), (name2, value) = found
             if name != b"host":
                 name, host, name2, value = name2, value, name, host
             if name != b"host" or name2 != b"connection":
-                return False
+                return None
             if value == b"close":
                 keep_alive = False
             elif value != b"keep-alive":
-                return False
+                return None
             a = low.find(b"\nconnection:")  # the line to cut, in `fields` from a on
             fields = fields[:a] + fields[fields.find(b"\r\n", a) + 2:]
         else:
-            return False
+            return None
         if host not in _GOOD_HOSTS and not good_host(host):
-            return False  # the full path answers it
+            return None  # the full path answers it
         line = b"".join((method, b" ", url, b" HTTP/1.1\r\n", fields))
+        hit = (method, url, keep_alive, line)
         if len(data) <= 2048:  # (at most 256 of them: half a megabyte a route)
             memo = route.req_memo
             if len(memo) >= 256:
                 memo.clear()
-            memo[data] = (method, url, keep_alive, line)
-        self._simple_go(route, method, url, keep_alive, line, now)
-        return True
-
-    def _simple_go(self, route: Route, method: bytes, url: bytes, keep_alive: bool,
-                   line: bytes, now: float) -> None:
-        """A request the simple path took: `line` is its request line and fields as the
-        server gets them, before this connection's and the route's lines."""
-        r = Exchange(self, now)
-        r.url = url
-        r.method = method
-        r.http11 = True
-        r.keep_alive = keep_alive
-        r.is_head = method == b"HEAD"
-        r.idempotent = True
-        r.head_done = True
-        r.headers = None
-        r.backend = route.backend
-        r.route = route
-        r.head = b"".join((line, self.xff_line, RID_LINE, b"%x" % next(ids), CRLF, self.cert_line,
-                           route.req_add))
-        self.q.append(r)
-        self._start(r, now)
-        # (complete only now, as on the full path: an answer of ours given at once closes)
-        r.complete = True
-        if not keep_alive:
-            self._block(BLOCK_STOP)
+            memo[data] = hit
+        return hit
 
     def on_message_begin(self) -> None:
         # a request starts (its first byte): llhttp is inside a message until it completes,
@@ -525,6 +530,7 @@ class HttpSession(ClientSide):
             n = len(route.req_add)
             r.head = r.head[:-n] + self.cert_line + r.head[-n:]
         r.chunked = chunked
+        r.plain = http11 and not r.is_head and not r.upgrade
         r.headers = None  # not needed any more
         if chunked:
             r.trailers = self.hl = []  # trailer fields, if any, come after the body

@@ -70,6 +70,7 @@ class Exchange:
         "needs_host",
         "pending",
         "pending_size",
+        "plain",  # HTTP/1.1, not HEAD, no upgrade: its response may come from the route's memo
         "replay",
         "replay_size",
         "responded",
@@ -91,21 +92,39 @@ class Exchange:
         "url",
     )
 
-    def __init__(self, s: HttpSession, t0: float):
-        # (the head's own fields, method and the like, are set when the head is complete)
+    def __init__(self, s: HttpSession, t0: float, route: Route | None = None,
+                 method: bytes = b"", url: bytes = b"", keep_alive: bool = True,
+                 head: bytes = b""):
+        # the full path (`route` None): llhttp parses the head into `headers`, and its own
+        # fields (method and the like) are set when it is complete; the simple path has them at
+        # once (a whole GET or HEAD in HTTP/1.1, `head` what the server gets), each set once
         self.s = s
         self.t0 = t0
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] | None = []
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.head_done = False
+        self.url = url
+        self.route = route
+        if route is None:
+            self.headers: list[tuple[bytes, bytes]] | None = []
+            self.head_done = False
+            self.is_head = False
+            self.plain = False
+            self.backend: Backend | None = None
+        else:
+            self.headers = None
+            self.head_done = True
+            self.head = head
+            self.method = method
+            self.http11 = True
+            self.keep_alive = keep_alive
+            self.plain = method != b"HEAD"
+            self.is_head = not self.plain
+            self.idempotent = True
+            self.backend = route.backend
+        # (`trailers` is set with `chunked`, and read only then)
         self.complete = False
         self.error = 0
         self.upgrade = False
         self.chunked = False
         self.needs_host = False
-        self.route: Route | None = None
-        self.backend: Backend | None = None
         self.server: Server | None = None
         self.conn: UpstreamHttp | None = None
         self.pending: list[bytes] = NO_BYTES  # framed body bytes not yet sent to the server
@@ -114,7 +133,6 @@ class Exchange:
         self.replay_size = 0
         self.body_size = 0
         self.attempts = 0
-        self.is_head = False
         self.buffering = 0  # 1: a body to buffer before a server is engaged; 2: and 100 to send
         self.got_response = False  # a byte of the response arrived from the server
         self.responded = False  # a byte of the response went to the client
@@ -248,6 +266,18 @@ class Exchange:
         else:
             n = sum(map(len, out))
             t.writelines(out)
+        self.bytes_out += n
+        fe = s.fe
+        fe.ctr[fe.o_bout] += n
+
+    def send_client(self, data: bytes) -> None:
+        """A whole response for the client (the response memo's)."""
+        s = self.s
+        t = s.transport
+        if t is None or t.is_closing():
+            return
+        t.write(data)
+        n = len(data)
         self.bytes_out += n
         fe = s.fe
         fe.ctr[fe.o_bout] += n

@@ -11,10 +11,11 @@ Rules of this module:
   never pooled: `unlink` is the one place that decides;
 - between requests a connection waits in its backend's pool; bytes or a close while idle mark it
   closed, and it is skipped at the next checkout;
-- the commonest response (a whole `Content-Length` response in one read, for a kept-alive
-  HTTP/1.1 client) whose head is byte for byte one llhttp accepted lately on this route skips
-  llhttp and `response_head`: the route's memo (`Route.resp_memo`) holds what the client got
-  for that head, which is all the full path would compute again from the same bytes.
+- the commonest response (a whole `Content-Length` response in one read, for an HTTP/1.1
+  client's GET) whose head is byte for byte one llhttp accepted lately on this route skips
+  llhttp and `response_head`: the route's memo (`Route.resp_memo`, or `resp_memo_close` for a
+  client that closes after it) holds what the client got for that head, which is all the full
+  path would compute again from the same bytes.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class UpstreamHttp(LazyTimer):
         "last_rx",
         "loop",
         "memo_head",
+        "memo_keep",
         "memo_key",
         "mode",
         "out",
@@ -145,6 +147,7 @@ class UpstreamHttp(LazyTimer):
         self.th_when = 0.0
         self.memo_key: bytes | None = None  # a head to remember once its response proves whole
         self.memo_head = b""
+        self.memo_keep = True  # whether the client stayed (which of the route's two memos)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -200,7 +203,7 @@ class UpstreamHttp(LazyTimer):
             # bytes from an idle connection: it is out of step, never reuse it
             self.close()
             return
-        self.last_rx = self.loop.time()
+        self.last_rx = now = self.loop.time()
         server = self.server
         server.ctr[server.o_bout] += len(data)
         if self.tunnel:
@@ -208,12 +211,30 @@ class UpstreamHttp(LazyTimer):
             return
         r.got_response = True
         hb = self.hb
-        if hb is None and not self.status and not r.is_head and r.http11:
+        if hb is None and not self.status and r.plain:
             # a response begins with this read: one whose head was seen lately, whole in it?
-            end = data.find(b"\r\n\r\n") + 4
-            hit = r.route.resp_memo.get(data[:end]) if end > 4 else None
-            if hit is not None and len(data) - end == hit[1] and r.client_stays():
-                self._memo(r, data, end, hit)
+            # (the memo: what the full path gave the client for the same bytes; a client that
+            # stays and one that closes after it get different heads, each with its memo)
+            stays = r.keep_alive and not r.s.closing
+            end = data.find(b"\r\n\r\n") + 4  # (not found: 3, and no head is 3 bytes long)
+            route = r.route
+            hit = (route.resp_memo if stays else route.resp_memo_close).get(data[:end])
+            if hit is not None and len(data) - end == hit[1]:
+                # as on_headers_complete and on_message_complete would: counted, sent, and
+                # the connection freed
+                head, _, status = hit
+                r.t_head = now
+                self._count_head(r, status)
+                self.status = status
+                self.mode = PASS
+                self.resp_close = False
+                r.responded = True
+                if not stays:
+                    r.close_client_after()
+                r.send_client(head + data[end:])
+                self.done = 1
+                self.unlink(True)
+                r.end(self)
                 return
         responded = r.responded  # whether any byte went to the client before this read
         if hb is None:
@@ -250,7 +271,8 @@ class UpstreamHttp(LazyTimer):
         if self.memo_key is not None:
             key, self.memo_key = self.memo_key, None
             if broken is None and self.done == 1 and hb is None and self.mode == PASS:
-                memo = r.route.resp_memo  # (the response was this whole read: its length)
+                # (the response was this whole read: its length)
+                memo = r.route.resp_memo if self.memo_keep else r.route.resp_memo_close
                 if len(memo) >= 64:
                     memo.clear()
                 memo[key] = (self.memo_head, len(data) - len(key), self.status)
@@ -264,24 +286,8 @@ class UpstreamHttp(LazyTimer):
             # the response is complete (and flushed): free the connection, then the exchange;
             # the server timer stays armed: when it fires it finds no request and stops, which
             # is cheaper than cancelling and re-creating a timer for every request
-            self.unlink(keep=True)
+            self.unlink(True)
             r.end(self)
-
-    def _memo(self, r: Exchange, data: bytes, end: int, hit: tuple[bytes, int, int]) -> None:
-        """The full path's outcome for a head it accepted before, whole in this read with its
-        body: counted, sent, and the connection freed, as `on_headers_complete` and
-        `on_message_complete` would."""
-        head, _, status = hit
-        r.t_head = self.last_rx
-        self._count_head(r, status)
-        self.status = status
-        self.mode = PASS
-        self.resp_close = False
-        r.responded = True
-        r.to_client([head, data[end:]])
-        self.done = 1
-        self.unlink(keep=True)
-        r.end(self)
 
     def _count_head(self, r: Exchange, status: int) -> None:
         """A final response head, counted (both paths): its class, and the time since the
@@ -375,11 +381,12 @@ class UpstreamHttp(LazyTimer):
         head, mode, self.eof_ends = response_head(rx, start, end, status, r.route, r.is_head,
                                                   r.http11, keep_client)
         self.mode = mode
-        if not keep_client or mode == UNTIL_CLOSE:
-            r.close_client_after()
-        elif mode == PASS and not start and r.http11 and not self.resp_close and not r.is_head:
+        if mode == PASS and not start and r.plain and not self.resp_close:
             self.memo_key = rx[:end + 4]  # remembered if the response proves whole in this read
             self.memo_head = head
+            self.memo_keep = keep_client
+        if not keep_client or mode == UNTIL_CLOSE:
+            r.close_client_after()
         r.responded = True
         self.out.append(head)
         self.body_off = end + 4 if mode == RAW else -1
