@@ -36,4 +36,7 @@ echo "== installing foobar with its test dependencies"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
 
 echo "== running the tests"
-exec "$PYTHON" -m pytest "$@"
+# two test processes (pytest-xdist), each taking whole files (so a module's fixtures, such as
+# the lab, are made once): most tests wait on real processes, sockets and timeouts, not on the
+# CPU. FOOBAR_TEST_PROCESSES=0 runs them in this one process.
+exec "$PYTHON" -m pytest -n "${FOOBAR_TEST_PROCESSES:-2}" --dist loadfile "$@"
