@@ -427,9 +427,12 @@ async def test_metrics_after_exactly_n_requests_through_two_workers(tmp_path) ->
             hang = [await asyncio.open_connection(LOOPBACK, port) for _ in range(6)]
             for _, w in hang:
                 w.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
-            for _ in range(200):
-                fams = await _metrics(aport)
-                if total(fams, "foobar_lb_server_current_sessions", backend="app") == 6:
+            for _ in range(200):  # (a session is counted when taken, its head's bytes once
+                # written, after the connect: the servers must have the six heads too)
+                hung = sum(r.url == "/hang" for r in s1.requests + s2.requests)
+                fams = await _metrics(aport)  # (read after the servers had them)
+                if hung == 6 and total(fams, "foobar_lb_server_current_sessions",
+                                       backend="app") == 6:
                     break
                 await asyncio.sleep(0.02)
             assert total(fams, "foobar_lb_frontend_current_connections", frontend="www") == 6

@@ -158,9 +158,9 @@ class Exchange:
             self.pending = []
             self.pending_size = 0
             self.s.sent_pending()
-        else:
-            t.write(head)
+        else:  # (counted before the write: a reader never sees bytes a server has uncounted)
             server.ctr[server.o_bin] += len(head)
+            t.write(head)
 
     def send_body(self, chunks: tuple[bytes, ...], n: int) -> bool:
         """Body bytes (already framed for the server): to the server connection if one is
@@ -179,11 +179,11 @@ class Exchange:
             conn.last_rx = self.s.last_rx  # the server is taking our bytes: it is alive
             server = conn.server
             if len(chunks) == 1:
-                conn.transport.write(chunks[0])
                 server.ctr[server.o_bin] += len(chunks[0])
+                conn.transport.write(chunks[0])
             else:
-                conn.transport.writelines(chunks)
                 server.ctr[server.o_bin] += sum(map(len, chunks))
+                conn.transport.writelines(chunks)
             return False
         if self.pending is NO_BYTES:
             self.pending = list(chunks)
@@ -197,9 +197,9 @@ class Exchange:
         attached (True: more than the pending limit is held)."""
         conn = self.conn
         if conn is not None and conn.transport is not None:
-            conn.transport.write(data)
             server = conn.server
             server.ctr[server.o_bin] += len(data)
+            conn.transport.write(data)
             return False
         if self.pending is NO_BYTES:
             self.pending = []
