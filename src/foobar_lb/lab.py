@@ -110,26 +110,19 @@ def _reap(pid: int) -> None:
 def _kill_all(pids: list[int], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL what is still there after `grace` seconds."""
     pids = [p for p in pids if _starttime(p) is not None]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for pid in pids:
-            _reap(pid)
-        pids = [p for p in pids if _starttime(p) is not None]
-        if pids:
-            time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while pids and time.monotonic() < deadline:
-        for pid in pids:
-            _reap(pid)
-        pids = [p for p in pids if _starttime(p) is not None]
-        if pids:
-            time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            for pid in pids:
+                _reap(pid)
+            pids = [p for p in pids if _starttime(p) is not None]
+            if pids:
+                time.sleep(0.05)
+        if not pids:
+            return
 
 
 def _tail(path: Path, lines: int = 5) -> str:
