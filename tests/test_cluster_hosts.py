@@ -148,14 +148,7 @@ class App:
         assert self.proc.poll() is None, f"the app exited: {self.err.read_text()}"
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        dbstack.stop_process(self.proc)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout: float = 10.0) -> tuple[int, Any, dict[str, str]]:

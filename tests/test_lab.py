@@ -317,6 +317,19 @@ def test_the_site_answers_through_the_vip_and_the_firewall_closes_the_rest(the_l
         assert not _tcp_open(the_lab, "lb1", db, 3306)
 
 
+def _lb1_takes_back(the_lab: Lab, load: Load, since: float) -> tuple[float, dict, list]:
+    """lb1 takes the address back (within 15 s; the client's neighbour entry follows it); the
+    load is stopped a second later. Returns how long it took, the load's report and the
+    failures from `since` until the requests in flight at the take-back have timed out."""
+    back = the_lab.wait_vip("lb1", 15.0)
+    t_back = time.time()
+    time.sleep(1.0)
+    report = load.stop()
+    assert not the_lab.holds_vip("lb2")
+    assert the_lab.client_neighbour() == the_lab.mac("lb1")
+    return back, report, _failures_between(report, since, t_back + LOAD_TIMEOUT + 0.5)
+
+
 def test_master_process_killed_the_backup_takes_over_within_3s_and_lb1_takes_it_back(the_lab):
     st = the_lab.status()
     assert (st["hosts"]["lb1"]["role"], st["hosts"]["lb2"]["role"]) == ("master", "backup")
@@ -339,14 +352,8 @@ def test_master_process_killed_the_backup_takes_over_within_3s_and_lb1_takes_it_
     restarted = time.time()
     p = lab("restart", "--dir", str(the_lab.dir), "lb1")
     assert (p.returncode, p.stdout) == (0, "lb1: started lb\n"), p.stderr
-    back = the_lab.wait_vip("lb1", 15.0)
-    t_back = time.time()
-    time.sleep(1.0)
-    report = load.stop()
-    assert not the_lab.holds_vip("lb2")
-    assert the_lab.client_neighbour() == the_lab.mac("lb1")
+    back, report, takeback = _lb1_takes_back(the_lab, load, restarted)
     during = _failures_between(report, killed, restarted)
-    takeback = _failures_between(report, restarted, t_back + LOAD_TIMEOUT + 0.5)
     _say("lb1's foobar_lb SIGKILLed", report, takeover=took, takeback_after_restart=back,
          failed_takeover=len(during), failed_takeback=len(takeback))
     assert took <= 3.0
@@ -369,14 +376,8 @@ def test_master_link_cut_the_backup_takes_over_within_4s_and_lb1_takes_it_back(t
     assert the_lab.client_neighbour() == the_lab.mac("lb2")
     restored = time.time()
     assert lab("link", "--dir", str(the_lab.dir), "lb1", "up").returncode == 0
-    back = the_lab.wait_vip("lb1", 15.0)
-    t_back = time.time()
-    time.sleep(1.0)
-    report = load.stop()
-    assert not the_lab.holds_vip("lb2")
-    assert the_lab.client_neighbour() == the_lab.mac("lb1")
+    back, report, takeback = _lb1_takes_back(the_lab, load, restored)
     during = _failures_between(report, cut, restored)
-    takeback = _failures_between(report, restored, t_back + LOAD_TIMEOUT + 0.5)
     _say("lb1's cable pulled", report, takeover=took, takeback_after_link_up=back,
          failed_takeover=len(during), failed_takeback=len(takeback))
     assert took <= 3 * 1 + 1  # 3 x advert_int + 1 s
