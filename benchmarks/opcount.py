@@ -33,6 +33,7 @@ from foobar_lb import config_from_dict, new_event_loop
 from foobar_lb.admission import Admission
 from foobar_lb.build import build
 from foobar_lb.proxy.http import HttpSession, UpstreamHttp
+from foobar_lb.proxy.outbox import Outbox
 from foobar_lb.proxy.tcp import TcpSession, TcpUpstream
 from foobar_lb.shared import F_CURRENT, Counters, Layout, SemSlots, SemTable
 
@@ -77,6 +78,7 @@ class FakeLb:
 
     def __init__(self, loop) -> None:
         self.loop = loop
+        self.outbox = Outbox(loop)  # (flushed after each request: a turn of the loop each)
         table = self.sems = SemTable()  # (kept: the slots are at an address in its region)
         slots = SemSlots(table.region, table.slots(("maxconn",), 1 << 20), 1 << 20)
         self.admission = Admission(loop, slots)
@@ -129,7 +131,8 @@ async def count(path: str, n: int, log: dict | None, timed: int = 0,
             s.data_received(SIMPLE)
             up.data_received(RESPONSE)
     else:
-        up = UpstreamHttp(be.pool, server, loop)
+        up = UpstreamHttp(be.pool, server, loop, lb.outbox)
+        flush = lb.outbox.flush
         up.connection_made(FakeTransport())
         be.pool.release(server.pool_key, up, loop.time())
         if path == "close":
@@ -142,6 +145,7 @@ async def count(path: str, n: int, log: dict | None, timed: int = 0,
                 s = make()
                 s.connection_made(FakeTransport())
                 s.data_received(CLOSE)
+                flush()
                 up.data_received(RESPONSE)
                 assert s.transport.closing
                 s.connection_lost(None)
@@ -153,7 +157,9 @@ async def count(path: str, n: int, log: dict | None, timed: int = 0,
 
             def one() -> None:
                 s.data_received(request)
+                flush()
                 up.data_received(RESPONSE)
+                flush()
 
     for _ in range(50):  # warm up (memos, the pool's state)
         one()

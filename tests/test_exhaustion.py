@@ -54,8 +54,14 @@ class Held:
         return http_response(200, b"ok")
 
     async def settle(self, quiet: float = 0.5, timeout: float = 20.0) -> int:
-        """Wait until no new request arrived for `quiet` seconds: how many are held."""
+        """Wait for the first request (when none is held yet: a loaded machine may take longer
+        than `quiet` to deliver it), then until no new request arrived for `quiet` seconds: how
+        many are held."""
         deadline = time.monotonic() + timeout
+        if not self.inflight:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
         while time.monotonic() < deadline:
             self.changed.clear()
             try:

@@ -51,12 +51,13 @@ def _run(exchanges: list[tuple[bytes, list[bytes]]], memo: bool, **frontend):
             rt.resp_memo = _Forgetful()
             rt.resp_memo_close = _Forgetful()
     server = be.servers[0]
-    up = CountingUpstream(be.pool, server, loop)
+    lb = FakeLb(loop)
+    up = CountingUpstream(be.pool, server, loop, lb.outbox)
     up.full = 0
     ut = FakeTransport()
     up.connection_made(ut)
     be.pool.release(server.pool_key, up, loop.time())
-    s = HttpSession(FakeLb(loop), fe)
+    s = HttpSession(lb, fe)
     ct = FakeTransport()
     s.connection_made(ct)
     got = []
@@ -64,13 +65,14 @@ def _run(exchanges: list[tuple[bytes, list[bytes]]], memo: bool, **frontend):
         s.data_received(req)
         for data in reads:
             up.data_received(data)
+        lb.outbox.flush()
         got.append(b"".join(ct.out))
         ct.out.clear()
         if up.closed:
             break
         if ct.closing:  # the client's next request comes on a new connection
             s.connection_lost(None)
-            s = HttpSession(FakeLb(loop), fe)
+            s = HttpSession(lb, fe)
             ct = FakeTransport()
             s.connection_made(ct)
     # the frontend's responses by class: the server's (its cells for this frontend), the

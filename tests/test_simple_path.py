@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from foobar_lb import config_from_dict, new_event_loop
 from foobar_lb.build import build
 from foobar_lb.proxy.http import HttpSession, UpstreamHttp
+from foobar_lb.proxy.outbox import Outbox
 from foobar_lb.shared import Counters, Layout
 
 from support import our_ids
@@ -57,8 +58,10 @@ class FakeTransport:
 
 
 class FakeLb:
-    def __init__(self, loop):
+    def __init__(self, loop, outbox: Outbox | None = None):
         self.loop = loop
+        # (the writes of a turn wait in it: a test flushes it before it reads what went out)
+        self.outbox = outbox or Outbox(loop)
 
     def admit(self, session):
         return True
@@ -95,16 +98,18 @@ def _run(reads: list[bytes], **frontend) -> tuple[bytes, bytes, int]:
     loop = asyncio.get_running_loop()
     fe, be = _frontend(**frontend)
     server = be.servers[0]
-    up = UpstreamHttp(be.pool, server, loop)
+    lb = FakeLb(loop)
+    up = UpstreamHttp(be.pool, server, loop, lb.outbox)
     ut = FakeTransport()
     up.connection_made(ut)
     be.pool.release(server.pool_key, up, loop.time())
-    s = CountingSession(FakeLb(loop), fe)
+    s = CountingSession(lb, fe)
     s.full = 0
     ct = FakeTransport()
     s.connection_made(ct)
     for data in reads:
         s.data_received(data)
+    lb.outbox.flush()
     return our_ids(b"".join(ut.out)), b"".join(ct.out), s.full
 
 
@@ -218,17 +223,19 @@ async def test_the_route_remembers_a_request_by_its_bytes(data):
     loop = asyncio.get_running_loop()
     fe, be = _frontend()
     server = be.servers[0]
-    up = UpstreamHttp(be.pool, server, loop)
+    ob = Outbox(loop)
+    up = UpstreamHttp(be.pool, server, loop, ob)
     ut = FakeTransport()
     up.connection_made(ut)
     be.pool.release(server.pool_key, up, loop.time())
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     heads = []
     for transport in (FakeTransport(), FakeTransport(), _OtherPeer()):
-        s = CountingSession(FakeLb(loop), fe)
+        s = CountingSession(FakeLb(loop, ob), fe)
         s.full = 0
         s.connection_made(transport)
         s.data_received(data)
+        ob.flush()
         heads.append(our_ids(b"".join(ut.out)))
         ut.out.clear()
         up.data_received(ok if not data.startswith(b"HEAD") else ok[:-2])

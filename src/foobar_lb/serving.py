@@ -27,6 +27,7 @@ from .clientaddr import read_header_before_tls
 from .limits import attach
 from .listeners import key_of
 from .proxy.http import HttpSession
+from .proxy.outbox import Outbox
 from .proxy.tcp import TcpSession
 from .servers import Admin, Server, State
 from .shared import F_DENIED, F_TLS_FAILURES, F_TLS_HANDSHAKES
@@ -40,6 +41,7 @@ class Serving:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, built: Built, admission: Admission):
         self.loop = loop
+        self.outbox = Outbox(loop)  # the HTTP sessions' writes of each turn (proxy/outbox.py)
         self.built = built
         self.frontends = built.frontends
         self.backends = built.backends

@@ -154,6 +154,7 @@ class HttpSession(ClientSide):
         "loop",
         "mode",
         "next_again",
+        "ob",
         "own_pool",
         "parser",
         "parsing",
@@ -182,6 +183,7 @@ class HttpSession(ClientSide):
         self.lb = lb
         self.fe = fe
         self.loop = lb.loop
+        self.ob = lb.outbox  # (every write to the client goes through it: outbox.py)
         self.transport: asyncio.Transport | None = None
         # llhttp's parser, made by the first read the full path parses (a connection whose
         # requests all take the simple path never needs one); None: nothing more is parsed
@@ -637,7 +639,7 @@ class HttpSession(ClientSide):
         if r.buffering:  # its body is not buffered yet (see _buffered)
             if r.buffering == 2 and self.transport is not None:
                 r.buffering = 1
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.ob.write(self.transport, b"HTTP/1.1 100 Continue\r\n\r\n")
                 fe = self.fe
                 fe.ctr[fe.o_bout] += 25
             return
@@ -754,7 +756,7 @@ class HttpSession(ClientSide):
                 # (a PROXY header goes first, before any TLS handshake)
                 tls_now = server.send_proxy is None
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamHttp(pool, server, self.loop), server.host, server.port,
+                    lambda: UpstreamHttp(pool, server, self.loop, self.ob), server.host, server.port,
                     ssl=server.ssl if tls_now else None,
                     server_hostname=server.sni if tls_now else None)
                 if not tls_now:
@@ -917,7 +919,7 @@ class HttpSession(ClientSide):
             answer = ERR_KEEP[status] if keep else (ERR_CLOSE.get(status) or error_response(status))
         if r.is_head:  # the same head, without the body a HEAD response never has
             answer = answer[:answer.index(b"\r\n\r\n") + 4]
-        transport.write(answer)
+        self.ob.write(transport, answer)
         fe.ctr[fe.o_bout] += len(answer)
         if alog is not None:
             r.bytes_out += len(answer)
@@ -953,13 +955,13 @@ class HttpSession(ClientSide):
         self.block |= BLOCK_STOP
         t = self.transport
         if t is not None and not t.is_closing():
-            t.close()
+            self.ob.close(t)
 
     def _abort(self) -> None:
         self.closing = True
         t = self.transport
         if t is not None:
-            t.abort()
+            self.ob.abort(t)
 
     # -- upgrades (WebSocket and others): raw bytes both ways after a 101 -----------------------
     def _upgrade_data(self, rest: bytes) -> None:

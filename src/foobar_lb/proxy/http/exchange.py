@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..base import pass_eof
+from ..outbox import SMALL
 
 if TYPE_CHECKING:
     from ...backend import Backend
@@ -154,13 +155,13 @@ class Exchange:
         server = conn.server
         if self.pending:
             server.ctr[server.o_bin] += len(head) + sum(map(len, self.pending))
-            t.writelines([head, *self.pending])
+            conn.ob.writelines(t, [head, *self.pending])
             self.pending = []
             self.pending_size = 0
             self.s.sent_pending()
         else:  # (counted before the write: a reader never sees bytes a server has uncounted)
             server.ctr[server.o_bin] += len(head)
-            t.write(head)
+            conn.ob.write(t, head)
 
     def send_body(self, chunks: tuple[bytes, ...], n: int) -> bool:
         """Body bytes (already framed for the server): to the server connection if one is
@@ -180,10 +181,10 @@ class Exchange:
             server = conn.server
             if len(chunks) == 1:
                 server.ctr[server.o_bin] += len(chunks[0])
-                conn.transport.write(chunks[0])
+                conn.ob.write(conn.transport, chunks[0])
             else:
                 server.ctr[server.o_bin] += sum(map(len, chunks))
-                conn.transport.writelines(chunks)
+                conn.ob.writelines(conn.transport, chunks)
             return False
         if self.pending is NO_BYTES:
             self.pending = list(chunks)
@@ -199,7 +200,7 @@ class Exchange:
         if conn is not None and conn.transport is not None:
             server = conn.server
             server.ctr[server.o_bin] += len(data)
-            conn.transport.write(data)
+            conn.ob.write(conn.transport, data)
             return False
         if self.pending is NO_BYTES:
             self.pending = []
@@ -258,26 +259,30 @@ class Exchange:
         if len(out) == 1:
             data = out[0]
             n = len(data)
-            t.write(data)
+            s.ob.write(t, data)
         elif len(out[-1]) < 8192:
             data = b"".join(out)
             n = len(data)
-            t.write(data)
+            s.ob.write(t, data)
         else:
             n = sum(map(len, out))
-            t.writelines(out)
+            s.ob.writelines(t, out)
         self.bytes_out += n
         fe = s.fe
         fe.ctr[fe.o_bout] += n
 
-    def send_client(self, data: bytes) -> None:
-        """A whole response for the client (the response memo's)."""
+    def send_client(self, head: bytes, data: bytes, start: int) -> None:
+        """A whole response for the client (the response memo's): `head`, then `data` from
+        `start` on (a big body is not copied)."""
         s = self.s
         t = s.transport
         if t is None or t.is_closing():
             return
-        t.write(data)
-        n = len(data)
+        if len(data) - start > SMALL:
+            s.ob.writelines(t, [head, memoryview(data)[start:]])
+        else:
+            s.ob.write(t, head + data[start:])
+        n = len(head) + len(data) - start
         self.bytes_out += n
         fe = s.fe
         fe.ctr[fe.o_bout] += n
@@ -316,7 +321,7 @@ class Exchange:
         held = self.pending
         conn = self.conn
         if held and conn is not None:
-            conn.transport.writelines(held)
+            conn.ob.writelines(conn.transport, held)
             server = conn.server
             server.ctr[server.o_bin] += sum(map(len, held))
         self.pending = []
@@ -330,7 +335,10 @@ class Exchange:
         conn = self.conn
         s = self.s
         if from_server:
+            s.ob.send_now(s.transport)  # (its bytes before its EOF)
             return pass_eof(s.eof_in, s.transport)
+        if conn is not None:
+            conn.ob.send_now(conn.transport)
         return pass_eof(conn is None or conn.eof_in, conn.transport if conn is not None else None)
 
     def tunnel_closed(self, exc: Exception | None) -> None:

@@ -29,6 +29,7 @@ import httptools
 
 from ...shared import S_TIMEOUT_SERVER
 from ..base import LazyTimer
+from ..outbox import Outbox
 from ..upstream import Pool
 from .exchange import Exchange
 from .head import (
@@ -102,6 +103,7 @@ class UpstreamHttp(LazyTimer):
         "memo_keep",
         "memo_key",
         "mode",
+        "ob",
         "out",
         "parser",
         "paused",
@@ -118,8 +120,12 @@ class UpstreamHttp(LazyTimer):
         "tunnel",
     )
 
-    def __init__(self, pool: Pool, server: Server, loop: asyncio.AbstractEventLoop):
+    def __init__(self, pool: Pool, server: Server, loop: asyncio.AbstractEventLoop,
+                 ob: Outbox | None = None):
         self.pool = pool
+        # every write to the server goes through `ob`, the outbox of the session that made the
+        # connection (or its own)
+        self.ob = ob if ob is not None else Outbox(loop)
         self.server = server
         self.loop = loop
         self.transport: asyncio.Transport | None = None
@@ -194,7 +200,7 @@ class UpstreamHttp(LazyTimer):
         self._disarm()
         t = self.transport
         if t is not None and not t.is_closing():
-            t.close()
+            self.ob.close(t)
 
     # -- bytes from the server ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -231,7 +237,7 @@ class UpstreamHttp(LazyTimer):
                 r.responded = True
                 if not stays:
                     r.close_client_after()
-                r.send_client(head + data[end:])
+                r.send_client(head, data, end)
                 self.done = 1
                 self.unlink(True)
                 r.end(self)
