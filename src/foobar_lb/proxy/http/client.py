@@ -300,12 +300,16 @@ class HttpSession(ClientSide):
         # a client may half-close after its request and still read the response
         if self.mode == MODE_TUNNEL:
             self.eof_in = True
-            return self.q[0].tunnel_eof(from_server=False) if self.q else False
-        self.closing = True
-        self._block(BLOCK_STOP)
-        # keep the connection open while a response is owed (a TLS client's close_notify closes
-        # it whatever we say: asyncio warns on True)
-        return bool(self.q) and self.transport.get_extra_info("sslcontext") is None
+            keep = self.q[0].tunnel_eof(from_server=False) if self.q else False
+        else:
+            self.closing = True
+            self._block(BLOCK_STOP)
+            # keep the connection open while a response is owed (a TLS client's close_notify
+            # closes it whatever we say: asyncio warns on True)
+            keep = bool(self.q) and self.transport.get_extra_info("sslcontext") is None
+        if not keep:  # the transport closes itself on False: what waits for it goes first
+            self.ob.send_now(self.transport)
+        return keep
 
     def pause_writing(self) -> None:
         # the client does not read: what we hold for it stays within the buffers, so the server

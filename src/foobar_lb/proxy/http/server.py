@@ -417,10 +417,13 @@ class UpstreamHttp(LazyTimer):
     # -- end of the server connection -----------------------------------------------------------
     def eof_received(self) -> bool:
         r = self.req
+        keep = False
         if self.tunnel and r is not None:
             self.eof_in = True
-            return r.tunnel_eof(from_server=True)
-        return False
+            keep = r.tunnel_eof(from_server=True)
+        if not keep:  # the transport closes itself on False: what waits for it goes first
+            self.ob.send_now(self.transport)
+        return keep
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
