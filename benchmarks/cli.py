@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated kinds of target to run, of {','.join(TARGET_KINDS)} "
                         "(default: all; e.g. haproxy,foobar_lb skips pproxy and floor; floor is "
                         "benchmarks/floor_proxy.py, the least a Python proxy on uvloop and httptools "
-                        "does per request, one process, HTTP scenarios only)")
+                        "does per request, one process; in TCP mode a bare relay)")
     p.add_argument("--rounds", type=int, metavar="N",
                    help=f"interleaved rounds per scenario (default {DEFAULTS['rounds']})")
     p.add_argument("--duration", type=float, metavar="SECONDS",

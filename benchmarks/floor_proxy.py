@@ -1,13 +1,16 @@
-"""The floor: the least an HTTP/1.1 proxy in Python on uvloop and httptools can do per request.
+"""The floor: the least an HTTP/1.1 proxy (or, with --tcp, a TCP relay) in Python on uvloop and
+httptools can do per request.
 
 Rule: this is a measuring instrument, not a product. It parses requests and responses with
 httptools, forwards each request with its own head rebuilt (Host kept, X-Forwarded-For added),
 relays response bytes as they come and knows where each response ends; each client connection
 gets its own server connection (round robin at connect), kept for its life. It has none of
 foobar_lb's strictness, limits, timeouts, pools, retries or checks: its CPU per request is the
-floor foobar_lb's figures are read against (`--targets ...,floor`).
+floor foobar_lb's figures are read against (`--targets ...,floor`). With --tcp it is a relay:
+each read from one side written to the other, nothing else (no timeouts, no counters, no
+half-close), which is what foobar_lb's TCP mode is read against.
 
-    python -m benchmarks.floor_proxy PORT HOST:PORT [HOST:PORT ...]
+    python -m benchmarks.floor_proxy [--tcp] PORT HOST:PORT [HOST:PORT ...]
 """
 
 from __future__ import annotations
@@ -77,13 +80,60 @@ class Client(asyncio.Protocol):
             self.upstream.transport.close()
 
 
-async def main(port: int, servers: list[tuple[str, int]]) -> None:
+class RelayServer(asyncio.Protocol):
+    def __init__(self, client: Relay):
+        self.client = client
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.client.transport.write(data)
+
+    def connection_lost(self, exc):
+        self.client.transport.close()
+
+
+class Relay(asyncio.Protocol):
+    """--tcp: bytes both ways, a server connection per client connection (round robin)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.upstream = None
+        self.waiting = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        host, port = next(self.servers)
+        asyncio.get_running_loop().create_task(self.connect(host, port))
+
+    async def connect(self, host, port):
+        _, self.upstream = await asyncio.get_running_loop().create_connection(
+            lambda: RelayServer(self), host, port)
+        self.upstream.transport.writelines(self.waiting)
+
+    def data_received(self, data):
+        if self.upstream is None:
+            self.waiting.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+
+async def main(port: int, servers: list[tuple[str, int]], tcp: bool = False) -> None:
     ring = itertools.cycle(servers)
-    srv = await asyncio.get_running_loop().create_server(lambda: Client(ring), "127.0.0.1", port,
+    kind = Relay if tcp else Client
+    srv = await asyncio.get_running_loop().create_server(lambda: kind(ring), "127.0.0.1", port,
                                                          backlog=4096)
     await srv.serve_forever()
 
 
 if __name__ == "__main__":
-    addrs = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in sys.argv[2:]]
-    uvloop.run(main(int(sys.argv[1]), addrs))
+    args = sys.argv[1:]
+    tcp = args[:1] == ["--tcp"]
+    args = args[1:] if tcp else args
+    addrs = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in args[1:]]
+    uvloop.run(main(int(args[0]), addrs, tcp))

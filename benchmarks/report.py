@@ -130,6 +130,9 @@ TARGETS = (
            "floor", "ratio_cpu_per_req", "", 0.0),
     Target("Floor proxy, HTTP small c=50: req/s vs HAProxy", "http-small-c50", "floor", "ratio_rps", "",
            0.0),
+    # (--tcp: a relay and nothing else, what any Python TCP proxy on uvloop pays at the least)
+    Target("Floor relay, TCP: CPU per request (user+system) vs HAProxy", "tcp-small-c50", "floor-tcp",
+           "ratio_cpu_per_req", "", 0.0),
     # issue 13 (monitoring): metrics are always on; their cost is measured against the code before
     # them (--baseline-src), and the access log's as on / off, beside HAProxy's own
     Target("Metrics (always on), HTTP small c=50: CPU per request vs foobar_lb before them "

@@ -52,7 +52,7 @@ from .tools import (
 )
 
 HTTP_TARGETS = ("haproxy", "foobar_lb", "floor")
-TCP_TARGETS = ("haproxy-tcp", "foobar_lb-tcp", "pproxy")
+TCP_TARGETS = ("haproxy-tcp", "foobar_lb-tcp", "pproxy", "floor-tcp")
 TARGET_KINDS = ("haproxy", "foobar_lb", "pproxy", "floor")
 # where `--baseline-src` adds the target foobar_lb-baseline
 BASELINE_SCENARIO = "http-small-c50"
@@ -297,7 +297,8 @@ class Bench:
                 "-l", f"tunnel://{LOOPBACK}:{port}", "-r", f"tunnel://{servers[0][0]}:{servers[0][1]}"])
             proc = self.procs.start(target, argv, env=self.python_env())
         elif kind == "floor":  # the least a Python proxy does per request (floor_proxy.py)
-            argv = self.pinning.proxy([sys.executable, "-m", "benchmarks.floor_proxy", str(port),
+            argv = self.pinning.proxy([sys.executable, "-m", "benchmarks.floor_proxy",
+                                       *(["--tcp"] if sc.mode == "tcp" else []), str(port),
                                        *(f"{h}:{p}" for h, p in servers)])
             proc = self.procs.start(target, argv, env=self.python_env())
         else:
