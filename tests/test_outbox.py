@@ -1,6 +1,6 @@
-"""The outbox (proxy/outbox.py): a turn's small writes leave together once the turn's reads are
-handled, each connection's bytes in order; a close sends what waits first, an abort drops it,
-a big write never overtakes a small one waiting before it.
+"""The outbox (proxy/outbox.py): a turn's first write goes at once, its later small writes leave
+together once the turn's reads are handled, each connection's bytes in order; a close sends
+what waits first, an abort drops it, a big write never overtakes a small one waiting before it.
 
 Unit tests over recording transports on a real event loop (the flush is a real `call_soon`),
 and one over real sockets: a hundred pipelined requests in one read through foobar_lb, their
@@ -44,22 +44,26 @@ class Recorder:
         self.log.append((self.name, "abort", None))
 
 
-async def test_small_writes_of_a_turn_leave_after_it_one_write_per_connection_in_order():
+async def test_a_turns_first_write_goes_at_once_the_rest_after_it_in_order():
     loop = asyncio.get_running_loop()
     log: list = []
     ob = Outbox(loop)
     a, b = Recorder(log, "a"), Recorder(log, "b")
+    ob.write(a, b"0")
+    assert log == [("a", "write", b"0")]  # the turn's first: at once
     ob.write(a, b"1")
     ob.write(b, b"x")
     ob.write(a, b"2")
     ob.write(a, b"3")
-    assert log == []  # nothing before the turn's end
+    assert len(log) == 1  # the others wait for the turn's end
     await asyncio.sleep(0)
-    assert log == [("a", "writelines", [b"1", b"2", b"3"]), ("b", "write", b"x")]
-    assert ob.pending == {}
-    ob.write(b, b"y")  # a new turn: a new flush
+    assert log[1:] == [("a", "writelines", [b"1", b"2", b"3"]), ("b", "write", b"x")]
+    assert ob.pending == {} and not ob.armed
+    ob.write(b, b"y")  # a new turn: its first write goes at once again
+    ob.write(b, b"z")
+    assert log[3:] == [("b", "write", b"y")]
     await asyncio.sleep(0)
-    assert log[-1] == ("b", "write", b"y") and len(log) == 3
+    assert log[4:] == [("b", "write", b"z")] and len(log) == 5
 
 
 async def test_a_close_sends_what_waits_first_and_an_abort_drops_it():
@@ -67,6 +71,8 @@ async def test_a_close_sends_what_waits_first_and_an_abort_drops_it():
     log: list = []
     ob = Outbox(loop)
     a, b = Recorder(log, "a"), Recorder(log, "b")
+    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
+    del log[:]
     ob.write(a, b"last response")
     ob.write(b, b"never sent")
     ob.close(a)
@@ -81,6 +87,8 @@ async def test_a_big_write_or_chunks_go_at_once_after_what_waits():
     log: list = []
     ob = Outbox(loop)
     a = Recorder(log, "a")
+    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
+    del log[:]
     big = b"b" * (SMALL + 1)
     ob.write(a, b"head")
     ob.write(a, big)
@@ -97,6 +105,8 @@ async def test_a_connection_closed_meanwhile_gets_nothing_and_the_others_still_d
     log: list = []
     ob = Outbox(loop)
     a, b = Recorder(log, "a"), Recorder(log, "b")
+    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
+    del log[:]
     ob.write(a, b"for a")
     ob.write(b, b"for b")
     a.closing = True  # (the peer went away: connection_lost)
@@ -104,7 +114,7 @@ async def test_a_connection_closed_meanwhile_gets_nothing_and_the_others_still_d
     assert log == [("b", "write", b"for b")]
 
 
-async def test_a_write_made_while_flushing_leaves_in_the_next_turn():
+async def test_a_write_made_while_flushing_is_the_next_turns():
     loop = asyncio.get_running_loop()
     log: list = []
     ob = Outbox(loop)
@@ -114,13 +124,17 @@ async def test_a_write_made_while_flushing_leaves_in_the_next_turn():
         def write(self, data):
             super().write(data)
             ob.write(b, b"echo " + bytes(data))  # (as a protocol callback might)
+            ob.write(b, b"again")
 
     a = Echo(log, "a")
+    ob.write(Recorder(log, "first"), b"")
     ob.write(a, b"ping")
+    del log[:1]
     await asyncio.sleep(0)
-    assert log == [("a", "write", b"ping")]
-    await asyncio.sleep(0)
+    # the flush wrote a's bytes; a's callback made the next turn's writes: the first at once
     assert log == [("a", "write", b"ping"), ("b", "write", b"echo ping")]
+    await asyncio.sleep(0)
+    assert log[2:] == [("b", "write", b"again")]
 
 
 async def test_pipelined_requests_in_one_read_get_their_responses_in_order():

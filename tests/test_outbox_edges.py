@@ -1,6 +1,6 @@
-"""Edges of the outbox (proxy/outbox.py, commit 13b4075): every write of the HTTP proxy waits for
-the end of its loop turn (small) or goes at once after what waits (big); a close sends what
-waits first, an abort drops it, a tunnel's EOF sends what waits first.
+"""Edges of the outbox (proxy/outbox.py): the first write of a loop turn goes at once, later small
+ones wait for the turn's end, big ones go at once after what waits; a close sends what waits
+first, an abort drops it, a tunnel's EOF (and an EOF that closes) sends what waits first.
 
 Black-box tests over real loopback sockets against the in-process load balancer (running_lb):
 raw client bytes in, exact bytes out, read with an independent parser (h11, through
