@@ -23,39 +23,80 @@ import httptools
 import uvloop
 
 
-class Server(asyncio.Protocol):
-    def __init__(self, client: Client):
+class Upstream(asyncio.Protocol):
+    """A server connection: what it sends goes to its client as it comes (--tcp: nothing more)."""
+
+    def __init__(self, client: Leg):
         self.client = client
-        self.parser = httptools.HttpResponseParser(self)
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
         self.client.transport.write(data)
-        self.parser.feed_data(data)
 
     def connection_lost(self, exc):
         self.client.transport.close()
 
 
-class Client(asyncio.Protocol):
+class Server(Upstream):
+    """HTTP: the response is parsed too (where it ends), as a proxy must."""
+
+    def __init__(self, client: Client):
+        super().__init__(client)
+        self.parser = httptools.HttpResponseParser(self)
+
+    def data_received(self, data):
+        self.client.transport.write(data)
+        self.parser.feed_data(data)
+
+
+class Leg(asyncio.Protocol):
+    """A client connection and its one server connection (round robin at connect); what it
+    sends before that connection is up waits in `waiting`. --tcp: bytes relayed as they come."""
+
+    upstream_class: type[Upstream] = Upstream
+
     def __init__(self, servers):
         self.servers = servers
-        self.parser = httptools.HttpRequestParser(self)
         self.upstream = None
         self.waiting = []
 
     def connection_made(self, transport):
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")[0].encode()
         host, port = next(self.servers)
         asyncio.get_running_loop().create_task(self.connect(host, port))
 
     async def connect(self, host, port):
         _, self.upstream = await asyncio.get_running_loop().create_connection(
-            lambda: Server(self), host, port)
+            lambda: self.upstream_class(self), host, port)
         self.upstream.transport.writelines(self.waiting)
+
+    def send(self, data):
+        if self.upstream is None:
+            self.waiting.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    data_received = send
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+
+class Client(Leg):
+    """HTTP: each request parsed, its head rebuilt (X-Forwarded-For added) and sent."""
+
+    upstream_class = Server
+
+    def __init__(self, servers):
+        super().__init__(servers)
+        self.parser = httptools.HttpRequestParser(self)
+
+    def connection_made(self, transport):
+        self.peer = transport.get_extra_info("peername")[0].encode()
+        super().connection_made(transport)
 
     def data_received(self, data):
         self.parser.feed_data(data)
@@ -68,64 +109,13 @@ class Client(asyncio.Protocol):
         self.headers += (name, b": ", value, b"\r\n")
 
     def on_message_complete(self):
-        head = b"".join([self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", *self.headers,
-                         b"X-Forwarded-For: ", self.peer, b"\r\n\r\n"])
-        if self.upstream is None:
-            self.waiting.append(head)
-        else:
-            self.upstream.transport.write(head)
-
-    def connection_lost(self, exc):
-        if self.upstream is not None:
-            self.upstream.transport.close()
-
-
-class RelayServer(asyncio.Protocol):
-    def __init__(self, client: Relay):
-        self.client = client
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.client.transport.write(data)
-
-    def connection_lost(self, exc):
-        self.client.transport.close()
-
-
-class Relay(asyncio.Protocol):
-    """--tcp: bytes both ways, a server connection per client connection (round robin)."""
-
-    def __init__(self, servers):
-        self.servers = servers
-        self.upstream = None
-        self.waiting = []
-
-    def connection_made(self, transport):
-        self.transport = transport
-        host, port = next(self.servers)
-        asyncio.get_running_loop().create_task(self.connect(host, port))
-
-    async def connect(self, host, port):
-        _, self.upstream = await asyncio.get_running_loop().create_connection(
-            lambda: RelayServer(self), host, port)
-        self.upstream.transport.writelines(self.waiting)
-
-    def data_received(self, data):
-        if self.upstream is None:
-            self.waiting.append(data)
-        else:
-            self.upstream.transport.write(data)
-
-    def connection_lost(self, exc):
-        if self.upstream is not None:
-            self.upstream.transport.close()
+        self.send(b"".join([self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n",
+                            *self.headers, b"X-Forwarded-For: ", self.peer, b"\r\n\r\n"]))
 
 
 async def main(port: int, servers: list[tuple[str, int]], tcp: bool = False) -> None:
     ring = itertools.cycle(servers)
-    kind = Relay if tcp else Client
+    kind = Leg if tcp else Client
     srv = await asyncio.get_running_loop().create_server(lambda: kind(ring), "127.0.0.1", port,
                                                          backlog=4096)
     await srv.serve_forever()

@@ -44,6 +44,12 @@ class Recorder:
         self.log.append((self.name, "abort", None))
 
 
+def _past_first_write(ob: Outbox, log: list) -> None:
+    """The turn's first write (at once, to a transport of its own): the next ones wait."""
+    ob.write(Recorder(log, "first"), b"")
+    del log[:]
+
+
 async def test_a_turns_first_write_goes_at_once_the_rest_after_it_in_order():
     loop = asyncio.get_running_loop()
     log: list = []
@@ -71,8 +77,7 @@ async def test_a_close_sends_what_waits_first_and_an_abort_drops_it():
     log: list = []
     ob = Outbox(loop)
     a, b = Recorder(log, "a"), Recorder(log, "b")
-    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
-    del log[:]
+    _past_first_write(ob, log)
     ob.write(a, b"last response")
     ob.write(b, b"never sent")
     ob.close(a)
@@ -87,8 +92,7 @@ async def test_a_big_write_or_chunks_go_at_once_after_what_waits():
     log: list = []
     ob = Outbox(loop)
     a = Recorder(log, "a")
-    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
-    del log[:]
+    _past_first_write(ob, log)
     big = b"b" * (SMALL + 1)
     ob.write(a, b"head")
     ob.write(a, big)
@@ -105,8 +109,7 @@ async def test_a_connection_closed_meanwhile_gets_nothing_and_the_others_still_d
     log: list = []
     ob = Outbox(loop)
     a, b = Recorder(log, "a"), Recorder(log, "b")
-    ob.write(Recorder(log, "first"), b"")  # (the turn's first write: at once)
-    del log[:]
+    _past_first_write(ob, log)
     ob.write(a, b"for a")
     ob.write(b, b"for b")
     a.closing = True  # (the peer went away: connection_lost)
@@ -127,9 +130,8 @@ async def test_a_write_made_while_flushing_is_the_next_turns():
             ob.write(b, b"again")
 
     a = Echo(log, "a")
-    ob.write(Recorder(log, "first"), b"")
+    _past_first_write(ob, log)
     ob.write(a, b"ping")
-    del log[:1]
     await asyncio.sleep(0)
     # the flush wrote a's bytes; a's callback made the next turn's writes: the first at once
     assert log == [("a", "write", b"ping"), ("b", "write", b"echo ping")]

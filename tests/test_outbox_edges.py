@@ -375,6 +375,15 @@ UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: webs
            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
 
 
+async def _upgraded(r: asyncio.StreamReader, w: asyncio.StreamWriter, ts: TunnelServer):
+    """Upgrade the client connection (r, w): what followed the 101 and the server's tunnel."""
+    w.write(UPGRADE)
+    buf = bytearray()
+    await _read_101(r, buf)
+    await wait_for(lambda: ts.conns and ts.conns[0].upgraded, what="the upgrade")
+    return buf, ts.conns[0]
+
+
 async def _read_101(r: asyncio.StreamReader, buf: bytearray) -> bytes:
     """The 101's head (checked), and what followed it in `buf`."""
     async with asyncio.timeout(5):
@@ -416,11 +425,7 @@ async def test_upgrade_half_close_passes_eof_after_all_data_both_ways(size):
     async with TunnelServer() as ts, running_lb(lb_config([ts.address])) as lb:
         r, w = await asyncio.open_connection(*lb.address)
         try:
-            w.write(UPGRADE)
-            buf = bytearray()
-            await _read_101(r, buf)
-            await wait_for(lambda: ts.conns and ts.conns[0].upgraded, what="the upgrade")
-            conn = ts.conns[0]
+            buf, conn = await _upgraded(r, w, ts)
             data = pattern(size, 11)
             w.write(b"first-")
             w.write(data)
@@ -461,11 +466,7 @@ async def test_upgrade_server_half_closes_then_client_still_sends():
     async with TunnelServer() as ts, running_lb(lb_config([ts.address])) as lb:
         r, w = await asyncio.open_connection(*lb.address)
         try:
-            w.write(UPGRADE)
-            buf = bytearray()
-            await _read_101(r, buf)
-            await wait_for(lambda: ts.conns and ts.conns[0].upgraded, what="the upgrade")
-            conn = ts.conns[0]
+            buf, conn = await _upgraded(r, w, ts)
             conn.transport.write(b"server-says-bye")
             conn.transport.write_eof()
             rest, eof = await read_to_eof(r)
