@@ -50,6 +50,15 @@ def _past_first_write(ob: Outbox, log: list) -> None:
     del log[:]
 
 
+def _turn_begun() -> tuple[Outbox, list]:
+    """An outbox on the running loop whose turn has had its first write, and the log of what
+    its recording transports are given."""
+    log: list = []
+    ob = Outbox(asyncio.get_running_loop())
+    _past_first_write(ob, log)
+    return ob, log
+
+
 async def test_a_turns_first_write_goes_at_once_the_rest_after_it_in_order():
     loop = asyncio.get_running_loop()
     log: list = []
@@ -73,11 +82,8 @@ async def test_a_turns_first_write_goes_at_once_the_rest_after_it_in_order():
 
 
 async def test_a_close_sends_what_waits_first_and_an_abort_drops_it():
-    loop = asyncio.get_running_loop()
-    log: list = []
-    ob = Outbox(loop)
+    ob, log = _turn_begun()
     a, b = Recorder(log, "a"), Recorder(log, "b")
-    _past_first_write(ob, log)
     ob.write(a, b"last response")
     ob.write(b, b"never sent")
     ob.close(a)
@@ -88,11 +94,8 @@ async def test_a_close_sends_what_waits_first_and_an_abort_drops_it():
 
 
 async def test_a_big_write_or_chunks_go_at_once_after_what_waits():
-    loop = asyncio.get_running_loop()
-    log: list = []
-    ob = Outbox(loop)
+    ob, log = _turn_begun()
     a = Recorder(log, "a")
-    _past_first_write(ob, log)
     big = b"b" * (SMALL + 1)
     ob.write(a, b"head")
     ob.write(a, big)
@@ -105,11 +108,8 @@ async def test_a_big_write_or_chunks_go_at_once_after_what_waits():
 
 
 async def test_a_connection_closed_meanwhile_gets_nothing_and_the_others_still_do():
-    loop = asyncio.get_running_loop()
-    log: list = []
-    ob = Outbox(loop)
+    ob, log = _turn_begun()
     a, b = Recorder(log, "a"), Recorder(log, "b")
-    _past_first_write(ob, log)
     ob.write(a, b"for a")
     ob.write(b, b"for b")
     a.closing = True  # (the peer went away: connection_lost)

@@ -78,6 +78,17 @@ async def read_to_eof(reader: asyncio.StreamReader, timeout: float = 10.0) -> tu
         return b"".join(chunks), False
 
 
+async def exchange_to_eof(address: tuple[str, int], data: bytes) -> tuple[bytes, bool]:
+    """A new connection to `address`: `data` sent, then everything until the peer closes
+    (read_to_eof's answer)."""
+    r, w = await asyncio.open_connection(*address)
+    try:
+        w.write(data)
+        return await read_to_eof(r)
+    finally:
+        w.close()
+
+
 async def read_until(reader: asyncio.StreamReader, buf: bytearray, n: int,
                      timeout: float = 10.0) -> None:
     """Read into `buf` until it holds at least `n` bytes (fails on EOF or time)."""
@@ -131,13 +142,9 @@ async def test_pipeline_with_503_of_ours_between_proxied_responses_in_order():
 
 async def test_pipeline_refused_midway_answers_what_came_before_then_400_then_eof():
     async with ScriptedServer("a") as a, running_lb(lb_config([a.address])) as lb:
-        r, w = await asyncio.open_connection(*lb.address)
-        try:
-            w.write(get("/p1") + get("/p2") + b"GET /p3 HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n"
-                    + get("/never"))
-            data, eof = await read_to_eof(r)
-        finally:
-            w.close()
+        data, eof = await exchange_to_eof(
+            lb.address, get("/p1") + get("/p2") + b"GET /p3 HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n"
+            + get("/never"))
         assert eof
         assert data == ok("a", "GET", "/p1") + ok("a", "GET", "/p2") + ERR_CLOSE[400]
         assert [q.url for q in a.requests] == ["/p1", "/p2"]
@@ -147,12 +154,8 @@ async def test_pipeline_429_of_ours_between_proxied_ones_keeps_every_byte_in_ord
     async with ScriptedServer("a") as a:
         cfg = lb_config([a.address], frontend={"rate_limit": {"requests": 2, "per": "60s"}})
         async with running_lb(cfg) as lb:
-            r, w = await asyncio.open_connection(*lb.address)
-            try:
-                w.write(get("/r1") + get("/r2") + get("/r3") + get("/r4", close=True))
-                data, eof = await read_to_eof(r)
-            finally:
-                w.close()
+            data, eof = await exchange_to_eof(
+                lb.address, get("/r1") + get("/r2") + get("/r3") + get("/r4", close=True))
         assert eof
         got = parse_responses(data)  # (every byte: nothing may trail the last response)
         assert [x.status for x in got] == [200, 200, 429, 429]
@@ -202,12 +205,7 @@ async def test_connection_close_gets_the_whole_response_before_eof(size, server_
     async with ScriptedServer("a", lambda req: resp) as a, \
             running_lb(lb_config([a.address])) as lb:
         for attempt in range(3):  # (again: the response memo may take the later ones)
-            r, w = await asyncio.open_connection(*lb.address)
-            try:
-                w.write(get(f"/c{attempt}", close=True))
-                data, eof = await read_to_eof(r)
-            finally:
-                w.close()
+            data, eof = await exchange_to_eof(lb.address, get(f"/c{attempt}", close=True))
             assert eof, f"no EOF after {len(data)} bytes"
             got = parse_responses(data)
             assert len(got) == 1 and got[0].status == 200
@@ -224,12 +222,7 @@ async def test_connection_close_chunked_with_trailers_whole_before_eof(chunk):
     async with ScriptedServer("a", lambda req: head + wire) as a, \
             running_lb(lb_config([a.address])) as lb:
         for attempt in range(2):
-            r, w = await asyncio.open_connection(*lb.address)
-            try:
-                w.write(get(f"/t{attempt}", close=True))
-                data, eof = await read_to_eof(r)
-            finally:
-                w.close()
+            data, eof = await exchange_to_eof(lb.address, get(f"/t{attempt}", close=True))
             assert eof
             got = parse_responses(data)
             assert len(got) == 1 and got[0].body == body
@@ -247,12 +240,8 @@ async def test_keep_alive_then_close_pipelined_big_and_small_in_order():
         return http_response(200, req.url.encode())
 
     async with ScriptedServer("a", handler) as a, running_lb(lb_config([a.address])) as lb:
-        r, w = await asyncio.open_connection(*lb.address)
-        try:
-            w.write(get("/s1") + get("/big") + get("/s2") + get("/big") + get("/s3", close=True))
-            data, eof = await read_to_eof(r)
-        finally:
-            w.close()
+        data, eof = await exchange_to_eof(
+            lb.address, get("/s1") + get("/big") + get("/s2") + get("/big") + get("/s3", close=True))
         assert eof
         got = parse_responses(data)
         assert [x.body for x in got] == [b"/s1", big, b"/s2", big, b"/s3"]
